@@ -1,0 +1,305 @@
+"""Loss functions as the operators see them: a batch sum, a normaliser, and curvature.
+
+Every operator represents the curvature of the *whole-dataset* objective
+
+    L(θ) = c · Σ_b Σ_{t ∈ batch b} ℓ_t(f_θ(x_t), y_t),
+
+with ``c = 1 / (total normaliser)`` for ``reduction="mean"`` and ``c = 1`` for
+``reduction="sum"``. A :class:`LossSpec` turns the user's loss into the pieces needed
+for that: the unnormalised batch sum, the batch's share of the normaliser (counted
+from the targets alone, so no forward pass is needed to count), and the loss Hessian
+with respect to the model output in closed form (cross-entropy, MSE, BCE-with-logits)
+or by double backward (any other callable).
+
+A *loss term* ``t`` is the unit over which gradient outer products are taken by the
+empirical and Monte-Carlo Fisher: for cross-entropy one output position (a row over
+the class dimension 1, so every token of a sequence is a term); for every other loss
+one sample (index of the first dimension).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_KINDS = ("cross_entropy", "mse", "bce", "custom")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss function normalised for curvature products.
+
+    Attributes
+    ----------
+    kind : str
+        ``"cross_entropy"``, ``"mse"``, ``"bce"`` (BCE with logits) or ``"custom"``.
+    reduction : str
+        ``"mean"`` or ``"sum"``.
+    fn : callable
+        The user's loss, ``(output, target) -> scalar``.
+    """
+
+    kind: str
+    reduction: str
+    fn: Callable[[Tensor, Any], Tensor]
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_loss(cls, loss_fn: Callable[[Tensor, Any], Tensor]) -> "LossSpec":
+        """Classify ``loss_fn`` and check that its reduction is supported.
+
+        Raises
+        ------
+        TypeError
+            If ``loss_fn`` is not callable.
+        ValueError
+            If its ``reduction`` is neither ``"mean"`` nor ``"sum"``.
+        """
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a loss module or a callable (output, target) -> scalar, got {type(loss_fn).__name__}")
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            kind = "cross_entropy"
+        elif isinstance(loss_fn, nn.MSELoss):
+            kind = "mse"
+        elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+            kind = "bce"
+        else:
+            kind = "custom"
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"loss_fn has reduction={reduction!r}; curvops needs a scalar loss with reduction "
+                "'mean' or 'sum' (the curvature of a vector of losses is not defined)"
+            )
+        return cls(kind=kind, reduction=reduction, fn=loss_fn)
+
+    # -------------------------------------------------------------- batch values
+    def batch_sum(self, output: Tensor, target: Any) -> Tensor:
+        """Unnormalised sum of the loss terms of one batch (scalar tensor)."""
+        f = self.fn
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(
+                output, target, weight=f.weight, ignore_index=f.ignore_index,
+                reduction="sum", label_smoothing=f.label_smoothing,
+            )
+        if self.kind == "mse":
+            return F.mse_loss(output, target, reduction="sum")
+        if self.kind == "bce":
+            return F.binary_cross_entropy_with_logits(
+                output, target, weight=f.weight, pos_weight=f.pos_weight, reduction="sum"
+            )
+        value = f(output, target)
+        if value.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(value.shape)}")
+        if self.reduction == "mean":
+            # A custom mean-reduced loss is taken to average over the samples of the
+            # batch (first dimension); weighting batches by their size then gives the
+            # exact whole-dataset mean whenever every sample has the same number of
+            # loss units.
+            return value * _batch_size(output)
+        return value
+
+    def batch_normaliser(self, target: Any, inputs: Any = None) -> Tensor:
+        """This batch's share of the ``mean`` normaliser, from the targets alone.
+
+        Cross-entropy: the number of counted targets (``target != ignore_index``),
+        weighted by the class weights if the loss has them, or the number of positions
+        for probability targets. MSE and BCE: the number of target elements. Custom
+        losses: the number of samples (first dimension).
+        """
+        f = self.fn
+        if self.kind == "cross_entropy":
+            if not torch.is_tensor(target):
+                raise TypeError(f"cross-entropy targets must be a tensor, got {type(target).__name__}")
+            if target.is_floating_point():
+                # Class-probability targets (N, C, d1, ...): one term per position.
+                return torch.tensor(float(target.numel() // max(target.shape[1], 1)) if target.dim() > 1 else 1.0)
+            valid = target != f.ignore_index
+            if f.weight is None:
+                return valid.sum()
+            w = f.weight.to(target.device)[target.clamp(min=0, max=f.weight.numel() - 1)]
+            return (w * valid).sum()
+        if self.kind in ("mse", "bce"):
+            if not torch.is_tensor(target):
+                raise TypeError(f"{self.kind} targets must be a tensor, got {type(target).__name__}")
+            return torch.tensor(float(target.numel()))
+        ref = target if torch.is_tensor(target) else inputs
+        return torch.tensor(float(_batch_size(ref)))
+
+    # ----------------------------------------------------------------- curvature
+    def output_hvp(self, output: Tensor, target: Any, u: Tensor) -> Tensor:
+        """Product of the loss Hessian w.r.t. the output with ``u``, for the batch sum.
+
+        Parameters
+        ----------
+        output : Tensor
+            Model output of the batch, any shape the loss accepts.
+        target : Any
+            Targets of the batch.
+        u : Tensor
+            Tangent of the same shape as ``output``.
+
+        Returns
+        -------
+        Tensor
+            ``∇²_f (batch_sum) · u``, same shape as ``output``. Closed form for the
+            built-in losses (cross-entropy's ``diag(p) − p pᵀ`` is never formed);
+            double backward for custom losses.
+        """
+        if self.kind == "cross_entropy":
+            from curvops.kernels import cross_entropy_hvp
+
+            coeff = self._ce_coefficients(output, target)
+            logits2d, perm = _classes_last(output)
+            u2d, _ = _classes_last(u)
+            out2d = cross_entropy_hvp(logits2d, u2d, weight=coeff.reshape(-1), reduction="sum")
+            return _classes_back(out2d, output.shape, perm)
+        if self.kind == "mse":
+            return 2.0 * u
+        if self.kind == "bce":
+            return self._bce_coefficients(output, target) * u
+        out = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.batch_sum(out, target), out, create_graph=True)
+            (hu,) = torch.autograd.grad(g, out, grad_outputs=u, allow_unused=True)
+        return torch.zeros_like(u) if hu is None else hu
+
+    def output_gradient(self, output: Tensor, target: Any) -> Tensor:
+        """Gradient of the batch sum w.r.t. the output (detached), shape of ``output``."""
+        out = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.batch_sum(out, target), out)
+        return g
+
+    def sample_output_gradients(self, output: Tensor, target: Any, num_samples: int,
+                                generator: torch.Generator) -> Tensor:
+        """Output gradients with labels drawn from the model's predictive distribution.
+
+        Returns ``s`` of shape ``(num_samples, *output.shape)`` such that, for every loss
+        term, ``E[s sᵀ]`` equals that term's loss Hessian w.r.t. the output. This is what
+        makes the Monte-Carlo Fisher an unbiased estimate of the GGN.
+
+        Raises
+        ------
+        ValueError
+            For custom losses, which have no known predictive distribution.
+        """
+        out = output.detach()
+        shape = (num_samples, *out.shape)
+        if self.kind == "cross_entropy":
+            logits2d, perm = _classes_last(out)
+            probs = torch.softmax(logits2d.float(), dim=-1)
+            draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+            onehot = F.one_hot(draws.T, probs.shape[-1]).to(probs.dtype)  # (M, rows, C)
+            coeff = self._ce_coefficients(out, target).reshape(1, -1, 1)
+            s2d = coeff.sqrt().to(probs.dtype) * (probs.unsqueeze(0) - onehot)
+            s2d = s2d.to(out.dtype)
+            return torch.stack([_classes_back(s2d[m], out.shape, perm) for m in range(num_samples)])
+        if self.kind == "mse":
+            # Loss Hessian of Σ (f − y)² is 2I: a Gaussian with covariance 2I.
+            noise = torch.randn(shape, generator=generator, device=out.device, dtype=out.dtype)
+            return math.sqrt(2.0) * noise
+        if self.kind == "bce":
+            prob = torch.sigmoid(out)
+            draws = torch.bernoulli(prob.expand(shape), generator=generator)
+            factor = self._bce_coefficients(out, target) / (prob * (1 - prob)).clamp_min(torch.finfo(out.dtype).tiny)
+            return factor.sqrt() * (prob - draws)
+        raise ValueError(
+            "the Monte-Carlo Fisher needs the model's predictive distribution, known for "
+            "nn.CrossEntropyLoss, nn.MSELoss and nn.BCEWithLogitsLoss only; use "
+            "kind='empirical' or the GGNOperator for a custom loss"
+        )
+
+    def fisher_middle(self, s: Tensor, jv: Tensor) -> Tensor:
+        """Apply ``Σ_m s_m s_mᵀ`` term by term to an output tangent.
+
+        Parameters
+        ----------
+        s : Tensor
+            Output gradients, shape ``(M, *output.shape)``.
+        jv : Tensor
+            Output tangent ``J v``, shape ``output.shape``.
+
+        Returns
+        -------
+        Tensor
+            ``Σ_m s_m ⟨s_m, jv⟩_t`` where ``⟨·,·⟩_t`` sums over the components of each
+            loss term (the class dimension for cross-entropy, all but the first
+            dimension otherwise); shape ``output.shape``.
+        """
+        if self.kind == "cross_entropy" and jv.dim() > 1:
+            inner = (s * jv).sum(dim=2, keepdim=True)
+        else:
+            dims = tuple(range(2, s.dim()))
+            inner = (s * jv).sum(dim=dims, keepdim=True) if dims else s * jv
+        return (s * inner).sum(dim=0)
+
+    # ------------------------------------------------------------------- helpers
+    def _ce_coefficients(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-position scalar ``a`` with Hessian ``a (diag p − p pᵀ)``; shape (N, 1, d1, ...)."""
+        f = self.fn
+        num_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
+        eps = f.label_smoothing
+        w = None if f.weight is None else f.weight.to(device=output.device, dtype=output.dtype)
+        if target.is_floating_point():
+            q = target.to(output.dtype) * (1 - eps) + eps / num_classes
+            a = q.sum(dim=1, keepdim=True) if w is None else (q * _class_view(w, q)).sum(dim=1, keepdim=True)
+            return a
+        valid = (target != f.ignore_index).to(output.dtype)
+        if w is None:
+            a = valid
+        else:
+            wy = w[target.clamp(min=0, max=num_classes - 1)]
+            a = valid * ((1 - eps) * wy + eps * w.sum() / num_classes)
+        return a.unsqueeze(1)
+
+    def _bce_coefficients(self, output: Tensor, target: Tensor) -> Tensor:
+        """Elementwise loss Hessian of BCE-with-logits: ``w (pw·y + 1 − y) σ(1 − σ)``."""
+        f = self.fn
+        prob = torch.sigmoid(output)
+        h = prob * (1 - prob)
+        if f.pos_weight is not None:
+            t = target.to(output.dtype)
+            h = h * (f.pos_weight.to(output.dtype) * t + 1 - t)
+        if f.weight is not None:
+            h = h * f.weight.to(output.dtype)
+        return h
+
+
+def _batch_size(x: Any) -> int:
+    """Number of samples of a batch: the first dimension of a tensor or of a dict's first tensor."""
+    if torch.is_tensor(x):
+        return int(x.shape[0]) if x.dim() > 0 else 1
+    if isinstance(x, dict):
+        for value in x.values():
+            if torch.is_tensor(value):
+                return _batch_size(value)
+    if isinstance(x, (list, tuple)) and x:
+        return _batch_size(x[0])
+    raise TypeError(f"cannot tell the batch size of {type(x).__name__}")
+
+
+def _classes_last(x: Tensor) -> tuple[Tensor, bool]:
+    """View (N, C, d1, ...) as rows (N·d1·..., C); the flag says whether dims were moved."""
+    if x.dim() <= 2:
+        return x.reshape(-1, x.shape[-1]), False
+    return x.movedim(1, -1).reshape(-1, x.shape[1]), True
+
+
+def _classes_back(x2d: Tensor, shape: torch.Size, moved: bool) -> Tensor:
+    """Inverse of :func:`_classes_last`."""
+    if not moved:
+        return x2d.reshape(shape)
+    n, c, *rest = shape
+    return x2d.reshape(n, *rest, c).movedim(-1, 1)
+
+
+def _class_view(w: Tensor, like: Tensor) -> Tensor:
+    """Reshape class weights (C,) to broadcast along dim 1 of ``like``."""
+    return w.reshape(1, -1, *([1] * (like.dim() - 2)))

@@ -1,0 +1,77 @@
+"""The Fisher information: Monte-Carlo (model-sampled) or empirical (data labels)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvops.operators.base import OutputSpaceOperator, ParamSelection
+
+_KINDS = ("mc", "empirical")
+
+
+class FisherOperator(OutputSpaceOperator):
+    """Fisher ``F = c Σ_t J_tᵀ E[s_t s_tᵀ] J_t`` as a linear operator (D, D).
+
+    ``t`` runs over the loss terms of all batches — for cross-entropy every output
+    position (a row over the class dimension 1), for other losses every sample —
+    ``c`` is ``1 / normaliser`` for mean losses and 1 for sum losses, and ``s_t`` is a
+    gradient of the term's loss w.r.t. the output:
+
+    - ``kind="mc"`` (default): with labels drawn from the model's predictive
+      distribution (categorical for cross-entropy, Gaussian of covariance ``I/2`` for
+      MSE so that ``E[s sᵀ] = 2I``, Bernoulli for BCE-with-logits), averaged over
+      ``mc_samples`` draws. Its expectation is the GGN. The draws are a fixed function
+      of ``seed`` and the batch index, so repeated products use the same samples and
+      the operator is a fixed symmetric matrix.
+    - ``kind="empirical"``: with the data's labels, one ``s_t`` per term: the
+      uncentered second moment of the per-term gradients,
+      ``c Σ_t ∇θ ℓ_t ∇θ ℓ_tᵀ``. Computed as ``Jᵀ (g gᵀ) J`` per term through one
+      forward-mode and one reverse-mode pass per batch; the per-term gradients are
+      never materialised (for B terms and D parameters that would be B·D numbers).
+
+    Parameters
+    ----------
+    model, loss_fn, data, params, check_deterministic
+        See :class:`~curvops.operators.base.CurvatureOperator`.
+    kind : {"mc", "empirical"}, optional
+        Which Fisher (default ``"mc"``).
+    mc_samples : int, optional
+        Number of label draws per term for ``kind="mc"`` (default 1).
+    seed : int, optional
+        Seed of the label draws (default 0).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
+                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
+                 kind: str = "mc", mc_samples: int = 1, seed: int = 0,
+                 check_deterministic: bool = True) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        self.kind = kind
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
+        super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
+        if kind == "mc" and self.loss.kind == "custom":
+            raise ValueError(
+                "the Monte-Carlo Fisher needs the model's predictive distribution, known for "
+                "nn.CrossEntropyLoss, nn.MSELoss and nn.BCEWithLogitsLoss only; use "
+                "kind='empirical' or the GGNOperator for a custom loss"
+            )
+
+    def _middle_context(self, output: Tensor, target: Any, index: int) -> Tensor:
+        if self.kind == "empirical":
+            return self.loss.output_gradient(output, target).unsqueeze(0)
+        generator = torch.Generator(device=output.device)
+        # One stream per (seed, batch): the same draws in every product.
+        generator.manual_seed((self.seed * 1_000_003 + index) % (2**63 - 1))
+        samples = self.loss.sample_output_gradients(output, target, self.mc_samples, generator)
+        return samples / self.mc_samples ** 0.5
+
+    def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Tensor) -> Tensor:
+        return self.loss.fisher_middle(context, jv)
