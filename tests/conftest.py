@@ -1,0 +1,14 @@
+"""Shared test settings."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # The test problems are tiny: thread start-up and contention on a 2-core CI machine
+    # cost far more than they save (dense references ran 10-50x slower with 2 threads).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
