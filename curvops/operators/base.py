@@ -410,12 +410,16 @@ class OutputSpaceOperator(CurvatureOperator):
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
         for index, inputs, target in self._batches(only):
-            with torch.enable_grad():
-                output = self.forward(inputs)
+            # Column 0: one dual forward with the graph kept gives the output (for the
+            # backward passes) and J v together; the tangent ops it records are freed
+            # with the tangent.
+            output, first = self._jvp(inputs, [v[0] for v in V], keep_graph=True)
             primal = output.detach()
             context = self._middle_context(primal, target, index)
-            for col in range(k):
-                jv = self._jvp(inputs, [v[col] for v in V])
+            tangents = [first]
+            if k > 1:
+                tangents += list(self._jvp_block(inputs, [v[1:] for v in V]).unbind(0))
+            for col, jv in enumerate(tangents):
                 middle = self._middle(primal, target, jv, context) * self.scale
                 grads = torch.autograd.grad(output, self.params, grad_outputs=middle,
                                             retain_graph=col < k - 1, allow_unused=True,
@@ -427,17 +431,38 @@ class OutputSpaceOperator(CurvatureOperator):
             loss_batches.append(index)
         return out, losses, loss_batches
 
-    def _jvp(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
-        """Output tangent ``J v`` of one batch by forward-mode AD (no autograd graph)."""
+    def _jvp(self, inputs: Any, tangents: list[Tensor], keep_graph: bool) -> tuple[Tensor, Tensor]:
+        """Output and output tangent ``J v`` of one batch by forward-mode AD.
+
+        With ``keep_graph`` the output carries the autograd graph w.r.t. the parameters.
+        """
         import torch.autograd.forward_ad as fwAD
 
-        with torch.no_grad(), fwAD.dual_level():
-            duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(self.param_names, self.params, tangents)}
-            output = self.forward(inputs, replace=duals)
-            tangent = fwAD.unpack_dual(output).tangent
+        grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
+        with grad_mode, fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
+                     for n, p, t in zip(self.param_names, self.params, tangents)}
+            output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
         if tangent is None:  # the output does not depend on the selected parameters
-            return torch.zeros_like(output)
-        return tangent
+            tangent = torch.zeros_like(output)
+        return output, tangent.detach()
+
+    def _jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
+        """``J V`` for a block of tangents (leading dimension m), shape ``(m, *output.shape)``.
+
+        Vectorised with ``torch.func.vmap`` over the tangents, so the primal forward is
+        computed once for all of them.
+        """
+        primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+
+        def output_of(params: dict[str, Tensor]) -> Tensor:
+            return self.forward(inputs, replace=params)
+
+        def tangent_of(*ts: Tensor) -> Tensor:
+            return torch.func.jvp(output_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(tangent_of)(*tangents)
 
 
 # ==================================================================== helpers

@@ -262,3 +262,67 @@ def test_loss_and_gradient_match_whole_dataset():
     value, grad = op.loss_and_gradient()
     _close(value.reshape(1), whole_dataset_loss(model, loss_fn, data).detach().reshape(1), rtol=1e-13)
     _close(grad, whole_dataset_gradient(model, loss_fn, data, op.params), rtol=1e-12)
+
+
+def _ce_problem(target_kind: str, **loss_kwargs):
+    g = torch.Generator().manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 1), torch.nn.Tanh(), torch.nn.Conv1d(4, 5, 1)).double()
+    data = []
+    for n in (4, 2, 3):
+        x = torch.randn(n, 3, 6, generator=g, dtype=torch.float64)  # output (N, C=5, T=6)
+        if target_kind == "probabilities":
+            y = torch.softmax(torch.randn(n, 5, 6, generator=g, dtype=torch.float64), dim=1)
+        else:
+            y = torch.randint(0, 5, (n, 6), generator=g)
+            y[torch.rand(n, 6, generator=g) < 0.3] = -100
+        data.append((x, y))
+    return model, torch.nn.CrossEntropyLoss(**loss_kwargs), data
+
+
+CE_CONFIGS = {
+    "class_weights": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64))),
+    "label_smoothing": ("indices", dict(label_smoothing=0.1)),
+    "weights_and_smoothing": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64),
+                                              label_smoothing=0.2)),
+    "weights_sum": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64), reduction="sum")),
+    "probabilities": ("probabilities", dict()),
+    "probabilities_smoothing": ("probabilities", dict(label_smoothing=0.3)),
+}
+
+
+@pytest.mark.parametrize("config", list(CE_CONFIGS), ids=list(CE_CONFIGS))
+def test_cross_entropy_variants(config):
+    """Class weights, label smoothing and probability targets change the loss Hessian
+    coefficient and the normaliser; both are checked against double backward through
+    ``F.cross_entropy`` on the concatenated data."""
+    target_kind, kwargs = CE_CONFIGS[config]
+    model, loss_fn, data = _ce_problem(target_kind, **kwargs)
+    G = GGNOperator(model, loss_fn, data)
+    _close(G.to_dense(), dense_ggn(model, loss_fn, data, G.params))
+    H = HessianOperator(model, loss_fn, data)
+    _close(H.to_dense(), dense_hessian(model, loss_fn, data, H.params))
+
+
+def test_custom_loss_callable():
+    """A plain function: taken as a mean over the batch's samples, so unequal batches are
+    weighted by their sizes; its output Hessian comes from double backward."""
+    def loss_fn(output, target):
+        return torch.log1p((output - target).pow(2).sum(dim=1)).mean()
+
+    model, _, data = get_case("mlp_tanh-mse_sum-tiny_last").make()
+    for cls, ref in ((HessianOperator, dense_hessian), (GGNOperator, dense_ggn)):
+        op = cls(model, loss_fn, data)
+        _close(op.to_dense(), ref(model, loss_fn, data, op.params))
+
+
+def test_custom_loss_with_sum_reduction_attribute():
+    class SummedLoss(torch.nn.Module):
+        reduction = "sum"
+
+        def forward(self, output, target):
+            return torch.log1p((output - target).pow(2).sum(dim=1)).sum()
+
+    model, _, data = get_case("mlp_tanh-mse_sum-tiny_last").make()
+    loss_fn = SummedLoss()
+    op = GGNOperator(model, loss_fn, data)
+    _close(op.to_dense(), dense_ggn(model, loss_fn, data, op.params))
