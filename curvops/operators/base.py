@@ -99,6 +99,14 @@ class CurvatureOperator(LinearOperator):
         if check_deterministic:
             self._check_deterministic()
 
+    #: Every curvature operator here is symmetric (self-adjoint).
+    is_symmetric: bool = True
+
+    @property
+    def is_positive_semidefinite(self) -> bool:
+        """Whether the operator is known to be positive semi-definite (False: unknown or indefinite)."""
+        return False
+
     # ================================================================ public API
     def matmat_torch(self, X: Tensor) -> Tensor:
         """Multiply a torch block ``X`` of shape (D, k) on the operator's device and dtype.

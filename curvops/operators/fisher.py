@@ -64,6 +64,11 @@ class FisherOperator(OutputSpaceOperator):
                 "kind='empirical' or the GGNOperator for a custom loss"
             )
 
+    @property
+    def is_positive_semidefinite(self) -> bool:
+        """Always True: a sum of outer products."""
+        return True
+
     def _middle_context(self, output: Tensor, target: Any, index: int) -> Tensor:
         if self.kind == "empirical":
             return self.loss.output_gradient(output, target).unsqueeze(0)

@@ -27,5 +27,10 @@ class GGNOperator(OutputSpaceOperator):
         See :class:`~curvops.operators.base.CurvatureOperator`.
     """
 
+    @property
+    def is_positive_semidefinite(self) -> bool:
+        """True for the built-in losses, which are convex in the output; unknown for custom ones."""
+        return self.loss.kind != "custom"
+
     def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Any) -> Tensor:
         return self.loss.output_hvp(output, target, jv)

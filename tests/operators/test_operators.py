@@ -326,3 +326,13 @@ def test_custom_loss_with_sum_reduction_attribute():
     loss_fn = SummedLoss()
     op = GGNOperator(model, loss_fn, data)
     _close(op.to_dense(), dense_ggn(model, loss_fn, data, op.params))
+
+
+def test_operator_tags():
+    model, loss_fn, data = get_case("mlp_tanh-ce_mean").make()
+    assert HessianOperator(model, loss_fn, data).is_symmetric
+    assert not HessianOperator(model, loss_fn, data).is_positive_semidefinite
+    assert GGNOperator(model, loss_fn, data).is_positive_semidefinite
+    assert FisherOperator(model, loss_fn, data).is_positive_semidefinite
+    custom = GGNOperator(model, lambda out, y: torch.nn.functional.cross_entropy(out, y), data)
+    assert not custom.is_positive_semidefinite, "a custom loss may be non-convex"
