@@ -184,7 +184,7 @@ class TinyTransformer(nn.Module):
         a = self.ln1(h)
         q, k, v = self.q(a), self.k(a), self.v(a)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        keep = torch.ones(T, T, dtype=torch.bool).tril().expand(N, T, T)
+        keep = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril().expand(N, T, T)
         if attention_mask is not None:
             keep = keep & attention_mask.bool()[:, None, :]
         # every query keeps at least key 0 (position 0 is never padded), so no row is all -inf
