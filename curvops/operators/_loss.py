@@ -20,8 +20,8 @@ one sample (index of the first dimension).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,11 +43,17 @@ class LossSpec:
         ``"mean"`` or ``"sum"``.
     fn : callable
         The user's loss, ``(output, target) -> scalar``.
+    flat : LossSpec or None
+        For a cross-entropy loss that defines ``flat_output(x)`` (an output-shaped
+        tensor as (rows, C) rows) and ``flat_target(target)`` (the matching (rows,)
+        targets), such as :class:`curvops.lm.CausalLMLoss` (shifted labels): the plain
+        cross-entropy spec every method delegates to on those rows. None otherwise.
     """
 
     kind: str
     reduction: str
     fn: Callable[[Tensor, Any], Tensor]
+    flat: "LossSpec | None" = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -77,17 +83,24 @@ class LossSpec:
                 f"loss_fn has reduction={reduction!r}; curvops needs a scalar loss with reduction "
                 "'mean' or 'sum' (the curvature of a vector of losses is not defined)"
             )
+        if kind == "cross_entropy" and callable(getattr(loss_fn, "flat_target", None)):
+            return cls(kind=kind, reduction=reduction, fn=loss_fn,
+                       flat=cls(kind=kind, reduction=reduction, fn=loss_fn))
         return cls(kind=kind, reduction=reduction, fn=loss_fn)
 
     # -------------------------------------------------------------- batch values
     def batch_sum(self, output: Tensor, target: Any) -> Tensor:
         """Unnormalised sum of the loss terms of one batch (scalar tensor)."""
         f = self.fn
+        if self.flat is not None:
+            return self.flat.batch_sum(f.flat_output(output), f.flat_target(target))
         if self.kind == "cross_entropy":
-            return F.cross_entropy(
-                output, target, weight=f.weight, ignore_index=f.ignore_index,
-                reduction="sum", label_smoothing=f.label_smoothing,
-            )
+            # Same value as F.cross_entropy(reduction="sum"); its double backward (the
+            # Hessian path) applies the loss Hessian through the fused kernel.
+            from curvops.kernels.cross_entropy_sum import cross_entropy_sum
+
+            return cross_entropy_sum(output, target, weight=f.weight, ignore_index=f.ignore_index,
+                                     label_smoothing=f.label_smoothing)
         if self.kind == "mse":
             return F.mse_loss(output, target, reduction="sum")
         if self.kind == "bce":
@@ -114,6 +127,8 @@ class LossSpec:
         losses: the number of samples (first dimension).
         """
         f = self.fn
+        if self.flat is not None:
+            return self.flat.batch_normaliser(f.flat_target(target), inputs)
         if self.kind == "cross_entropy":
             if not torch.is_tensor(target):
                 raise TypeError(f"cross-entropy targets must be a tensor, got {type(target).__name__}")
@@ -152,6 +167,9 @@ class LossSpec:
             built-in losses (cross-entropy's ``diag(p) − p pᵀ`` is never formed);
             double backward for custom losses.
         """
+        if self.flat is not None:
+            rows = self.flat.output_hvp(self.fn.flat_output(output), self.fn.flat_target(target), self.fn.flat_output(u))
+            return rows.reshape(output.shape)
         if self.kind == "cross_entropy":
             from curvops.kernels import cross_entropy_hvp
 
@@ -192,6 +210,10 @@ class LossSpec:
         """
         out = output.detach()
         shape = (num_samples, *out.shape)
+        if self.flat is not None:
+            rows = self.flat.sample_output_gradients(self.fn.flat_output(out), self.fn.flat_target(target),
+                                                     num_samples, generator)
+            return rows.reshape(shape)
         if self.kind == "cross_entropy":
             logits2d, perm = _classes_last(out)
             probs = torch.softmax(logits2d.float(), dim=-1)
@@ -216,6 +238,59 @@ class LossSpec:
             "kind='empirical' or the GGNOperator for a custom loss"
         )
 
+    def hessian_sqrt_columns(self, output: Tensor, target: Any) -> Iterator[Tensor]:
+        """Columns ``s_k`` (each shaped like ``output``) of a symmetric factorisation of the loss Hessian.
+
+        The Hessian of every built-in loss is block-diagonal over *rows*: for
+        cross-entropy a row is one position (the class dimension 1), for MSE and
+        BCE-with-logits the entries sharing all indices but the last (a 0-d or 1-d
+        output is one row per entry). On every row, ``Σ_k s_k s_kᵀ`` restricted to the
+        row equals the row's Hessian block of :meth:`batch_sum`:
+
+        - cross-entropy ``a (diag p − p pᵀ)``: ``C`` columns ``sqrt(a p_c) (e_c − p)``;
+        - MSE ``2 I``: one column ``sqrt(2) e_c`` per entry ``c`` of the last dimension;
+        - BCE ``w σ(1 − σ)`` (diagonal): ``sqrt(w σ (1 − σ)) e_c`` likewise.
+
+        Columns are generated lazily (one output-sized tensor at a time).
+
+        Raises
+        ------
+        ValueError
+            For custom losses, whose Hessian has no closed-form factorisation here.
+        """
+        out = output.detach()
+        if self.flat is not None:
+            for col in self.flat.hessian_sqrt_columns(self.fn.flat_output(out), self.fn.flat_target(target)):
+                yield col.reshape(out.shape)
+            return
+        if self.kind == "cross_entropy":
+            logits2d, moved = _classes_last(out)
+            probs = torch.softmax(logits2d, dim=-1)
+            coeff, _ = _classes_last(self._ce_coefficients(out, target))
+            root = (coeff * probs).sqrt()  # (rows, C)
+            for c in range(probs.shape[-1]):
+                col = -probs.clone()
+                col[:, c] += 1
+                yield _classes_back(root[:, c:c + 1] * col, out.shape, moved)
+            return
+        if self.kind in ("mse", "bce"):
+            if self.kind == "mse":
+                diag = torch.full_like(out, math.sqrt(2.0))
+            else:
+                diag = self._bce_coefficients(out, target).sqrt()
+            if out.dim() <= 1:
+                yield diag
+                return
+            for c in range(out.shape[-1]):
+                col = torch.zeros_like(out)
+                col[..., c] = diag[..., c]
+                yield col
+            return
+        raise ValueError(
+            "a factorisation of the loss Hessian is known for nn.CrossEntropyLoss, "
+            "nn.MSELoss and nn.BCEWithLogitsLoss only"
+        )
+
     def fisher_middle(self, s: Tensor, jv: Tensor) -> Tensor:
         """Apply ``Σ_m s_m s_mᵀ`` term by term to an output tangent.
 
@@ -233,6 +308,9 @@ class LossSpec:
             loss term (the class dimension for cross-entropy, all but the first
             dimension otherwise); shape ``output.shape``.
         """
+        if self.flat is not None:
+            rows = self.flat.fisher_middle(s.reshape(s.shape[0], -1, s.shape[-1]), self.fn.flat_output(jv))
+            return rows.reshape(jv.shape)
         if self.kind == "cross_entropy" and jv.dim() > 1:
             inner = (s * jv).sum(dim=2, keepdim=True)
         else:

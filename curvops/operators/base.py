@@ -1,11 +1,14 @@
 """Shared machinery of the curvature operators.
 
-:class:`CurvatureOperator` is a :class:`scipy.sparse.linalg.LinearOperator` of shape
-``(D, D)`` over a selection of a model's parameters that also multiplies torch tensors
-on the model's device without a host copy. Subclasses implement one method,
-:meth:`CurvatureOperator._products`, which multiplies a block of vectors over a given
-set of batches; everything else (parameter selection, vector checks, numpy/torch
-conversion, whole-dataset normalisation, determinism and finiteness checks) lives here.
+:class:`TorchLinearOperator` is a :class:`scipy.sparse.linalg.LinearOperator` that also
+multiplies torch tensors on its device without a host copy (numpy/torch dispatch and
+vector checks). :class:`ModelOperator` adds a model, its data and a parameter selection,
+with the forward pass and the forward-/reverse-mode products of the model output
+(shared with :class:`~curvops.operators.jacobian.JacobianOperator`).
+:class:`CurvatureOperator` is a ``(D, D)`` curvature matrix of a loss; subclasses
+implement one method, :meth:`CurvatureOperator._products`, which multiplies a block of
+vectors over a given set of batches; everything else (whole-dataset normalisation,
+determinism and finiteness checks) lives here.
 
 Parameter order
 ---------------
@@ -27,13 +30,282 @@ from torch import Tensor, nn
 
 from curvops.operators._loss import LossSpec
 
-#: Largest dimension :meth:`CurvatureOperator.to_dense` builds without ``max_dim``.
+#: Largest dimension :meth:`TorchLinearOperator.to_dense` builds without ``max_dim``.
 MAX_DENSE_DIM = 10_000
 
 ParamSelection = None | str | Sequence[str] | Sequence[nn.Parameter]
 
 
-class CurvatureOperator(LinearOperator):
+class TorchLinearOperator(LinearOperator):
+    """A :class:`scipy.sparse.linalg.LinearOperator` that also multiplies torch tensors.
+
+    numpy input follows scipy's semantics (host arrays in and out); torch input stays on
+    the operator's device and dtype (``op @ tensor``, ``op.matvec``, ``op.matmat``,
+    :meth:`matmat_torch`). Subclasses implement :meth:`_apply` on a checked torch block
+    of shape ``(shape[1], k)``.
+
+    Attributes
+    ----------
+    device : torch.device
+        Where products run.
+    torch_dtype : torch.dtype
+        dtype of the torch vectors it multiplies.
+    is_symmetric : bool
+        Whether the operator is known to be symmetric (default False).
+    """
+
+    #: Whether the operator is known to be symmetric (self-adjoint).
+    is_symmetric: bool = False
+
+    def __init__(self, shape: tuple[int, int], torch_dtype: torch.dtype, device: torch.device) -> None:
+        self.torch_dtype = torch_dtype
+        self.device = device
+        super().__init__(dtype=np.dtype(str(torch_dtype).removeprefix("torch.")), shape=shape)
+
+    @property
+    def is_positive_semidefinite(self) -> bool:
+        """Whether the operator is known to be positive semi-definite (False: unknown or indefinite)."""
+        return False
+
+    def matmat_torch(self, X: Tensor) -> Tensor:
+        """Multiply a torch block ``X`` of shape (shape[1], k) on the operator's device and dtype.
+
+        Returns
+        -------
+        Tensor
+            ``A @ X``, shape (shape[0], k), same device and dtype. Computed in one pass over
+            the data for the whole block.
+        """
+        X = self._check_torch(X)
+        if X.dim() != 2:
+            raise ValueError(f"matmat_torch expects a block of shape ({self.shape[1]}, k), got {tuple(X.shape)}")
+        return self._apply(X)
+
+    def to_dense(self, max_dim: int = MAX_DENSE_DIM) -> Tensor:
+        """The full matrix as a torch tensor on the operator's device.
+
+        Raises
+        ------
+        ValueError
+            If a dimension exceeds ``max_dim`` (default :data:`MAX_DENSE_DIM` = 10,000).
+        """
+        rows, dim = self.shape
+        if max(rows, dim) > max_dim:
+            raise ValueError(
+                f"to_dense() would build a {rows}x{dim} matrix; that exceeds max_dim={max_dim}. "
+                "Pass a larger max_dim if you really have the memory."
+            )
+        eye = torch.eye(dim, dtype=self.torch_dtype, device=self.device)
+        cols = [self._apply(eye[:, i:i + 64]) for i in range(0, dim, 64)]
+        return torch.cat(cols, dim=1)
+
+    # ----------------------------------------------------- scipy / torch dispatch
+    def dot(self, x: Any) -> Any:
+        """``A @ x``: torch tensors stay torch on the device; everything else as scipy."""
+        if torch.is_tensor(x):
+            x = self._check_torch(x)
+            return self._apply(x.unsqueeze(1)).squeeze(1) if x.dim() == 1 else self._apply(x)
+        return super().dot(x)
+
+    def matvec(self, x: Any) -> Any:
+        """Matrix-vector product; accepts numpy arrays (scipy semantics) or torch tensors."""
+        if torch.is_tensor(x):
+            x = self._check_torch(x)
+            if x.dim() != 1:
+                raise ValueError(f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(x.shape)}")
+            return self._apply(x.unsqueeze(1)).squeeze(1)
+        return super().matvec(x)
+
+    def matmat(self, X: Any) -> Any:
+        """Matrix-matrix product; accepts numpy arrays (scipy semantics) or torch tensors."""
+        if torch.is_tensor(X):
+            return self.matmat_torch(X)
+        return super().matmat(X)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        dim = self.shape[1]
+        if x.ndim == 1:
+            return self._matmat(x.reshape(dim, 1)).reshape(self.shape[0])
+        if x.shape == (dim, 1):
+            return self._matmat(x)
+        # scipy >= 1.18 passes batches of row vectors (..., D) to matvec.
+        rows = x.reshape(-1, dim)
+        return self._matmat(rows.T).T.reshape(*x.shape[:-1], self.shape[0])
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        if np.iscomplexobj(X):
+            raise TypeError("curvature operators are real; got a complex array")
+        if X.ndim > 2:
+            # scipy >= 1.18 batched matmat: (..., D, k).
+            blocks = [self._matmat(block) for block in X.reshape(-1, *X.shape[-2:])]
+            return np.stack(blocks).reshape(*X.shape[:-2], self.shape[0], X.shape[-1])
+        if X.ndim != 2 or X.shape[0] != self.shape[1]:
+            raise ValueError(f"expected an array of shape ({self.shape[1]}, k), got {X.shape}")
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype)).to(self.device)
+        if not torch.isfinite(Xt).all():
+            raise ValueError("input vector contains NaN or Inf")
+        return self._apply(Xt).cpu().numpy()
+
+    def _apply(self, X: Tensor) -> Tensor:
+        """``A @ X`` for a checked (shape[1], k) torch block; implemented by subclasses."""
+        raise NotImplementedError
+
+    def _check_torch(self, x: Tensor, dim: int | None = None) -> Tensor:
+        """Check a torch vector (dim,) or block (dim, k); ``dim`` defaults to ``shape[1]``."""
+        dim = self.shape[1] if dim is None else dim
+        if x.dim() not in (1, 2) or x.shape[0] != dim:
+            raise ValueError(f"expected a tensor of shape ({dim},) or ({dim}, k), got {tuple(x.shape)}")
+        if x.dtype != self.torch_dtype:
+            raise TypeError(f"expected dtype {self.torch_dtype} (the parameters'), got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"expected a tensor on device {self.device} (the parameters'), got one on device {x.device}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("input vector contains NaN or Inf")
+        return x
+
+
+class ModelOperator(TorchLinearOperator):
+    """A :class:`TorchLinearOperator` defined by a model, its data and a parameter selection.
+
+    Holds what every model-based operator shares: the model, the re-iterable data, the
+    selected parameters (names, shapes, order), the forward pass, the batch iterator,
+    and the forward-mode (``J v``) and reverse-mode (``Jᵀ u``) products of the model
+    output w.r.t. the selected parameters. Subclasses call :meth:`_set_model` and
+    :meth:`_set_data_and_params`, then ``TorchLinearOperator.__init__`` with their shape.
+    """
+
+    def _set_model(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+
+    def _set_data_and_params(self, data: Iterable[tuple[Any, Any]], params: ParamSelection) -> None:
+        if iter(data) is data:
+            raise TypeError(
+                "data must be re-iterable (a list of (inputs, targets) batches or a "
+                f"DataLoader); got a one-shot iterator of type {type(data).__name__}"
+            )
+        self.data = data
+        self.param_names, self.params = _select_parameters(self.model, params)
+        dtypes = {p.dtype for p in self.params}
+        devices = {p.device for p in self.params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise TypeError(f"selected parameters must share one dtype and device, got {dtypes} on {devices}")
+        self.torch_dtype: torch.dtype = self.params[0].dtype
+        self.device: torch.device = self.params[0].device
+        if not self.torch_dtype.is_floating_point:
+            raise TypeError(f"parameters must be floating point, got {self.torch_dtype}")
+        self.param_shapes = [p.shape for p in self.params]
+        self.param_numels = [p.numel() for p in self.params]
+        #: Number of selected parameter entries (the parameter-space dimension).
+        self.num_params: int = sum(self.param_numels)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat parameter-space vector (D,) into named parameter-shaped views."""
+        vector = self._check_torch(vector, self.num_params)
+        if vector.dim() != 1:
+            raise ValueError(f"unflatten expects a vector of shape ({self.num_params},), got {tuple(vector.shape)}")
+        parts = vector.split(self.param_numels)
+        return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
+
+    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate parameter-shaped tensors (by name or in order) into a vector (D,)."""
+        if isinstance(tensors, Mapping):
+            missing = [n for n in self.param_names if n not in tensors]
+            if missing:
+                raise ValueError(f"flatten: missing tensors for parameters {missing[:5]}")
+            tensors = [tensors[n] for n in self.param_names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.params):
+            raise ValueError(f"flatten expects {len(self.params)} tensors, got {len(tensors)}")
+        for name, t, shape in zip(self.param_names, tensors, self.param_shapes):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"flatten: tensor for {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return torch.cat([t.reshape(-1) for t in tensors]).to(device=self.device, dtype=self.torch_dtype)
+
+    def parameter_vector(self) -> Tensor:
+        """Current values of the selected parameters as one flat vector (D,)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def forward(self, inputs: Any, replace: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Run the model on a batch's inputs and return the output tensor.
+
+        ``replace`` maps parameter names to tensors used in their place (for
+        forward-mode AD through dual tensors).
+        """
+        args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+        with _attention_with_higher_derivatives():
+            if replace is None:
+                output = self.model(*args, **kwargs)
+            else:
+                output = torch.func.functional_call(self.model, dict(replace), args, kwargs)
+        if torch.is_tensor(output):
+            return output
+        logits = getattr(output, "logits", None)
+        if torch.is_tensor(logits):
+            return logits
+        if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+            return output[0]
+        raise TypeError(
+            f"model output must be a tensor or have a 'logits' tensor, got {type(output).__name__}"
+        )
+
+    def _batches(self, only: set[int] | None = None) -> Iterator[tuple[int, Any, Any]]:
+        """Yield (index, inputs, targets) with tensors moved to the model's device."""
+        for index, batch in enumerate(self.data):
+            if only is not None and index not in only:
+                continue
+            inputs, target = _unpack(batch, index)
+            yield index, _to_device(inputs, self.device), _to_device(target, self.device)
+
+    def _zeros_like_block(self, k: int) -> list[Tensor]:
+        return [torch.zeros(k, *s, dtype=self.torch_dtype, device=self.device) for s in self.param_shapes]
+
+    def _jvp(self, inputs: Any, tangents: list[Tensor], keep_graph: bool) -> tuple[Tensor, Tensor]:
+        """Output and output tangent ``J v`` of one batch by forward-mode AD.
+
+        With ``keep_graph`` the output carries the autograd graph w.r.t. the parameters.
+        """
+        import torch.autograd.forward_ad as fwAD
+
+        grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
+        with grad_mode, fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
+                     for n, p, t in zip(self.param_names, self.params, tangents)}
+            output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
+        if tangent is None:  # the output does not depend on the selected parameters
+            tangent = torch.zeros_like(output)
+        return output, tangent.detach()
+
+    def _jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
+        """``J V`` for a block of tangents (leading dimension m), shape ``(m, *output.shape)``.
+
+        Vectorised with ``torch.func.vmap`` over the tangents, so the primal forward is
+        computed once for all of them.
+        """
+        primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+
+        def output_of(params: dict[str, Tensor]) -> Tensor:
+            return self.forward(inputs, replace=params)
+
+        def tangent_of(*ts: Tensor) -> Tensor:
+            return torch.func.jvp(output_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(tangent_of)(*tangents)
+
+    def _vjp(self, output: Tensor, cotangent: Tensor, retain_graph: bool) -> tuple[Tensor, ...]:
+        """``Jᵀ u`` per selected parameter: one backward pass from ``output`` (with graph) seeded by ``cotangent``."""
+        if not output.requires_grad:  # the output does not depend on any parameter
+            return tuple(torch.zeros_like(p) for p in self.params)
+        return torch.autograd.grad(output, self.params, grad_outputs=cotangent,
+                                   retain_graph=retain_graph, allow_unused=True,
+                                   materialize_grads=True)
+
+
+class CurvatureOperator(ModelOperator):
     """Base class: a curvature matrix of a loss over a data set, as a linear operator.
 
     Parameters
@@ -69,29 +341,10 @@ class CurvatureOperator(LinearOperator):
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
                  check_deterministic: bool = True) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self._set_model(model)
         self.loss = LossSpec.from_loss(loss_fn)
-        if iter(data) is data:
-            raise TypeError(
-                "data must be re-iterable (a list of (inputs, targets) batches or a "
-                f"DataLoader); got a one-shot iterator of type {type(data).__name__}"
-            )
-        self.data = data
-        self.param_names, self.params = _select_parameters(model, params)
-        dtypes = {p.dtype for p in self.params}
-        devices = {p.device for p in self.params}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise TypeError(f"selected parameters must share one dtype and device, got {dtypes} on {devices}")
-        self.torch_dtype: torch.dtype = self.params[0].dtype
-        self.device: torch.device = self.params[0].device
-        if not self.torch_dtype.is_floating_point:
-            raise TypeError(f"parameters must be floating point, got {self.torch_dtype}")
-        self.param_shapes = [p.shape for p in self.params]
-        self.param_numels = [p.numel() for p in self.params]
-        dim = sum(self.param_numels)
-        super().__init__(dtype=np.dtype(str(self.torch_dtype).removeprefix("torch.")), shape=(dim, dim))
+        self._set_data_and_params(data, params)
+        super().__init__((self.num_params, self.num_params), self.torch_dtype, self.device)
 
         self.num_batches, self.normaliser = self._count()
         # Scale that turns batch sums into the whole-dataset objective.
@@ -102,71 +355,7 @@ class CurvatureOperator(LinearOperator):
     #: Every curvature operator here is symmetric (self-adjoint).
     is_symmetric: bool = True
 
-    @property
-    def is_positive_semidefinite(self) -> bool:
-        """Whether the operator is known to be positive semi-definite (False: unknown or indefinite)."""
-        return False
-
     # ================================================================ public API
-    def matmat_torch(self, X: Tensor) -> Tensor:
-        """Multiply a torch block ``X`` of shape (D, k) on the operator's device and dtype.
-
-        Returns
-        -------
-        Tensor
-            ``A @ X``, shape (D, k), same device and dtype. Computed in one pass over the
-            data for the whole block.
-        """
-        X = self._check_torch(X)
-        if X.dim() != 2:
-            raise ValueError(f"matmat_torch expects a block of shape ({self.shape[0]}, k), got {tuple(X.shape)}")
-        return self._apply(X)
-
-    def to_dense(self, max_dim: int = MAX_DENSE_DIM) -> Tensor:
-        """The full (D, D) matrix as a torch tensor on the operator's device.
-
-        Raises
-        ------
-        ValueError
-            If D exceeds ``max_dim`` (default :data:`MAX_DENSE_DIM` = 10,000).
-        """
-        dim = self.shape[0]
-        if dim > max_dim:
-            raise ValueError(
-                f"to_dense() would build a {dim}x{dim} matrix; that exceeds max_dim={max_dim}. "
-                "Pass a larger max_dim if you really have the memory."
-            )
-        eye = torch.eye(dim, dtype=self.torch_dtype, device=self.device)
-        cols = [self._apply(eye[:, i:i + 64]) for i in range(0, dim, 64)]
-        return torch.cat(cols, dim=1)
-
-    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
-        """Split a flat vector (D,) into named parameter-shaped views."""
-        vector = self._check_torch(vector)
-        if vector.dim() != 1:
-            raise ValueError(f"unflatten expects a vector of shape ({self.shape[0]},), got {tuple(vector.shape)}")
-        parts = vector.split(self.param_numels)
-        return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
-
-    def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
-        """Concatenate parameter-shaped tensors (by name or in order) into a vector (D,)."""
-        if isinstance(tensors, Mapping):
-            missing = [n for n in self.param_names if n not in tensors]
-            if missing:
-                raise ValueError(f"flatten: missing tensors for parameters {missing[:5]}")
-            tensors = [tensors[n] for n in self.param_names]
-        tensors = list(tensors)
-        if len(tensors) != len(self.params):
-            raise ValueError(f"flatten expects {len(self.params)} tensors, got {len(tensors)}")
-        for name, t, shape in zip(self.param_names, tensors, self.param_shapes):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"flatten: tensor for {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return torch.cat([t.reshape(-1) for t in tensors]).to(device=self.device, dtype=self.torch_dtype)
-
-    def parameter_vector(self) -> Tensor:
-        """Current values of the selected parameters as one flat vector (D,)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
         """Whole-dataset loss (scalar) and its gradient (D,) at the current parameters."""
         grad = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
@@ -181,51 +370,6 @@ class CurvatureOperator(LinearOperator):
         return total, grad
 
     # ----------------------------------------------------- scipy / torch dispatch
-    def dot(self, x: Any) -> Any:
-        """``A @ x``: torch tensors stay torch on the device; everything else as scipy."""
-        if torch.is_tensor(x):
-            x = self._check_torch(x)
-            return self._apply(x.unsqueeze(1)).squeeze(1) if x.dim() == 1 else self._apply(x)
-        return super().dot(x)
-
-    def matvec(self, x: Any) -> Any:
-        """Matrix-vector product; accepts numpy arrays (scipy semantics) or torch tensors."""
-        if torch.is_tensor(x):
-            x = self._check_torch(x)
-            if x.dim() != 1:
-                raise ValueError(f"matvec expects a vector of shape ({self.shape[0]},), got {tuple(x.shape)}")
-            return self._apply(x.unsqueeze(1)).squeeze(1)
-        return super().matvec(x)
-
-    def matmat(self, X: Any) -> Any:
-        """Matrix-matrix product; accepts numpy arrays (scipy semantics) or torch tensors."""
-        if torch.is_tensor(X):
-            return self.matmat_torch(X)
-        return super().matmat(X)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        dim = self.shape[1]
-        if x.ndim == 1 or x.shape == (dim, 1):
-            return self._matmat(x.reshape(dim, 1)).reshape(x.shape)
-        # scipy >= 1.18 passes batches of row vectors (..., D) to matvec.
-        rows = x.reshape(-1, dim)
-        return self._matmat(rows.T).T.reshape(x.shape)
-
-    def _matmat(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X)
-        if np.iscomplexobj(X):
-            raise TypeError("curvature operators are real; got a complex array")
-        if X.ndim > 2:
-            # scipy >= 1.18 batched matmat: (..., D, k).
-            return np.stack([self._matmat(block) for block in X.reshape(-1, *X.shape[-2:])]).reshape(X.shape)
-        if X.ndim != 2 or X.shape[0] != self.shape[1]:
-            raise ValueError(f"expected an array of shape ({self.shape[1]}, k), got {X.shape}")
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype)).to(self.device)
-        if not torch.isfinite(Xt).all():
-            raise ValueError("input vector contains NaN or Inf")
-        return self._apply(Xt).cpu().numpy()
-
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
         return self._matvec(x)
 
@@ -236,29 +380,6 @@ class CurvatureOperator(LinearOperator):
         return self
 
     # ================================================================ internals
-    def forward(self, inputs: Any, replace: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Run the model on a batch's inputs and return the output tensor.
-
-        ``replace`` maps parameter names to tensors used in their place (for
-        forward-mode AD through dual tensors).
-        """
-        args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
-        with _attention_with_higher_derivatives():
-            if replace is None:
-                output = self.model(*args, **kwargs)
-            else:
-                output = torch.func.functional_call(self.model, dict(replace), args, kwargs)
-        if torch.is_tensor(output):
-            return output
-        logits = getattr(output, "logits", None)
-        if torch.is_tensor(logits):
-            return logits
-        if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-            return output[0]
-        raise TypeError(
-            f"model output must be a tensor or have a 'logits' tensor, got {type(output).__name__}"
-        )
-
     def _products(self, V: list[Tensor], only: set[int] | None = None) -> tuple[list[Tensor], list[Tensor], list[int]]:
         """Multiply the block ``V`` over the data; implemented by subclasses.
 
@@ -292,17 +413,6 @@ class CurvatureOperator(LinearOperator):
         if not bool(torch.isfinite(result).all()):
             self._raise_nonfinite_product(V)
         return result.contiguous()
-
-    def _zeros_like_block(self, k: int) -> list[Tensor]:
-        return [torch.zeros(k, *s, dtype=self.torch_dtype, device=self.device) for s in self.param_shapes]
-
-    def _batches(self, only: set[int] | None = None) -> Iterator[tuple[int, Any, Any]]:
-        """Yield (index, inputs, targets) with tensors moved to the model's device."""
-        for index, batch in enumerate(self.data):
-            if only is not None and index not in only:
-                continue
-            inputs, target = _unpack(batch, index)
-            yield index, _to_device(inputs, self.device), _to_device(target, self.device)
 
     def _count(self) -> tuple[int, float]:
         count = 0
@@ -361,18 +471,6 @@ class CurvatureOperator(LinearOperator):
                     "please report it, and wrap the loss in a plain function meanwhile"
                 )
 
-    def _check_torch(self, x: Tensor) -> Tensor:
-        dim = self.shape[0]
-        if x.dim() not in (1, 2) or x.shape[0] != dim:
-            raise ValueError(f"expected a tensor of shape ({dim},) or ({dim}, k), got {tuple(x.shape)}")
-        if x.dtype != self.torch_dtype:
-            raise TypeError(f"expected dtype {self.torch_dtype} (the parameters'), got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"expected a tensor on device {self.device} (the parameters'), got one on device {x.device}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("input vector contains NaN or Inf")
-        return x
-
     def _raise_if_nonfinite_loss(self, losses: list[Tensor], batches: list[int], what: str) -> None:
         if not losses:
             return
@@ -429,48 +527,13 @@ class OutputSpaceOperator(CurvatureOperator):
                 tangents += list(self._jvp_block(inputs, [v[1:] for v in V]).unbind(0))
             for col, jv in enumerate(tangents):
                 middle = self._middle(primal, target, jv, context) * self.scale
-                grads = torch.autograd.grad(output, self.params, grad_outputs=middle,
-                                            retain_graph=col < k - 1, allow_unused=True,
-                                            materialize_grads=True)
+                grads = self._vjp(output, middle, retain_graph=col < k - 1)
                 for o, g in zip(out, grads):
                     o[col].add_(g)
             with torch.no_grad():
                 losses.append(self.loss.batch_sum(primal, target) * self.scale)
             loss_batches.append(index)
         return out, losses, loss_batches
-
-    def _jvp(self, inputs: Any, tangents: list[Tensor], keep_graph: bool) -> tuple[Tensor, Tensor]:
-        """Output and output tangent ``J v`` of one batch by forward-mode AD.
-
-        With ``keep_graph`` the output carries the autograd graph w.r.t. the parameters.
-        """
-        import torch.autograd.forward_ad as fwAD
-
-        grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
-        with grad_mode, fwAD.dual_level():
-            duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
-                     for n, p, t in zip(self.param_names, self.params, tangents)}
-            output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
-        if tangent is None:  # the output does not depend on the selected parameters
-            tangent = torch.zeros_like(output)
-        return output, tangent.detach()
-
-    def _jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
-        """``J V`` for a block of tangents (leading dimension m), shape ``(m, *output.shape)``.
-
-        Vectorised with ``torch.func.vmap`` over the tangents, so the primal forward is
-        computed once for all of them.
-        """
-        primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
-
-        def output_of(params: dict[str, Tensor]) -> Tensor:
-            return self.forward(inputs, replace=params)
-
-        def tangent_of(*ts: Tensor) -> Tensor:
-            return torch.func.jvp(output_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
-
-        with torch.no_grad():
-            return torch.func.vmap(tangent_of)(*tangents)
 
 
 # ==================================================================== helpers

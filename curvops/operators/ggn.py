@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from curvops.operators.base import OutputSpaceOperator
+from curvops.operators.base import OutputSpaceOperator, ParamSelection
 
 
 class GGNOperator(OutputSpaceOperator):
@@ -25,7 +27,34 @@ class GGNOperator(OutputSpaceOperator):
     ----------
     model, loss_fn, data, params, check_deterministic
         See :class:`~curvops.operators.base.CurvatureOperator`.
+    fused_head : bool, str or nn.Module, optional
+        Fuse the output head into the product (default False). For models whose output
+        is ``h Wᵀ`` — an ``nn.Linear`` without bias, possibly tied to the input
+        embedding, as in GPT-2 and Llama — under cross-entropy with class-index targets
+        (``nn.CrossEntropyLoss``, :class:`curvops.lm.CausalLMLoss`): the logits, their
+        tangent and the loss-Hessian product are computed in row chunks by
+        :func:`curvops.kernels.linear_cross_entropy_ggn` and never exist for the whole
+        batch (an (N, V) tensor is 0.4 GB for 2,048 tokens of GPT-2 in float32). Same
+        arithmetic as the plain path. ``True`` finds the head (``get_output_embeddings()``
+        if the model has it, else its last ``nn.Linear``); a string names the head
+        module, or pass the module. The model must return the head's output unchanged
+        (no scaling or soft-capping after it): checked on every product.
+    head_chunk_rows : int, optional
+        Rows per chunk of the fused head (default: one (rows, V) tensor of at most
+        256 MiB).
     """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
+                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
+                 fused_head: bool | str | nn.Module = False, head_chunk_rows: int | None = None,
+                 check_deterministic: bool = True) -> None:
+        super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
+        self.head: nn.Linear | None = None
+        self.head_chunk_rows = head_chunk_rows
+        if fused_head is not False and fused_head is not None:
+            self.head = _find_head(model, fused_head)
+            if self.loss.kind != "cross_entropy":
+                raise ValueError(f"fused_head needs a cross-entropy loss, got a {self.loss.kind} loss")
 
     @property
     def is_positive_semidefinite(self) -> bool:
@@ -34,3 +63,137 @@ class GGNOperator(OutputSpaceOperator):
 
     def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Any) -> Tensor:
         return self.loss.output_hvp(output, target, jv)
+
+    def _products(self, V, only=None):
+        if self.head is None:
+            return super()._products(V, only)
+        return self._fused_head_products(V, only)
+
+    # ------------------------------------------------------------- fused head
+    def _forward_to_head(self, inputs: Any, replace: dict[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the model with the head skipped: (head input, stand-in head output, model output).
+
+        The head returns a zero-stride stand-in of the logits' shape (no memory), so the
+        (N, V) logits are never computed.
+        """
+        head = self.head
+        captured: list[tuple[Tensor, Tensor]] = []
+
+        def stand_in(x: Tensor) -> Tensor:
+            out = x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+            captured.append((x, out))
+            return out
+
+        head.forward = stand_in  # instance attribute: shadows nn.Linear.forward for this call only
+        try:
+            output = self.forward(inputs, replace=replace)
+        finally:
+            del head.forward
+        if len(captured) != 1:
+            raise ValueError(f"fused_head: the head was called {len(captured)} times in one forward pass, expected once")
+        return captured[0][0], captured[0][1], output
+
+    def _fused_head_products(self, V, only):
+        import torch.autograd.forward_ad as fwAD
+
+        from curvops.kernels.cross_entropy_sum import ce_row_weights
+        from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn
+
+        k = V[0].shape[0]
+        out = self._zeros_like_block(k)
+        losses, loss_batches = [], []
+        head_weight = self.head.weight
+        w_index = next((i for i, p in enumerate(self.params) if p is head_weight), None)
+        spec = self.loss.flat if self.loss.flat is not None else self.loss
+        f = self.loss.fn
+        for index, inputs, target in self._batches(only):
+            # Column 0: one dual forward keeps the graph up to the head's input.
+            with torch.enable_grad(), fwAD.dual_level():
+                duals = {n: fwAD.make_dual(p, t[0]) for n, p, t in zip(self.param_names, self.params, V)}
+                hidden, stand_in, output = self._forward_to_head(inputs, duals)
+                if output is not stand_in:
+                    raise ValueError("fused_head: the model's output is not the head's output (the model "
+                                     "transforms the logits after the head); use fused_head=False")
+                hidden, first = fwAD.unpack_dual(hidden)
+            h2d = hidden.detach().reshape(-1, hidden.shape[-1])
+            tangents = [torch.zeros_like(h2d) if first is None else first.detach().reshape(h2d.shape)]
+            # The tangent carries the autograd graph of its own computation (recorded because
+            # the primals require grad): drop it now, not at the end of the batch.
+            del first
+            if k > 1:
+                tangents += list(self._hidden_jvp_block(inputs, [v[1:] for v in V]).reshape(k - 1, *h2d.shape).unbind(0))
+
+            rows_target = f.flat_target(target) if self.loss.flat is not None else target
+            if not torch.is_tensor(rows_target) or rows_target.is_floating_point():
+                raise ValueError("fused_head supports class-index targets only (not class probabilities)")
+            if stand_in.dim() != 2 and self.loss.flat is None:
+                raise ValueError("fused_head with nn.CrossEntropyLoss needs 2-d logits (N, C); for "
+                                 "sequence models use curvops.lm.CausalLMLoss")
+            rows = h2d.shape[0]
+            if rows_target.numel() != rows:
+                raise ValueError(f"fused_head: {rows_target.numel()} targets for {rows} rows of logits")
+            rw = ce_row_weights(h2d.new_zeros(()).expand(rows, self.head.out_features), rows_target.reshape(-1),
+                                weight=spec.fn.weight, ignore_index=spec.fn.ignore_index,
+                                label_smoothing=spec.fn.label_smoothing)
+            weight = head_weight.detach()
+            for col, h_dot in enumerate(tangents):
+                w_dot = None if w_index is None else V[w_index][col]
+                res = linear_cross_entropy_ggn(h2d, weight, h_dot, w_dot, rw.a * self.scale,
+                                               weight_grad=w_index is not None, chunk_rows=self.head_chunk_rows)
+                grads = self._vjp(hidden, res.grad_hidden.view(hidden.shape), retain_graph=col < k - 1)
+                for o, g in zip(out, grads):
+                    o[col].add_(g)
+                if w_index is not None:
+                    out[w_index][col].add_(res.grad_weight)
+            with torch.no_grad():
+                losses.append(self._head_loss(h2d, weight, rw, res.lse) * self.scale)
+            loss_batches.append(index)
+        return out, losses, loss_batches
+
+    def _hidden_jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
+        """Tangents of the head's input for a block of parameter tangents (vmap over the block)."""
+        primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+
+        def hidden_of(params: dict[str, Tensor]) -> Tensor:
+            return self._forward_to_head(inputs, params)[0]
+
+        def tangent_of(*ts: Tensor) -> Tensor:
+            return torch.func.jvp(hidden_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(tangent_of)(*tangents)
+
+    @staticmethod
+    def _head_loss(h2d: Tensor, weight: Tensor, rw: Any, lse: Tensor) -> Tensor:
+        """Batch-sum cross-entropy ``Σ a lse − Σ b·z`` from the rows' log-sum-exp, without the logits."""
+        acc = lse.dtype
+        h = h2d.to(acc)
+        value = (rw.a * lse).sum() - (rw.alpha * (h * weight[rw.target].to(acc)).sum(dim=1)).sum()
+        if rw.beta is not None:
+            w = weight.to(acc)
+            spread = w.sum(dim=0) if rw.class_weight is None else rw.class_weight @ w
+            value = value - (rw.beta * (h @ spread)).sum()
+        return value
+
+
+def _find_head(model: nn.Module, head: bool | str | nn.Module) -> nn.Linear:
+    """Resolve ``fused_head`` to the model's bias-free output ``nn.Linear``."""
+    if head is True:
+        getter = getattr(model, "get_output_embeddings", None)
+        module = getter() if callable(getter) else None
+        if module is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            module = linears[-1] if linears else None
+    elif isinstance(head, str):
+        module = model.get_submodule(head)
+    elif isinstance(head, nn.Module):
+        if not any(m is head for m in model.modules()):
+            raise ValueError("fused_head: the given module is not a submodule of the model")
+        module = head
+    else:
+        raise TypeError(f"fused_head must be a bool, a module name or a module, got {type(head).__name__}")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"fused_head needs an nn.Linear output head, found {type(module).__name__}")
+    if module.bias is not None:
+        raise ValueError("fused_head needs an output head without bias (logits = h Wᵀ)")
+    return module

@@ -1,0 +1,192 @@
+"""KFAC build and inverse cost, curvops vs curvlinops 3.0.1, each in its own subprocess.
+
+For each model and Fisher type, every implementation runs in a fresh subprocess (so the
+peak memory is its own, as in ``bench_matvec.py``, whose problem-building pattern this
+follows) and reports:
+
+- ``build``: median wall time of constructing the operator with its Kronecker factors
+  (curvops computes them in the constructor; curvlinops on ``compute_kronecker_factors()``);
+- ``inverse setup``: time of ``inverse(δ)`` plus its first product (curvlinops computes its
+  factor eigendecompositions lazily in the first product), exact damping for both;
+- ``inverse apply``: median time of one further product with a vector;
+- ``peak extra``: ru_maxrss growth during the build, and during inverse setup + products.
+
+Run: ``python benchmarks/bench_kfac.py [--threads 2] [--repeats 3] [--out FILE.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "cnn")
+FISHER_TYPES = ("mc", "type-2")
+IMPLS = ("curvops", "curvlinops")
+DAMPING = 1e-3
+
+
+def build(model_name: str) -> tuple[nn.Module, nn.Module, list]:
+    """The benchmark problem: (model, loss, 4 batches), float32, fixed seed."""
+    torch.manual_seed(0)
+    if model_name == "mlp":  # 3.7M parameters, factors up to 2048 x 2048
+        model = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        data = [(torch.randn(512, 784), torch.randint(0, 10, (512,))) for _ in range(4)]
+    elif model_name == "cnn":  # 1.6M parameters, factors up to 2305 x 2305
+        model = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(256, 512, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10),
+        )
+        data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))) for _ in range(4)]
+    else:
+        raise ValueError(model_name)
+    return model.eval(), nn.CrossEntropyLoss(), data
+
+
+def make(impl: str, fisher_type: str, model: nn.Module, loss: nn.Module, data: list):
+    """Return (build the operator, build its inverse) callables for one implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if impl == "curvops":
+        from curvops.operators.kfac import KFACOperator
+
+        def make_op():
+            return KFACOperator(model, loss, data, fisher_type=fisher_type, check_deterministic=False)
+
+        def make_inv(op):
+            return op.inverse(DAMPING)
+        return make_op, make_inv
+    import curvlinops
+
+    def make_op():
+        # joint weight/bias blocks like curvops' default; factors computed here, not lazily
+        op = curvlinops.KFACLinearOperator(model, loss, params, data, fisher_type=fisher_type,
+                                           separate_weight_and_bias=False, check_deterministic=False)
+        op.compute_kronecker_factors()
+        return op
+
+    def make_inv(op):
+        return curvlinops.KFACInverseLinearOperator(op, damping=DAMPING, use_exact_damping=True)
+    return make_op, make_inv
+
+
+def measure(model_name: str, impl: str, fisher_type: str, repeats: int, threads: int) -> dict:
+    """Times and peak memory of one implementation, in this process."""
+    torch.set_num_threads(threads)
+    model, loss, data = build(model_name)
+    make_op, make_inv = make(impl, fisher_type, model, loss, data)
+    dim = sum(p.numel() for p in model.parameters())
+    v = torch.randn(dim)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    build_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        op = make_op()
+        build_times.append(time.perf_counter() - start)
+        if len(build_times) < repeats:
+            del op
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    inv = make_inv(op)
+    first = inv @ v
+    setup = time.perf_counter() - start
+    apply_times = []
+    for _ in range(max(repeats, 5)):
+        start = time.perf_counter()
+        out = inv @ v
+        apply_times.append(time.perf_counter() - start)
+    rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert torch.isfinite(out).all() and torch.allclose(out, first)
+    return {"dim": dim, "build": statistics.median(build_times), "setup": setup,
+            "apply": statistics.median(apply_times), "build_mib": max(rss1 - rss0, 0) / 1024,
+            "inverse_mib": max(rss2 - rss1, 0) / 1024,
+            "out_norm": float(out.norm())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--fisher-types", nargs="*", default=list(FISHER_TYPES))
+    parser.add_argument("--note", default="", help="a remark for the results file (e.g. machine load)")
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "IMPL", "FISHER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(*args.one, args.repeats, args.threads)))
+        return
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        f"# KFAC build and inverse cost, curvops vs curvlinops 3.0.1 ({datetime.date.today()})",
+        "",
+        f"Machine: {cpu}, {os.cpu_count()} logical CPUs visible, {args.threads} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}; 1-min load average at start "
+        f"{load:.1f}. float32, CE loss, 4 batches, joint weight/bias blocks, exact damping δ = {DAMPING:g}. "
+        f"Each implementation in its own process; build = median of {args.repeats}, apply = median "
+        f"of {max(args.repeats, 5)}. `setup` = inverse construction + first product (curvlinops "
+        "decomposes lazily there). Memory = ru_maxrss growth (build; inverse setup + products).",
+    ]
+    if args.note:
+        lines += ["", args.note]
+    lines.append("")
+    for model_name in args.models:
+        for fisher_type in args.fisher_types:
+            results = {}
+            for impl in IMPLS:
+                cmd = [sys.executable, __file__, "--one", model_name, impl, fisher_type,
+                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    results[impl] = None
+                    print(f"{model_name}/{impl}/{fisher_type} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(model_name, fisher_type, impl, results[impl], flush=True)
+            dim = next((r["dim"] for r in results.values() if r), 0)
+            lines += [f"## {model_name}, fisher_type={fisher_type} (D = {dim:,})", "",
+                      "| impl | build | build peak extra | inverse setup | inverse apply | inverse peak extra |",
+                      "|---|---|---|---|---|---|"]
+            for impl, r in results.items():
+                if r is None:
+                    lines.append(f"| {impl} | failed | | | | |")
+                    continue
+                lines.append(f"| {impl} | {r['build']:.2f} s | {r['build_mib']:.0f} MiB | {r['setup']:.2f} s | "
+                             f"{1e3 * r['apply']:.1f} ms | {r['inverse_mib']:.0f} MiB |")
+            ours, theirs = results.get("curvops"), results.get("curvlinops")
+            if ours and theirs:
+                lines += ["", f"curvlinops / curvops: build {theirs['build'] / ours['build']:.2f}x, "
+                          f"inverse setup {theirs['setup'] / ours['setup']:.2f}x, "
+                          f"inverse apply {theirs['apply'] / ours['apply']:.2f}x (> 1: curvops faster)"]
+                if fisher_type != "mc":
+                    rel = abs(ours["out_norm"] - theirs["out_norm"]) / theirs["out_norm"]
+                    lines.append(f"‖K⁻¹v‖ agree to {rel:.1e} relative (same problem, same v).")
+            lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Operand adaptation and the vector backend shared by every algorithm.
+
+Every algorithm in :mod:`curvops.algorithms` turns its input into an
+:class:`Operand` via :func:`as_operand` and then does *all* arithmetic that
+touches length-``D`` vectors through the operand's methods. In particular every
+reduction over the operator dimension ``D`` (inner products, norms, Gram
+matrices, QR) and every random draw lives here and nowhere else, so that a
+sharded backend (vectors split across processes, reductions all-reduced, probes
+drawn per shard from the seed) only has to provide another ``Operand``
+subclass.
+
+Conventions
+-----------
+* A vector is a 1-D array of length ``D``; a block is a 2-D array of shape
+  ``(D, b)`` (columns are vectors). A *row stack* is ``(n, D)`` (rows are
+  vectors) and is used for Krylov bases because rows are contiguous.
+* Small results (``(b,)`` or ``(b, c)`` reductions) are returned as float64
+  numpy arrays on the host; only these cross the device boundary, never a
+  length-``D`` vector.
+* The torch path runs on the operator's device and dtype; the numpy path on
+  float64 (or float32 if the operator is float32).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+
+ProbeKind = Literal["rademacher", "gaussian"]
+PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
+
+Array = Any  # np.ndarray or torch.Tensor, depending on the backend
+
+
+class Operand:
+    """A symmetric ``(D, D)`` operator together with its backend's vector arithmetic.
+
+    Subclasses: :class:`NumpyOperand`, :class:`TorchOperand`.
+
+    Attributes
+    ----------
+    dim : int
+        The operator dimension ``D``.
+    num_matvecs : int
+        Operator-vector products applied so far (a block of ``b`` columns counts ``b``).
+    eps : float
+        Unit roundoff of the working dtype.
+    backend : str
+        ``"torch"`` or ``"numpy"``.
+    """
+
+    backend: str = ""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        self.dim = dim
+        self.eps = eps
+        self.num_matvecs = 0
+
+    # -- operator application -------------------------------------------------
+    def _apply_block(self, block: Array) -> Array:
+        raise NotImplementedError
+
+    def _apply_vector(self, vector: Array) -> Array:
+        return self._apply_block(vector[:, None])[:, 0]
+
+    def matmat(self, block: Array) -> Array:
+        """Return ``A @ block`` for a ``(D, b)`` block, as one block product where possible."""
+        num_columns = block.shape[1]
+        if num_columns == 0:
+            return self.zeros((self.dim, 0))
+        result = self._apply_block(block)
+        self.num_matvecs += num_columns
+        return self._checked(result, (self.dim, num_columns))
+
+    def matvec(self, vector: Array) -> Array:
+        """Return ``A @ vector`` for a length-``D`` vector."""
+        result = self._apply_vector(vector)
+        self.num_matvecs += 1
+        return self._checked(result, (self.dim,))
+
+    def _checked(self, result: Array, shape: tuple[int, ...]) -> Array:
+        result = self._coerce(result)
+        if tuple(result.shape) != shape:
+            if math.prod(result.shape) == math.prod(shape):
+                result = result.reshape(shape)
+            else:
+                raise ValueError(
+                    f"the operator returned an array of shape {tuple(result.shape)}, expected {shape}"
+                )
+        if not self._all_finite(result):
+            raise FloatingPointError(
+                "the operator produced NaN/Inf in its output (matvec result is not finite)"
+            )
+        return result
+
+    # -- backend primitives (overridden) --------------------------------------
+    def _coerce(self, array: Any) -> Array:
+        raise NotImplementedError
+
+    def _all_finite(self, array: Array) -> bool:
+        raise NotImplementedError
+
+    def zeros(self, shape: tuple[int, ...]) -> Array:
+        """Zero array of the working dtype/device."""
+        raise NotImplementedError
+
+    def from_host(self, array: np.ndarray) -> Array:
+        """Small host (numpy) array -> working backend/dtype/device."""
+        raise NotImplementedError
+
+    def to_host(self, array: Array) -> np.ndarray:
+        """Backend array -> float64 numpy array (only for small arrays or final results)."""
+        raise NotImplementedError
+
+    def as_vector(self, vector: Any, name: str) -> Array:
+        """Validate and convert a user-given length-``D`` vector (e.g. ``v0``)."""
+        if isinstance(vector, torch.Tensor):
+            shape = tuple(vector.shape)
+        else:
+            vector = np.asarray(vector)
+            shape = vector.shape
+        if shape != (self.dim,):
+            raise ValueError(f"{name} must have shape ({self.dim},), got {shape}")
+        if isinstance(vector, torch.Tensor):
+            vector = vector.detach()
+            converted = (
+                self._coerce(vector)
+                if self.backend == "torch"
+                else self._coerce(vector.cpu().numpy())
+            )
+        else:
+            converted = self._coerce(vector) if self.backend == "numpy" else self.from_host(vector)
+        if not self._all_finite(converted):
+            raise ValueError(f"{name} contains NaN or Inf")
+        return converted
+
+    # -- reductions over D: the only places a sharded backend must all-reduce --
+    def inner(self, left: Array, right: Array) -> np.ndarray:
+        """``left.T @ right`` for ``(D,)`` or ``(D, b)`` operands, as a float64 host array."""
+        return self.to_host((left if left.ndim == 1 else left.T) @ right)
+
+    def column_dots(self, left: Array, right: Array) -> np.ndarray:
+        """``(b,)`` column-wise inner products of two ``(D, b)`` blocks."""
+        if left.shape[1] == 1:  # a dot product, without the (D, 1) temporary
+            return self.to_host((left[:, 0] @ right[:, 0]).reshape(1))
+        return self.to_host((left * right).sum(0))
+
+    def column_norms(self, block: Array) -> np.ndarray:
+        """``(b,)`` Euclidean norms of the columns of a ``(D, b)`` block."""
+        return np.sqrt(np.maximum(self.column_dots(block, block), 0.0))
+
+    def dot(self, left: Array, right: Array) -> float:
+        """Inner product of two length-``D`` vectors."""
+        return float(self.inner(left, right))
+
+    def norm(self, vector: Array) -> float:
+        """Euclidean norm of a length-``D`` vector."""
+        return math.sqrt(max(self.dot(vector, vector), 0.0))
+
+    def stacked_inner(self, rows: Array, vectors: Array) -> np.ndarray:
+        """Batched ``rows[p] @ vectors[p]``: ``(P, n, D)`` x ``(P, D)`` -> ``(P, n)``."""
+        return self.to_host((rows @ vectors[:, :, None])[:, :, 0])
+
+    def qr(self, block: Array) -> tuple[Array, np.ndarray]:
+        """Thin QR of a ``(D, b)`` block: ``Q`` (backend, orthonormal columns) and ``R`` (host)."""
+        raise NotImplementedError
+
+    def subtract_combination(self, target: Array, coefficients: np.ndarray, rows: Array) -> Array:
+        """``target - coefficients @ rows`` for ``target`` ``(b, D)``, host ``coefficients`` ``(b, n)``
+        and ``rows`` ``(n, D)`` (no reduction over D)."""
+        return target - self.from_host(coefficients) @ rows
+
+    # -- orthogonalization built on the reductions above ------------------------
+    def project_out(self, rows: Array, vector: Array) -> tuple[Array, np.ndarray]:
+        """One classical Gram-Schmidt pass of ``vector`` against the orthonormal ``rows`` ``(n, D)``.
+
+        Returns the projected vector and the ``(n,)`` coefficients removed.
+        """
+        coefficients = self.inner(rows.T, vector)
+        return vector - rows.T @ self.from_host(coefficients), coefficients
+
+    def orthogonalize(self, rows: Array, vector: Array) -> tuple[Array, float]:
+        """Orthonormalize ``vector`` against ``rows`` with two Gram-Schmidt passes (CGS2).
+
+        Returns the unit vector and the norm after projection (0 if ``vector`` lies in the span).
+        """
+        for _ in range(2):
+            if rows.shape[0]:
+                vector, _ = self.project_out(rows, vector)
+        norm = self.norm(vector)
+        return (vector / norm if norm > 0 else vector), norm
+
+    def project_out_block(self, basis: Array, block: Array) -> Array:
+        """``block - basis @ (basis.T @ block)`` for an orthonormal ``(D, s)`` basis."""
+        return block - basis @ self.from_host(self.inner(basis, block))
+
+    # -- randomness -------------------------------------------------------------
+    def rng(self, seed: int | None) -> Any:
+        """A backend generator seeded from ``seed`` (``None``: fresh OS entropy)."""
+        raise NotImplementedError
+
+    def probes(self, num_columns: int, kind: str, rng: Any) -> Array:
+        """``(D, num_columns)`` block of i.i.d. Rademacher (+-1) or standard Gaussian entries."""
+        raise NotImplementedError
+
+    def identity_columns(self, start: int, stop: int) -> Array:
+        """Columns ``start:stop`` of the ``D x D`` identity, shape ``(D, stop - start)``."""
+        block = self.zeros((self.dim, stop - start))
+        block[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        return block
+
+
+class NumpyOperand(Operand):
+    """Numpy backend: the operator is applied through ``apply_block``/``apply_vector`` on host arrays."""
+
+    backend = "numpy"
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: np.dtype,
+        apply_block: Callable[[np.ndarray], Any],
+        apply_vector: Callable[[np.ndarray], Any] | None = None,
+    ) -> None:
+        super().__init__(dim, float(np.finfo(dtype).eps))
+        self.dtype = np.dtype(dtype)
+        self._block_fn = apply_block
+        self._vector_fn = apply_vector
+
+    def _apply_block(self, block: np.ndarray) -> Any:
+        return self._block_fn(block)
+
+    def _apply_vector(self, vector: np.ndarray) -> Any:
+        if self._vector_fn is None:
+            return super()._apply_vector(vector)
+        return self._vector_fn(vector)
+
+    def _coerce(self, array: Any) -> np.ndarray:
+        if scipy.sparse.issparse(array):
+            array = array.toarray()
+        if isinstance(array, torch.Tensor):
+            raise TypeError("the operator returned a torch.Tensor on the numpy path")
+        return np.asarray(array, dtype=self.dtype)
+
+    def _all_finite(self, array: np.ndarray) -> bool:
+        return bool(np.isfinite(array).all())
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=self.dtype)
+
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array, dtype=self.dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return np.asarray(array, dtype=np.float64)
+
+    def qr(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q, r = np.linalg.qr(block)
+        return q, r.astype(np.float64)
+
+    def rng(self, seed: int | None) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+    def probes(self, num_columns: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+        shape = (self.dim, num_columns)
+        if kind == "rademacher":
+            return (2.0 * rng.integers(0, 2, size=shape) - 1.0).astype(self.dtype)
+        return rng.standard_normal(shape).astype(self.dtype)
+
+
+class TorchOperand(Operand):
+    """Torch backend: everything stays on ``device`` in ``dtype``; only small reductions go to host."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        apply_block: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__(dim, float(torch.finfo(dtype).eps))
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._block_fn = apply_block
+
+    def _apply_block(self, block: torch.Tensor) -> torch.Tensor:
+        return self._block_fn(block.contiguous())
+
+    def _coerce(self, array: Any) -> torch.Tensor:
+        if not isinstance(array, torch.Tensor):
+            array = torch.as_tensor(np.asarray(array))
+        return array.detach().to(device=self.device, dtype=self.dtype)
+
+    def _all_finite(self, array: torch.Tensor) -> bool:
+        # One reduction instead of a (D, b) boolean mask: NaN/Inf propagate through a sum; only
+        # if the sum is not finite (possibly an overflow of finite entries) check elementwise.
+        if bool(torch.isfinite(array.sum())):
+            return True
+        return bool(torch.isfinite(array).all())
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def from_host(self, array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array)).to(device=self.device, dtype=self.dtype)
+
+    def to_host(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        q, r = torch.linalg.qr(block)
+        return q, self.to_host(r)
+
+    def subtract_combination(
+        self, target: torch.Tensor, coefficients: np.ndarray, rows: torch.Tensor
+    ) -> torch.Tensor:
+        # One fused pass (no (b, D) temporary): this runs several times per Lanczos step.
+        return torch.addmm(target, self.from_host(coefficients), rows, alpha=-1.0)
+
+    def rng(self, seed: int | None) -> torch.Generator:
+        # A generator on the operator's device avoids a host->device copy per probe block;
+        # consequence: the same seed gives different probes on CPU and CUDA.
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def probes(self, num_columns: int, kind: str, rng: torch.Generator) -> torch.Tensor:
+        shape = (self.dim, num_columns)
+        if kind == "rademacher":
+            bits = torch.randint(0, 2, shape, generator=rng, device=self.device)
+            return bits.to(self.dtype).mul_(2.0).sub_(1.0)
+        return torch.randn(shape, generator=rng, device=self.device, dtype=self.dtype)
+
+
+def _square_dim(shape: Any) -> int:
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"the operator must be 2-D (D, D), got shape {shape}")
+    rows, columns = int(shape[0]), int(shape[1])
+    if rows != columns:
+        raise ValueError(f"the operator must be square, got shape ({rows}, {columns})")
+    if rows < 1:
+        raise ValueError("the operator must have dimension D >= 1")
+    return rows
+
+
+def _real_numpy_dtype(dtype: Any) -> np.dtype:
+    dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float64)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise TypeError("only real symmetric operators are supported, got a complex dtype")
+    # float32 stays float32; integers, bools and float16 are promoted.
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
+
+
+def as_operand(operator: Any, dim: int | None = None) -> Operand:
+    """Adapt any supported operator to an :class:`Operand`.
+
+    Parameters
+    ----------
+    operator
+        * a torch-native operator: any object with ``shape``, ``device``,
+          ``torch_dtype`` and ``matmat_torch(X)`` (curvops operators) -> torch path;
+        * a dense 2-D ``torch.Tensor`` -> torch path on its device/dtype;
+        * a ``scipy.sparse.linalg.LinearOperator``, scipy sparse matrix or dense
+          numpy array -> numpy path;
+        * a callable ``v -> A @ v`` on length-``D`` numpy vectors, with ``dim=D``
+          -> numpy path in float64.
+    dim
+        Required for callables, optional (checked) otherwise.
+    """
+    if dim is not None:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        dim = int(dim)
+
+    if hasattr(operator, "matmat_torch"):
+        size = _square_dim(getattr(operator, "shape", None))
+        for attribute in ("device", "torch_dtype"):
+            if not hasattr(operator, attribute):
+                raise TypeError(
+                    f"a torch-native operator needs a `{attribute}` attribute next to matmat_torch"
+                )
+        dtype = operator.torch_dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"torch-native operator must have a real floating dtype, got {dtype}")
+        operand: Operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch)
+    elif isinstance(operator, torch.Tensor):
+        size = _square_dim(tuple(operator.shape))
+        if not operator.dtype.is_floating_point or operator.dtype.is_complex:
+            raise TypeError(f"dense torch operator must be real floating point, got {operator.dtype}")
+        matrix = operator.detach()
+        operand = TorchOperand(size, matrix.dtype, matrix.device, lambda block: matrix @ block)
+    elif isinstance(operator, np.ndarray) or scipy.sparse.issparse(operator):
+        size = _square_dim(operator.shape)
+        dtype = _real_numpy_dtype(operator.dtype)
+        matrix = operator.astype(dtype) if operator.dtype != dtype else operator
+        operand = NumpyOperand(size, dtype, lambda block: matrix @ block, lambda v: matrix @ v)
+    elif isinstance(operator, scipy.sparse.linalg.LinearOperator):
+        size = _square_dim(operator.shape)
+        dtype = _real_numpy_dtype(operator.dtype)
+        operand = NumpyOperand(size, dtype, operator.matmat, operator.matvec)
+    elif callable(operator):
+        if dim is None:
+            raise ValueError("a callable operator needs its size: pass dim=D")
+        function = operator
+
+        def apply_block(block: np.ndarray) -> np.ndarray:
+            return np.stack([np.asarray(function(column)).reshape(-1) for column in block.T], 1)
+
+        operand = NumpyOperand(dim, np.dtype(np.float64), apply_block, function)
+        size = dim
+    else:
+        raise TypeError(
+            "expected a curvops/torch-native operator, scipy LinearOperator, dense numpy array, "
+            f"torch tensor or callable, got {type(operator).__name__}"
+        )
+    if dim is not None and dim != size:
+        raise ValueError(f"dim={dim} does not match the operator dimension {size}")
+    return operand
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """Validate an integer argument ``>= minimum`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_probe(kind: str) -> str:
+    """Validate a probe distribution name."""
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"probe must be one of {PROBE_KINDS}, got {kind!r}")
+    return kind
+
+
+def check_seed(seed: Any) -> int | None:
+    """Validate ``seed``: ``None`` or a non-negative integer."""
+    if seed is None:
+        return None
+    return check_int(seed, "seed", 0)

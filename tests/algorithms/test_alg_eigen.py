@@ -1,0 +1,189 @@
+"""Correctness of lanczos and power_iteration against numpy.linalg.eigh on known spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvops.algorithms import lanczos, power_iteration
+
+DIM = 240
+EPS = np.finfo(np.float64).eps
+TOL = 1e-10
+
+
+def _spectra() -> dict[str, tuple[np.ndarray, str, int, int]]:
+    """name -> (eigenvalues, which, k, block_size)."""
+    rng = np.random.default_rng(123)
+    bulk = rng.uniform(-1.0, 2.0, DIM)
+    return {
+        "separated": (np.r_[10.0, 8.0, 6.0, 4.0, 3.0, bulk[5:]], "LA", 5, 1),
+        "clustered": (np.r_[1.0, 1 - 1e-3, 1 - 2e-3, 1 - 3e-3, rng.uniform(-0.5, 0.9, DIM - 4)], "LA", 4, 1),
+        "repeated": (np.r_[5.0, 5.0, 5.0, 4.0, rng.uniform(-3, 3, DIM - 4)], "LA", 4, 3),
+        "indefinite_SA": (np.r_[-9.0, -8.0, -7.5, rng.uniform(-5, 5, DIM - 3)], "SA", 3, 1),
+        "indefinite_LM": (np.r_[-9.0, 8.5, -7.5, rng.uniform(-5, 5, DIM - 3)], "LM", 3, 1),
+        "indefinite_BE": (np.r_[-9.0, 8.5, -7.5, 7.0, rng.uniform(-5, 5, DIM - 4)], "BE", 4, 1),
+        "ill_conditioned_psd": (np.logspace(0, -12, DIM), "LA", 5, 1),
+        "low_rank": (np.r_[6.0, 5.0, 4.0, 3.0, 2.0, 1.0, np.zeros(DIM - 6)], "LA", 8, 1),
+    }
+
+
+def _reference_order(eigenvalues: np.ndarray, which: str, k: int) -> np.ndarray:
+    """Indices of the true eigenvalues lanczos should return, in its documented output order."""
+    if which == "LA":
+        return np.argsort(-eigenvalues, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(eigenvalues, kind="stable")[:k]
+    if which == "LM":
+        return np.argsort(-np.abs(eigenvalues), kind="stable")[:k]
+    ascending = np.argsort(eigenvalues, kind="stable")
+    chosen = np.r_[ascending[::-1][: (k + 1) // 2], ascending[: k // 2]]
+    return chosen[np.argsort(-eigenvalues[chosen], kind="stable")]
+
+
+def check_eigenpairs(matrix, result, tol, which, k):
+    true_values, true_vectors = np.linalg.eigh(matrix)
+    spectral_norm = np.abs(true_values).max()
+    values = np.asarray(result.eigenvalues)
+    vectors = np.asarray(result.eigenvectors)
+    residuals = np.asarray(result.residual_norms)
+    reference = true_values[_reference_order(true_values, which, k)]
+
+    # Residuals are recomputed here from the returned pairs (not trusted from the result).
+    explicit = np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
+    # The result's residuals and ours differ only by rounding in A @ Y (~ sqrt(D) eps ||A||).
+    np.testing.assert_allclose(residuals, explicit, rtol=0, atol=100 * np.sqrt(DIM) * EPS * spectral_norm)
+    assert np.all(explicit <= tol * result.spectral_norm_estimate * (1 + 1e-6) + 100 * np.sqrt(DIM) * EPS * spectral_norm)
+    assert np.all(np.asarray(result.converged))
+
+    # Eigenvalue error <= residual norm (symmetric Bauer-Fike), so with residual <= 1e-10 ||A||
+    # every eigenvalue with |lambda| >= 1e-2 ||A|| is within 1e-8 relative; exact zeros (low rank)
+    # (eigh returns them at rounding level ~ sqrt(D) eps ||A||) are within the residual bound.
+    rounding = 100 * np.sqrt(DIM) * EPS * spectral_norm
+    nonzero = np.abs(reference) > rounding
+    np.testing.assert_allclose(values[nonzero], reference[nonzero], rtol=1e-8, atol=0)
+    assert np.all(np.abs(values[~nonzero]) <= explicit[~nonzero] + 2 * rounding)
+
+    # Eigenvectors: group the true spectrum into clusters (eigenvalues closer than 1e-6 ||A||);
+    # Davis-Kahan: ||(I - U_C U_C^T) V_C||_2 <= ||R_C||_F / delta, delta = distance of the computed
+    # values to the spectrum outside the cluster. For a simple eigenvalue this is the
+    # "equal up to sign" check, for repeated eigenvalues the "same span" check.
+    threshold = 1e-6 * spectral_norm
+    for position in range(k):
+        in_cluster = np.abs(true_values - reference[position]) <= threshold
+        members = [p for p in range(k) if abs(reference[p] - reference[position]) <= threshold]
+        if members[0] != position:
+            continue
+        outside = true_values[~in_cluster]
+        delta = np.min(np.abs(outside[:, None] - values[members][None, :])) if outside.size else np.inf
+        basis = true_vectors[:, in_cluster]
+        block = vectors[:, members]
+        leakage = np.linalg.norm(block - basis @ (basis.T @ block), 2)
+        bound = (np.linalg.norm(explicit[members]) + 100 * np.sqrt(DIM) * EPS * spectral_norm) / delta
+        assert leakage <= bound + 1e-12, (position, leakage, bound)
+        if len(members) == 1 and in_cluster.sum() == 1:
+            reference_vector = true_vectors[:, in_cluster][:, 0]
+            sign = np.sign(reference_vector @ block[:, 0])
+            assert np.linalg.norm(block[:, 0] - sign * reference_vector) <= 2 * bound + 1e-12
+
+
+@pytest.mark.parametrize("name", list(_spectra()))
+def test_lanczos_matches_eigh(name, make_spectrum_matrix):
+    eigenvalues, which, k, block_size = _spectra()[name]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=1)
+    result = lanczos(matrix, k=k, which=which, tol=TOL, seed=0, block_size=block_size)
+    check_eigenpairs(matrix, result, TOL, which, k)
+    assert result.eigenvectors.shape == (DIM, k)
+
+
+def test_lanczos_sa_finds_most_negative(make_spectrum_matrix):
+    eigenvalues = np.r_[-50.0, -20.0, np.linspace(-1.0, 30.0, DIM - 2)]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=2)
+    result = lanczos(matrix, k=2, which="SA", tol=TOL, seed=0)
+    np.testing.assert_allclose(result.eigenvalues, [-50.0, -20.0], rtol=1e-8)
+
+
+def test_block_lanczos_finds_multiplicity_single_vector_can_miss(make_spectrum_matrix):
+    # A single-vector Krylov space holds one direction of the eigenvalue 5 (multiplicity 2); once
+    # 5 and the isolated 4 converge the vector method stops with [5, 4] (as ARPACK does). A block
+    # of size >= multiplicity spans both copies.
+    rng = np.random.default_rng(7)
+    eigenvalues = np.r_[5.0, 5.0, 4.0, rng.uniform(-3, 3, DIM - 3)]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=3)
+    result = lanczos(matrix, k=2, tol=TOL, seed=0, block_size=2)
+    check_eigenpairs(matrix, result, TOL, "LA", 2)
+
+
+def test_thick_restart_bounded_basis(make_spectrum_matrix):
+    rng = np.random.default_rng(5)
+    eigenvalues = np.r_[3.0, 2.9, 2.8, 2.7, rng.uniform(-2.5, 2.5, DIM - 4)]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=4)
+    result = lanczos(matrix, k=4, tol=TOL, seed=0, max_basis_size=10)
+    assert result.num_restarts > 0
+    check_eigenpairs(matrix, result, TOL, "LA", 4)
+
+
+def test_looser_tol_stops_earlier_with_residuals_below_tol(make_spectrum_matrix):
+    rng = np.random.default_rng(6)
+    matrix, _ = make_spectrum_matrix(np.r_[2.0, 1.9, rng.uniform(-1.8, 1.8, DIM - 2)], seed=5)
+    loose = lanczos(matrix, k=2, tol=1e-4, seed=0)
+    tight = lanczos(matrix, k=2, tol=1e-10, seed=0)
+    assert loose.num_matvecs < tight.num_matvecs
+    assert np.all(np.asarray(loose.residual_norms) <= 1e-4 * loose.spectral_norm_estimate)
+
+
+def test_residual_estimates_match_explicit(make_spectrum_matrix):
+    matrix, _ = make_spectrum_matrix(np.linspace(-1, 3, DIM), seed=6)
+    explicit = lanczos(matrix, k=3, tol=1e-9, seed=0)
+    estimated = lanczos(matrix, k=3, tol=1e-9, seed=0, exact_residuals=False)
+    assert estimated.num_matvecs == explicit.num_matvecs - 3
+    # Under full reorthogonalization the Lanczos relation holds to O(sqrt(m) eps ||A||).
+    np.testing.assert_allclose(estimated.residual_norms, explicit.residual_norms, atol=1e-12 * 3)
+
+
+def test_final_residuals_use_one_block_product(make_spectrum_matrix, torch_native_class):
+    matrix, _ = make_spectrum_matrix(np.linspace(-1, 3, DIM), seed=7)
+    operator = torch_native_class(matrix)
+    lanczos(operator, k=4, tol=1e-8, seed=0, block_size=2)
+    assert operator.calls[-1] == (DIM, 4)
+    assert set(operator.calls[:-1]) == {(DIM, 2)}
+
+
+def test_max_iter_exhausted_warns(make_spectrum_matrix):
+    matrix, _ = make_spectrum_matrix(np.linspace(-1, 1, DIM), seed=8)
+    with pytest.warns(RuntimeWarning, match="converged"):
+        result = lanczos(matrix, k=3, tol=1e-12, max_iter=25, seed=0)
+    assert result.num_matvecs == 25 + 3
+    assert not np.all(result.converged)
+
+
+def test_float32_torch_converges_to_default_tol(make_spectrum_matrix):
+    matrix, _ = make_spectrum_matrix(np.r_[4.0, 3.0, 2.0, np.linspace(-1, 1, DIM - 3)], seed=9)
+    result = lanczos(torch.tensor(matrix, dtype=torch.float32), k=3, seed=0)
+    assert result.eigenvalues.dtype == torch.float32
+    assert bool(result.converged.all())
+    # Default tol = sqrt(eps32) ~ 3.5e-4: eigenvalue error <= residual <= 3.5e-4 * 4.
+    np.testing.assert_allclose(result.eigenvalues.numpy(), [4.0, 3.0, 2.0], atol=np.sqrt(np.finfo(np.float32).eps) * 4 * 1.01)
+
+
+@pytest.mark.parametrize("which_values", [np.r_[10.0, 5.0, 2.5], np.r_[-10.0, 5.0, -2.5]])
+def test_power_iteration_with_deflation(which_values, make_spectrum_matrix):
+    rng = np.random.default_rng(10)
+    eigenvalues = np.r_[which_values, rng.uniform(-1, 1, DIM - 3)]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=10)
+    result = power_iteration(matrix, k=3, tol=1e-10, seed=0)
+    expected = which_values[np.argsort(-np.abs(which_values))]
+    # Eigenvalue error <= residual <= 1e-10 * 10, i.e. <= 1e-9 relative for |lambda| >= 1.
+    np.testing.assert_allclose(result.eigenvalues, expected, rtol=1e-8)
+    explicit = np.linalg.norm(matrix @ result.eigenvectors - result.eigenvectors * result.eigenvalues, axis=0)
+    np.testing.assert_allclose(result.residual_norms, explicit, atol=1e-12)
+    assert np.all(explicit <= 1e-10 * 10 * (1 + 1e-6))
+    assert np.all(result.converged)
+
+
+def test_power_iteration_nonconvergence_warns(make_spectrum_matrix):
+    matrix, _ = make_spectrum_matrix(np.r_[1.0, -1.0, np.linspace(-0.5, 0.5, DIM - 2)], seed=11)
+    with pytest.warns(RuntimeWarning):
+        result = power_iteration(matrix, k=1, max_iter=50, seed=0)
+    assert result.num_matvecs == 50

@@ -1,0 +1,128 @@
+"""Statistical correctness of the trace and squared-Frobenius estimators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from curvops.algorithms import hutchinson_squared_frobenius, hutchinson_trace, hutchpp_trace, xtrace
+
+DIM = 80
+NUM_SEEDS = 300
+ESTIMATORS = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace}
+
+
+@pytest.fixture(scope="module")
+def indefinite_matrix(make_spectrum_matrix):
+    rng = np.random.default_rng(0)
+    return make_spectrum_matrix(np.r_[rng.uniform(-1.0, 3.0, DIM - 3), 8.0, 6.0, -4.0], seed=1)[0]
+
+
+def _runs(function, matrix, budget, probe):
+    results = [function(matrix, budget, probe=probe, seed=seed) for seed in range(NUM_SEEDS)]
+    estimates = np.array([r.estimate for r in results])
+    errors = np.array([r.standard_error for r in results])
+    assert all(r.num_matvecs <= budget and not r.exact for r in results)
+    return estimates, errors
+
+
+def _variance_ratio_bound(estimates, errors):
+    """4-sigma bound for |mean(SE^2) / var(estimates) - 1| from the sampling noise of both sides.
+
+    The sample variance over N runs has relative standard deviation sqrt((kurtosis - 1) / N)
+    (kurtosis estimated from the runs); mean(SE^2) has relative standard deviation
+    std(SE^2) / (mean(SE^2) sqrt(N)). The two are independent-ish, so add in quadrature.
+    """
+    count = estimates.size
+    kurtosis = scipy.stats.kurtosis(estimates, fisher=False)
+    squared = errors**2
+    relative = np.sqrt((kurtosis - 1) / count + squared.var() / (squared.mean() ** 2 * count))
+    return 4 * relative
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_trace_estimators_unbiased(name, probe, indefinite_matrix):
+    truth = np.trace(indefinite_matrix)
+    estimates, _ = _runs(ESTIMATORS[name], indefinite_matrix, 12, probe)
+    # Mean of N independent runs: standard error std / sqrt(N); 3 standard errors as required.
+    assert abs(estimates.mean() - truth) <= 3 * estimates.std(ddof=1) / np.sqrt(NUM_SEEDS)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("name", ["hutchinson", "hutchpp"])
+def test_trace_standard_error_calibrated(name, probe, indefinite_matrix):
+    # For Hutchinson SE^2 = sample variance / n is unbiased for Var(estimate); for Hutch++ the
+    # same holds conditionally on the sketch, hence also unconditionally (the estimator is
+    # conditionally unbiased, so E[Var(.|Q)] is the whole variance).
+    estimates, errors = _runs(ESTIMATORS[name], indefinite_matrix, 15, probe)
+    ratio = np.mean(errors**2) / estimates.var(ddof=1)
+    assert abs(ratio - 1) <= _variance_ratio_bound(estimates, errors)
+
+
+def test_xtrace_error_estimate_right_order(indefinite_matrix):
+    # XTrace's std(t_i)/sqrt(s) is the paper's heuristic (the t_i are exchangeable, not
+    # independent), not an unbiased variance estimate; it is documented only as the right order.
+    estimates, errors = _runs(xtrace, indefinite_matrix, 16, "gaussian")
+    ratio = np.sqrt(np.mean(errors**2) / estimates.var(ddof=1))
+    assert 0.5 <= ratio <= 2.0
+
+
+def test_low_rank_methods_beat_hutchinson_on_decaying_spectrum(make_spectrum_matrix):
+    # lambda_i = i^-2: Hutchinson's variance is ~2 ||A||_F^2 / m ~ 2.2 / m, while the sketch of
+    # size m/3 (Hutch++) or m/2 (XTrace) leaves a tail ||A - A_r||_F^2 ~ 1 / (3 r^3) ~ 4e-5 for
+    # r = 20: a variance ratio of order 1e4. Requiring a 10x smaller mean squared error over 40
+    # seeds is far inside that margin.
+    size, budget = 300, 60
+    matrix = make_spectrum_matrix(1.0 / np.arange(1, size + 1) ** 2, seed=2)[0]
+    truth = np.trace(matrix)
+
+    def mse(function):
+        return np.mean([(function(matrix, budget, seed=seed).estimate - truth) ** 2 for seed in range(40)])
+
+    baseline = mse(hutchinson_trace)
+    assert mse(hutchpp_trace) < baseline / 10
+    assert mse(xtrace) < baseline / 10
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+@pytest.mark.parametrize("extra", [0, 7])
+def test_exact_at_full_budget(name, extra, indefinite_matrix):
+    result = ESTIMATORS[name](indefinite_matrix, DIM + extra, seed=0)
+    assert result.exact and result.standard_error == 0.0 and result.num_matvecs == DIM
+    assert result.estimate == pytest.approx(np.trace(indefinite_matrix), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_same_seed_same_result(name, indefinite_matrix):
+    first = ESTIMATORS[name](indefinite_matrix, 20, seed=3)
+    again = ESTIMATORS[name](indefinite_matrix, 20, seed=3)
+    other = ESTIMATORS[name](indefinite_matrix, 20, seed=4)
+    assert first == again
+    assert first.estimate != other.estimate
+
+
+def test_xtrace_rank_deficient_sketch_exact(make_spectrum_matrix):
+    # rank 5 < s = 10 probes: R is singular and the projector fallback is used; the range of
+    # Y without any one column still contains range(A), so every t_i equals tr(A) exactly.
+    matrix = make_spectrum_matrix(np.r_[5.0, 4.0, 3.0, 2.0, 1.0, np.zeros(55)], seed=3)[0]
+    result = xtrace(matrix, 20, seed=0)
+    assert result.estimate == pytest.approx(15.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_squared_frobenius_unbiased_and_calibrated(probe, indefinite_matrix):
+    truth = np.sum(indefinite_matrix**2)
+    results = [hutchinson_squared_frobenius(indefinite_matrix, 10, probe=probe, seed=s) for s in range(NUM_SEEDS)]
+    estimates = np.array([r.estimate for r in results])
+    errors = np.array([r.standard_error for r in results])
+    assert abs(estimates.mean() - truth) <= 3 * estimates.std(ddof=1) / np.sqrt(NUM_SEEDS)
+    ratio = np.mean(errors**2) / estimates.var(ddof=1)
+    assert abs(ratio - 1) <= _variance_ratio_bound(estimates, errors)
+    exact = hutchinson_squared_frobenius(indefinite_matrix, DIM, seed=0)
+    assert exact.exact and exact.estimate == pytest.approx(truth, rel=1e-12)
+
+
+def test_single_probe_standard_error_is_nan(indefinite_matrix):
+    assert np.isnan(hutchinson_trace(indefinite_matrix, 1, seed=0).standard_error)
