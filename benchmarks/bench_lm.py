@@ -88,6 +88,12 @@ def build_gpt2(small: bool, device: str):
     return model, batches
 
 
+class _GGNTangentWithGraph(GGNOperator):
+    """The GGN with ``J v`` from one dual forward that keeps the graph (the CPU default)."""
+
+    _tangent_with_graph = True
+
+
 def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     model, batches = build_gpt2(args.small, device)
     params = [p for p in model.parameters()]
@@ -97,6 +103,7 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     kw = {"check_deterministic": False}
     ops = {
         "ggn": GGNOperator(model, loss, data, **kw),
+        "ggn_tangent_with_graph": _GGNTangentWithGraph(model, loss, data, **kw),
         "ggn_fused_head": GGNOperator(model, loss, data, fused_head=True, **kw),
         "hessian": HessianOperator(model, loss, data, **kw),
         "hessian_fd": HessianOperator(model, loss, data, method="finite_difference", **kw),

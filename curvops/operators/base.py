@@ -511,20 +511,40 @@ class OutputSpaceOperator(CurvatureOperator):
         """Apply the output-space matrix ``M`` of the batch sum to ``jv``."""
         raise NotImplementedError
 
+    #: How ``J v`` of the first column is obtained. True: one dual forward with the autograd
+    #: graph kept gives the output and ``J v`` together (one forward pass fewer). False: a
+    #: plain forward keeps the graph and the tangents come from a separate no-graph dual
+    #: forward. With the graph kept, forward AD also records the tangent computations (the
+    #: parameters require grad), which roughly doubles the activations held. None (default)
+    #: picks by device, as measured: on the CPU keeping the graph is faster (MLP 2.42 vs 2.78
+    #: gradients, CNN 1.73 vs 2.88); on an H100 (GPT-2-small, fp32) the separate forward is
+    #: both faster (2.23 vs 2.35 gradients) and far leaner (7.9 vs 17.1 GiB peak extra).
+    _tangent_with_graph: bool | None = None
+
+    def _keep_graph_for_tangent(self) -> bool:
+        if self._tangent_with_graph is None:
+            return self.device.type == "cpu"
+        return self._tangent_with_graph
+
     def _products(self, V, only=None):
         k = V[0].shape[0]
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
         for index, inputs, target in self._batches(only):
-            # Column 0: one dual forward with the graph kept gives the output (for the
-            # backward passes) and J v together; the tangent ops it records are freed
-            # with the tangent.
-            output, first = self._jvp(inputs, [v[0] for v in V], keep_graph=True)
+            if self._keep_graph_for_tangent():
+                output, first = self._jvp(inputs, [v[0] for v in V], keep_graph=True)
+                tangents = [first]
+                if k > 1:
+                    tangents += list(self._jvp_block(inputs, [v[1:] for v in V]).unbind(0))
+            else:
+                with torch.enable_grad():
+                    output = self.forward(inputs)
+                if k == 1:
+                    tangents = [self._jvp(inputs, [v[0] for v in V], keep_graph=False)[1]]
+                else:
+                    tangents = list(self._jvp_block(inputs, V).unbind(0))
             primal = output.detach()
             context = self._middle_context(primal, target, index)
-            tangents = [first]
-            if k > 1:
-                tangents += list(self._jvp_block(inputs, [v[1:] for v in V]).unbind(0))
             for col, jv in enumerate(tangents):
                 middle = self._middle(primal, target, jv, context) * self.scale
                 grads = self._vjp(output, middle, retain_graph=col < k - 1)

@@ -336,3 +336,18 @@ def test_operator_tags():
     assert FisherOperator(model, loss_fn, data).is_positive_semidefinite
     custom = GGNOperator(model, lambda out, y: torch.nn.functional.cross_entropy(out, y), data)
     assert not custom.is_positive_semidefinite, "a custom loss may be non-convex"
+
+
+@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
+def test_both_tangent_strategies_agree(with_graph, monkeypatch):
+    from curvops.operators.base import OutputSpaceOperator
+
+    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
+    model, loss_fn, data = get_case("transformer_ln-ce_seq_ignore_mean").make()
+    G = GGNOperator(model, loss_fn, data)
+    ref = dense_ggn(model, loss_fn, data, G.params)
+    V = _random_block(G.shape[0], 3, seed=9)
+    _close(G @ V, ref @ V)
+    _close(G @ V[:, 0], ref @ V[:, 0])
+    F = FisherOperator(model, loss_fn, data, kind="empirical")
+    _close(F @ V, dense_empirical_fisher(model, loss_fn, data, F.params) @ V)
