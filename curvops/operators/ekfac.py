@@ -22,16 +22,11 @@ in chunks of samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvops.operators.base import ParamSelection
 from curvops.operators.kfac import (
     _CHUNK_ELEMENTS,
-    KroneckerBlock,
     KroneckerEigen,
     KroneckerInverseOperator,
     _check_damping,
@@ -56,18 +51,7 @@ class EKFACOperator(_KroneckerOperator):
         Per block ``S`` of shape (out, q), in the eigenbasis of :meth:`eigendecomposition`.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
-                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 fisher_type: str = "type-2", mc_samples: int = 1, kfac_approx: str = "expand",
-                 separate_weight_and_bias: bool = False, unsupported: str = "raise",
-                 seed: int = 0, check_deterministic: bool = True) -> None:
-        super().__init__(model, loss_fn, data, params=params, fisher_type=fisher_type,
-                         mc_samples=mc_samples, kfac_approx=kfac_approx,
-                         separate_weight_and_bias=separate_weight_and_bias,
-                         unsupported=unsupported, seed=seed, check_deterministic=check_deterministic)
-        A, G = self._kronecker_factors()
-        self.blocks: list[KroneckerBlock] = self._make_blocks(A, G)
-        self._block_layout = [(b.weight, b.bias, b.G.shape[0]) for b in self.blocks]
+    def _after_factors(self) -> None:
         self._eigen: list[KroneckerEigen] = []
         for b in self.blocks:
             lg, qg = torch.linalg.eigh(b.G)

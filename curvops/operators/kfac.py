@@ -177,6 +177,13 @@ class _KroneckerOperator(CurvatureOperator):
         self._clone_outputs: set[str] = set()
         # Part of the first-batch validation that check_deterministic switches on.
         self._check_structure = bool(check_deterministic)
+        A, G = self._kronecker_factors()
+        self.blocks: list[KroneckerBlock] = self._make_blocks(A, G)
+        self._block_layout = [(b.weight, b.bias, b.G.shape[0]) for b in self.blocks]
+        self._after_factors()
+
+    def _after_factors(self) -> None:
+        """Hook for subclasses: runs once the Kronecker factors and blocks exist."""
 
     # ------------------------------------------------------------ layers
     def _build_layers(self, owners: dict[int, list[tuple[str, nn.Module, str]]]) -> list[_Layer]:
@@ -514,18 +521,8 @@ class KFACOperator(_KroneckerOperator):
         The factors, one entry per block.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
-                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 fisher_type: str = "type-2", mc_samples: int = 1, kfac_approx: str = "expand",
-                 separate_weight_and_bias: bool = False, unsupported: str = "raise",
-                 seed: int = 0, check_deterministic: bool = True) -> None:
-        super().__init__(model, loss_fn, data, params=params, fisher_type=fisher_type,
-                         mc_samples=mc_samples, kfac_approx=kfac_approx,
-                         separate_weight_and_bias=separate_weight_and_bias,
-                         unsupported=unsupported, seed=seed, check_deterministic=check_deterministic)
-        A, G = self._kronecker_factors()
-        self.blocks: list[KroneckerBlock] = self._make_blocks(A, G)
-        self._block_layout = [(b.weight, b.bias, b.G.shape[0]) for b in self.blocks]
+    def _after_factors(self) -> None:
+        # Factor eigendecompositions are computed on first use (inverse, logdet, ...).
         self._eigen_cache: list[KroneckerEigen] | None = None
 
     def _products(self, V, only=None):
