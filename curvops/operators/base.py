@@ -497,10 +497,12 @@ class OutputSpaceOperator(CurvatureOperator):
     """Base of the operators of the form ``Σ_batches Jᵀ M J`` (GGN and Fisher).
 
     ``J`` is the Jacobian of the model output w.r.t. the selected parameters and ``M``
-    a symmetric matrix in output space given by :meth:`_middle`. Per batch: one forward
-    pass keeps the graph, ``J v`` comes from forward-mode AD (dual tensors, no graph),
-    and ``Jᵀ (M J v)`` from one backward pass through the kept graph; a (D, k) block
-    shares the forward pass and the middle-matrix preparation.
+    a symmetric matrix in output space given by :meth:`_middle`. Per batch: the graph of
+    one forward pass is kept, ``J v`` comes from forward-mode AD (dual tensors; see
+    ``_tangent_with_graph`` for how the two share work, chosen by device), and
+    ``Jᵀ (M J v)`` from one backward pass through the kept graph per column; a (D, k)
+    block shares the forward pass, vectorises the tangents with ``vmap`` and prepares the
+    middle matrix once.
     """
 
     def _middle_context(self, output: Tensor, target: Any, index: int) -> Any:
