@@ -243,16 +243,22 @@ def test_attention_of_every_layer_block_products_gpt2():
     assert float(V[:, 0] @ ggn[:, 0]) > 0
 
 
-def test_fused_head_all_parameters_tied_embedding_gpt2():
-    """Every parameter, including the head weight tied to the input embedding."""
+@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
+def test_fused_head_all_parameters_tied_embedding_gpt2(with_graph, monkeypatch):
+    """Every parameter, including the head weight tied to the input embedding; both ways of
+    forming ``J v`` (the CPU default keeps the graph in the dual forward, CUDA's does not)."""
+    from curvops.operators.base import OutputSpaceOperator
+
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     batches = hf_batches()
     G = causal_lm_operator("ggn", model, batches)
-    Gf = causal_lm_operator("ggn", model, batches, fused_head=True, head_chunk_rows=4)
     V = torch.randn(G.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(1))
     ggn = G @ V
+    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
+    Gf = causal_lm_operator("ggn", model, batches, fused_head=True, head_chunk_rows=4)
     assert torch.allclose(Gf @ V, ggn, rtol=1e-10, atol=1e-13 * float(ggn.abs().max()))
+    assert torch.allclose(Gf @ V[:, 1], ggn[:, 1], rtol=1e-10, atol=1e-13 * float(ggn.abs().max()))
 
 
 def test_fisher_through_causal_lm_loss_equals_flattened_plain_ce():

@@ -60,6 +60,8 @@ class Operand:
 
     def __init__(self, dim: int, eps: float) -> None:
         self.dim = dim
+        #: Rows of the arrays this process holds (``dim``, or the local shard's length).
+        self.local_dim = dim
         self.eps = eps
         self.num_matvecs = 0
 
@@ -74,16 +76,16 @@ class Operand:
         """Return ``A @ block`` for a ``(D, b)`` block, as one block product where possible."""
         num_columns = block.shape[1]
         if num_columns == 0:
-            return self.zeros((self.dim, 0))
+            return self.zeros((self.local_dim, 0))
         result = self._apply_block(block)
         self.num_matvecs += num_columns
-        return self._checked(result, (self.dim, num_columns))
+        return self._checked(result, (self.local_dim, num_columns))
 
     def matvec(self, vector: Array) -> Array:
         """Return ``A @ vector`` for a length-``D`` vector."""
         result = self._apply_vector(vector)
         self.num_matvecs += 1
-        return self._checked(result, (self.dim,))
+        return self._checked(result, (self.local_dim,))
 
     def _checked(self, result: Array, shape: tuple[int, ...]) -> Array:
         result = self._coerce(result)
@@ -126,8 +128,8 @@ class Operand:
         else:
             vector = np.asarray(vector)
             shape = vector.shape
-        if shape != (self.dim,):
-            raise ValueError(f"{name} must have shape ({self.dim},), got {shape}")
+        if shape != (self.local_dim,):
+            raise ValueError(f"{name} must have shape ({self.local_dim},), got {shape}")
         if isinstance(vector, torch.Tensor):
             vector = vector.detach()
             converted = (
@@ -212,9 +214,23 @@ class Operand:
 
     def identity_columns(self, start: int, stop: int) -> Array:
         """Columns ``start:stop`` of the ``D x D`` identity, shape ``(D, stop - start)``."""
-        block = self.zeros((self.dim, stop - start))
-        block[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        block = self.zeros((self.local_dim, stop - start))
+        rows, columns = self._local_rows(start, stop)
+        block[rows, columns] = 1.0
         return block
+
+    def diagonal_of_columns(self, image: Array, start: int, stop: int) -> tuple[np.ndarray, Array]:
+        """Entries ``A[i, i]`` held here, from ``image = A[:, start:stop]``: local rows and values."""
+        rows, columns = self._local_rows(start, stop)
+        return rows, image[rows, columns]
+
+    def sum_over_shards(self, value: float) -> float:
+        """Sum of a per-process partial scalar over the shards (itself when not sharded)."""
+        return value
+
+    def _local_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local row and column (``index - start``) of the global indices ``start:stop`` held here."""
+        return np.arange(start, stop), np.arange(stop - start)
 
 
 class NumpyOperand(Operand):
@@ -326,22 +342,142 @@ class TorchOperand(Operand):
         # One fused pass (no (b, D) temporary): this runs several times per Lanczos step.
         return torch.addmm(target, self.from_host(coefficients), rows, alpha=-1.0)
 
-    def rng(self, seed: int | None) -> torch.Generator:
-        # A generator on the operator's device avoids a host->device copy per probe block;
-        # consequence: the same seed gives different probes on CPU and CUDA.
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        return generator
+    def rng(self, seed: int | None) -> "ProbeStream":
+        return ProbeStream(_fresh_seed() if seed is None else seed)
 
-    def probes(self, num_columns: int, kind: str, rng: torch.Generator) -> torch.Tensor:
-        shape = (self.dim, num_columns)
+    def probes(self, num_columns: int, kind: str, rng: "ProbeStream") -> torch.Tensor:
+        return rng.draw(num_columns, kind, ((0, self.dim),), self.dim, self.dtype, self.device)
+
+
+class ProbeStream:
+    """Random probe blocks defined entry by entry by their *global* index.
+
+    Draw ``t`` of a block of ``b`` columns is cut into chunks of :attr:`CHUNK` rows of the
+    global ``(D, b)`` block; chunk ``c`` comes from its own generator seeded with
+    ``(seed, t, c)``. A process that holds only some rows (a shard) generates just the
+    chunks those rows touch and gets the very numbers the single-process run gets, so
+    sharded and single-process runs of an algorithm see the same probes. The generator
+    lives on the vectors' device (no host copy), so the same seed gives different
+    numbers on CPU and CUDA.
+    """
+
+    #: Rows per chunk: large enough that seeding costs nothing next to generation.
+    CHUNK = 1 << 20
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.draws = 0
+
+    def draw(self, num_columns: int, kind: str, ranges: Any, dim: int,
+             dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Rows ``ranges`` (global ``[start, stop)`` pieces, increasing) of the next ``(dim, b)`` block."""
+        draw, self.draws = self.draws, self.draws + 1
+        pieces = []
+        cached: tuple[int, torch.Tensor] | None = None
+        for start, stop in ranges:
+            position = start
+            while position < stop:
+                chunk = position // self.CHUNK
+                first = chunk * self.CHUNK
+                if cached is None or cached[0] != chunk:
+                    length = min(self.CHUNK, dim - first)
+                    cached = (chunk, self._chunk(draw, chunk, length, num_columns, kind, dtype, device))
+                end = min(stop, first + cached[1].shape[0])
+                pieces.append(cached[1][position - first : end - first])
+                position = end
+        if not pieces:
+            return torch.zeros((0, num_columns), dtype=dtype, device=device)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+    def _chunk(self, draw: int, chunk: int, length: int, num_columns: int, kind: str,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        state = np.random.SeedSequence([self.seed, draw, chunk]).generate_state(1, dtype=np.uint64)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(state[0]) & ((1 << 63) - 1))
+        shape = (length, num_columns)
         if kind == "rademacher":
-            bits = torch.randint(0, 2, shape, generator=rng, device=self.device)
-            return bits.to(self.dtype).mul_(2.0).sub_(1.0)
-        return torch.randn(shape, generator=rng, device=self.device, dtype=self.dtype)
+            bits = torch.randint(0, 2, shape, generator=generator, device=device)
+            return bits.to(dtype).mul_(2.0).sub_(1.0)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class ShardedTorchOperand(TorchOperand):
+    """Torch backend on vectors sharded across processes (FSDP2 layout).
+
+    Each process holds the rows ``layout.ranges`` of every length-``D`` vector; every
+    reduction over ``D`` is a local partial result summed with one all-reduce, QR is
+    TSQR (local QR, then a QR of the gathered small ``R`` factors) and probes come from
+    :class:`ProbeStream`, so results equal the single-process run's up to rounding.
+    """
+
+    def __init__(self, layout: Any, dtype: torch.dtype, device: torch.device,
+                 apply_block: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(layout.dim, dtype, device, apply_block)
+        self.local_dim = layout.local_dim
+        self.ranges = layout.ranges
+        self.parallel = layout.parallel
+
+    def _summed(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce_(partial.contiguous())
+
+    def inner(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
+        return self.to_host(self._summed((left if left.ndim == 1 else left.T) @ right))
+
+    def column_dots(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
+        return self.to_host(self._summed((left * right).sum(0)))
+
+    def stacked_inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
+        return self.to_host(self._summed((rows @ vectors[:, :, None])[:, :, 0]))
+
+    def sum_over_shards(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self._summed(total))
+
+    def _all_finite(self, array: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if super()._all_finite(array) else 1.0], device=self.device)
+        return float(self._summed(bad)) == 0.0
+
+    def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        width = block.shape[1]
+        local_q, local_r = torch.linalg.qr(block)  # (m, min(m, b)), (min(m, b), b)
+        padded_q = torch.zeros((block.shape[0], width), dtype=block.dtype, device=block.device)
+        padded_q[:, : local_q.shape[1]] = local_q
+        padded_r = torch.zeros((width, width), dtype=block.dtype, device=block.device)
+        padded_r[: local_r.shape[0]] = local_r
+        gathered = [torch.empty_like(padded_r) for _ in range(self.parallel.world_size)]
+        torch.distributed.all_gather(gathered, padded_r, group=self.parallel.group)
+        stacked_q, r = torch.linalg.qr(torch.cat(gathered))  # the same on every rank
+        rank = self.parallel.rank
+        return padded_q @ stacked_q[rank * width : (rank + 1) * width], self.to_host(r)
+
+    def rng(self, seed: int | None) -> ProbeStream:
+        if seed is None:  # every rank must draw the same probes: rank 0 picks the seed
+            box = [_fresh_seed()]
+            torch.distributed.broadcast_object_list(
+                box, src=torch.distributed.get_global_rank(self.parallel.group, 0),
+                group=self.parallel.group)
+            seed = box[0]
+        return ProbeStream(seed)
+
+    def probes(self, num_columns: int, kind: str, rng: ProbeStream) -> torch.Tensor:
+        return rng.draw(num_columns, kind, self.ranges, self.dim, self.dtype, self.device)
+
+    def _local_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, columns = [], []
+        local = 0
+        for first, last in self.ranges:
+            low, high = max(first, start), min(last, stop)
+            if low < high:
+                rows.append(np.arange(low, high) - first + local)
+                columns.append(np.arange(low, high) - start)
+            local += last - first
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(rows), np.concatenate(columns)
 
 
 def _square_dim(shape: Any) -> int:
@@ -394,7 +530,11 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
         dtype = operator.torch_dtype
         if not dtype.is_floating_point:
             raise TypeError(f"torch-native operator must have a real floating dtype, got {dtype}")
-        operand: Operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch)
+        layout = getattr(operator, "sharding", None)
+        if layout is not None:
+            operand: Operand = ShardedTorchOperand(layout, dtype, operator.device, operator.matmat_torch)
+        else:
+            operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch)
     elif isinstance(operator, torch.Tensor):
         size = _square_dim(tuple(operator.shape))
         if not operator.dtype.is_floating_point or operator.dtype.is_complex:

@@ -277,7 +277,7 @@ def _batched_lanczos(
     number of completed steps per probe (smaller than ``steps`` after an invariant subspace).
     """
     num = start.shape[1]
-    basis = operand.zeros((num, steps, operand.dim))
+    basis = operand.zeros((num, steps, operand.local_dim))
     basis[:, 0] = (start / operand.from_host(operand.column_norms(start))).T
     alphas, betas = np.zeros((num, steps)), np.zeros((num, steps))
     lengths = np.full(num, steps)

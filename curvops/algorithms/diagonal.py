@@ -47,10 +47,11 @@ class DiagonalEstimate:
 
 
 def _exact_diagonal(operand: Any, block_size: int) -> DiagonalEstimate:
-    diagonal = operand.zeros((operand.dim,))
+    diagonal = operand.zeros((operand.local_dim,))
     for start, stop, image in identity_images(operand, block_size):
-        diagonal[start:stop] = image[np.arange(start, stop), np.arange(stop - start)]
-    return DiagonalEstimate(diagonal, operand.zeros((operand.dim,)), operand.num_matvecs, True)
+        rows, values = operand.diagonal_of_columns(image, start, stop)
+        diagonal[rows] = values
+    return DiagonalEstimate(diagonal, operand.zeros((operand.local_dim,)), operand.num_matvecs, True)
 
 
 def _column_mean_and_error(samples: Array, count: int) -> tuple[Array, Array]:
@@ -97,8 +98,8 @@ def hutchinson_diagonal(
     if budget >= operand.dim:
         return _exact_diagonal(operand, block_size)
     # Running sums keep memory at O(D * block_size) instead of O(D * budget).
-    total = operand.zeros((operand.dim,))
-    total_squares = operand.zeros((operand.dim,))
+    total = operand.zeros((operand.local_dim,))
+    total_squares = operand.zeros((operand.local_dim,))
     for z, az in probe_images(operand, budget, probe, rng, block_size):
         products = z * az
         total = total + products.sum(1)
@@ -169,7 +170,7 @@ def xdiag(
             low_rank = ((basis @ small) * basis_images).sum(1)
             remainder = images[:, index] - basis @ operand.from_host(projector @ triangular[:, index])
             columns.append(low_rank + probes[:, index] * remainder)
-        samples = operand.zeros((operand.dim, num_probes))
+        samples = operand.zeros((operand.local_dim, num_probes))
         for index, column in enumerate(columns):
             samples[:, index] = column
     mean, error = _column_mean_and_error(samples, num_probes)

@@ -103,7 +103,7 @@ def _random_orthogonal(operand: Operand, basis_rows: Array, rng: Any) -> Array:
 
 def _start_block(operand: Operand, v0: Any, block_size: int, rng: Any) -> Array:
     """Orthonormal ``(block_size, D)`` start rows from ``v0`` (``(D,)`` or ``(D, b)``) or at random."""
-    size = operand.dim
+    size = operand.local_dim
     if v0 is None:
         columns = []
     else:
@@ -312,7 +312,7 @@ def lanczos(
     max_steps = max(1000, 50 * basis_size) if max_iter is None else check_int(max_iter, "max_iter", width)
     rng = operand.rng(check_seed(seed))
 
-    basis = operand.zeros((basis_size + width, size))
+    basis = operand.zeros((basis_size + width, operand.local_dim))
     basis[:width] = _start_block(operand, v0, width, rng)
     projected = np.zeros((basis_size, basis_size))
     start, restarts, norm_estimate = 0, 0, 0.0
@@ -445,7 +445,7 @@ def power_iteration(
     if start is not None and operand.norm(start) == 0.0:
         raise ValueError("v0 must be nonzero")
 
-    found = operand.zeros((k, size))
+    found = operand.zeros((k, operand.local_dim))
     eigenvalues = np.zeros(k)
     residual_norms = np.zeros(k)
     norm_estimate = 0.0

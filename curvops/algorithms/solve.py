@@ -249,6 +249,11 @@ def _check_tolerances(rtol: float, atol: float, maxiter: int | None, dim: int) -
 
 
 def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, warn):
+    if getattr(matmul, "sharding", None) is not None:
+        raise NotImplementedError(
+            f"{name} on an FSDP-sharded operator is not supported (its inner products would need "
+            "all-reduces); DDP operators work"
+        )
     if not torch.is_tensor(B):
         raise TypeError(f"B must be a torch tensor, got {type(B).__name__}")
     if B.dim() not in (1, 2):

@@ -29,6 +29,15 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from curvops.operators._loss import LossSpec
+from curvops.operators._parallel import (
+    Parallel,
+    Replicated,
+    Sharded,
+    ShardLayout,
+    detect_parallel,
+    local_tensor,
+    shard_layout,
+)
 
 #: Largest dimension :meth:`TorchLinearOperator.to_dense` builds without ``max_dim``.
 MAX_DENSE_DIM = 10_000
@@ -56,6 +65,10 @@ class TorchLinearOperator(LinearOperator):
 
     #: Whether the operator is known to be symmetric (self-adjoint).
     is_symmetric: bool = False
+    #: How the operator is spread over processes (DDP / FSDP); None: one process.
+    parallel: Parallel | None = None
+    #: Under FSDP: which rows of a length-``D`` vector this process holds; None otherwise.
+    sharding: ShardLayout | None = None
 
     def __init__(self, shape: tuple[int, int], torch_dtype: torch.dtype, device: torch.device) -> None:
         self.torch_dtype = torch_dtype
@@ -78,7 +91,7 @@ class TorchLinearOperator(LinearOperator):
         """
         X = self._check_torch(X)
         if X.dim() != 2:
-            raise ValueError(f"matmat_torch expects a block of shape ({self.shape[1]}, k), got {tuple(X.shape)}")
+            raise ValueError(f"matmat_torch expects a block of shape ({self._vector_rows()}, k), got {tuple(X.shape)}")
         return self._apply(X)
 
     def to_dense(self, max_dim: int = MAX_DENSE_DIM) -> Tensor:
@@ -90,6 +103,8 @@ class TorchLinearOperator(LinearOperator):
             If a dimension exceeds ``max_dim`` (default :data:`MAX_DENSE_DIM` = 10,000).
         """
         rows, dim = self.shape
+        if self.sharding is not None:
+            raise NotImplementedError("to_dense() of an FSDP-sharded operator would gather a full matrix on every rank")
         if max(rows, dim) > max_dim:
             raise ValueError(
                 f"to_dense() would build a {rows}x{dim} matrix; that exceeds max_dim={max_dim}. "
@@ -105,6 +120,8 @@ class TorchLinearOperator(LinearOperator):
         if torch.is_tensor(x):
             x = self._check_torch(x)
             return self._apply(x.unsqueeze(1)).squeeze(1) if x.dim() == 1 else self._apply(x)
+        if isinstance(x, np.ndarray):
+            self._reject_host_arrays()
         return super().dot(x)
 
     def matvec(self, x: Any) -> Any:
@@ -112,14 +129,16 @@ class TorchLinearOperator(LinearOperator):
         if torch.is_tensor(x):
             x = self._check_torch(x)
             if x.dim() != 1:
-                raise ValueError(f"matvec expects a vector of shape ({self.shape[1]},), got {tuple(x.shape)}")
+                raise ValueError(f"matvec expects a vector of shape ({self._vector_rows()},), got {tuple(x.shape)}")
             return self._apply(x.unsqueeze(1)).squeeze(1)
+        self._reject_host_arrays()
         return super().matvec(x)
 
     def matmat(self, X: Any) -> Any:
         """Matrix-matrix product; accepts numpy arrays (scipy semantics) or torch tensors."""
         if torch.is_tensor(X):
             return self.matmat_torch(X)
+        self._reject_host_arrays()
         return super().matmat(X)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
@@ -133,7 +152,16 @@ class TorchLinearOperator(LinearOperator):
         rows = x.reshape(-1, dim)
         return self._matmat(rows.T).T.reshape(*x.shape[:-1], self.shape[0])
 
+    def _reject_host_arrays(self) -> None:
+        if self.sharding is not None:
+            raise TypeError(
+                "this operator is FSDP-sharded: it multiplies torch tensors holding this rank's "
+                f"shard ({self.sharding.local_dim} of {self.shape[1]} rows), not numpy arrays; "
+                "use curvops.lanczos / hutchinson_trace / spectral_density, or matmat_torch"
+            )
+
     def _matmat(self, X: np.ndarray) -> np.ndarray:
+        self._reject_host_arrays()
         X = np.asarray(X)
         if np.iscomplexobj(X):
             raise TypeError("curvature operators are real; got a complex array")
@@ -153,17 +181,34 @@ class TorchLinearOperator(LinearOperator):
         raise NotImplementedError
 
     def _check_torch(self, x: Tensor, dim: int | None = None) -> Tensor:
-        """Check a torch vector (dim,) or block (dim, k); ``dim`` defaults to ``shape[1]``."""
-        dim = self.shape[1] if dim is None else dim
+        """Check a torch vector (dim,) or block (dim, k); ``dim`` defaults to the input rows.
+
+        In a distributed operator every rank checks its own input and all ranks raise
+        together if any rank's input is bad.
+        """
+        dim = self._vector_rows() if dim is None else dim
+        error: Exception | None = None
         if x.dim() not in (1, 2) or x.shape[0] != dim:
-            raise ValueError(f"expected a tensor of shape ({dim},) or ({dim}, k), got {tuple(x.shape)}")
-        if x.dtype != self.torch_dtype:
-            raise TypeError(f"expected dtype {self.torch_dtype} (the parameters'), got {x.dtype}")
-        if x.device != self.device:
-            raise ValueError(f"expected a tensor on device {self.device} (the parameters'), got one on device {x.device}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("input vector contains NaN or Inf")
+            error = ValueError(f"expected a tensor of shape ({dim},) or ({dim}, k), got {tuple(x.shape)}")
+        elif x.dtype != self.torch_dtype:
+            error = TypeError(f"expected dtype {self.torch_dtype} (the parameters'), got {x.dtype}")
+        elif x.device != self.device:
+            error = ValueError(f"expected a tensor on device {self.device} (the parameters'), got one on device {x.device}")
+        elif not bool(torch.isfinite(x).all()):
+            error = ValueError("input vector contains NaN or Inf")
+        self._agree(error)
         return x
+
+    def _vector_rows(self) -> int:
+        """Rows of the input vectors held by this process (``shape[1]``, or the local shard's)."""
+        return self.shape[1] if self.sharding is None else self.sharding.local_dim
+
+    def _agree(self, error: Exception | None) -> None:
+        """Raise ``error``; in a distributed operator, raise on all ranks if any rank has one."""
+        if self.parallel is not None:
+            self.parallel.agree(error, self.device)
+        elif error is not None:
+            raise error
 
 
 class ModelOperator(TorchLinearOperator):
@@ -179,7 +224,9 @@ class ModelOperator(TorchLinearOperator):
     def _set_model(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        # DDP: run the wrapped module (its reducer is for training steps; products are
+        # all-reduced once each here). FSDP2: run the sharded model itself.
+        self.model, self.parallel = detect_parallel(model)
 
     def _set_data_and_params(self, data: Iterable[tuple[Any, Any]], params: ParamSelection) -> None:
         if iter(data) is data:
@@ -197,16 +244,21 @@ class ModelOperator(TorchLinearOperator):
         self.device: torch.device = self.params[0].device
         if not self.torch_dtype.is_floating_point:
             raise TypeError(f"parameters must be floating point, got {self.torch_dtype}")
-        self.param_shapes = [p.shape for p in self.params]
-        self.param_numels = [p.numel() for p in self.params]
+        if isinstance(self.parallel, Sharded):
+            self.sharding = shard_layout(self.params, self.parallel)
+            self.device = local_tensor(self.params[0]).device
+        # Shapes of the pieces of a vector this process holds (local shards under FSDP).
+        self.param_shapes = [local_tensor(p).shape for p in self.params]
+        self.param_numels = [local_tensor(p).numel() for p in self.params]
         #: Number of selected parameter entries (the parameter-space dimension).
-        self.num_params: int = sum(self.param_numels)
+        self.num_params: int = sum(p.numel() for p in self.params)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat parameter-space vector (D,) into named parameter-shaped views."""
-        vector = self._check_torch(vector, self.num_params)
+        rows = sum(self.param_numels)
+        vector = self._check_torch(vector, rows)
         if vector.dim() != 1:
-            raise ValueError(f"unflatten expects a vector of shape ({self.num_params},), got {tuple(vector.shape)}")
+            raise ValueError(f"unflatten expects a vector of shape ({rows},), got {tuple(vector.shape)}")
         parts = vector.split(self.param_numels)
         return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
 
@@ -226,8 +278,17 @@ class ModelOperator(TorchLinearOperator):
         return torch.cat([t.reshape(-1) for t in tensors]).to(device=self.device, dtype=self.torch_dtype)
 
     def parameter_vector(self) -> Tensor:
-        """Current values of the selected parameters as one flat vector (D,)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        """Current values of the selected parameters as one flat vector (D,) (local shard under FSDP)."""
+        return torch.cat([local_tensor(p).detach().reshape(-1) for p in self.params])
+
+    def _global_norm(self, tensors: Sequence[Tensor]) -> float:
+        """Euclidean norm of a vector given by its pieces (summed over the shards under FSDP)."""
+        square = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for t in tensors:
+            square += t.detach().to(torch.float64).square().sum()
+        if isinstance(self.parallel, Sharded):
+            self.parallel.all_reduce_(square)
+        return float(square.sqrt())
 
     def forward(self, inputs: Any, replace: Mapping[str, Tensor] | None = None) -> Tensor:
         """Run the model on a batch's inputs and return the output tensor.
@@ -336,7 +397,19 @@ class CurvatureOperator(ModelOperator):
     the mean over all samples of all batches (for cross-entropy with ``ignore_index``,
     over all counted targets), exactly, whatever the batch sizes; for ``sum`` losses
     the sum.
+
+    Distributed models (see the docs' distributed page): with a model wrapped in
+    ``DistributedDataParallel`` or sharded with FSDP2 ``fully_shard``, every rank passes
+    its own batches and the operator is the curvature of the *global* objective (all
+    batches of all ranks). Under DDP vectors are replicated (every rank passes the same
+    vector) and each product is all-reduced once; under FSDP vectors are sharded like the
+    parameters (each rank passes its local rows, see :attr:`sharding`) and every rank
+    must hold the same number of batches.
     """
+
+    #: Whether :meth:`_products` sums over this rank's batches (so a DDP product needs one
+    #: all-reduce); False for operators whose products use already-global statistics.
+    _sums_over_local_data: bool = True
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
@@ -358,16 +431,58 @@ class CurvatureOperator(ModelOperator):
     # ================================================================ public API
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
         """Whole-dataset loss (scalar) and its gradient (D,) at the current parameters."""
-        grad = torch.zeros(self.shape[0], dtype=self.torch_dtype, device=self.device)
+        grad = torch.zeros(self._vector_rows(), dtype=self.torch_dtype, device=self.device)
         total = torch.zeros((), dtype=self.torch_dtype, device=self.device)
         for index, inputs, target in self._batches():
-            with torch.enable_grad():
-                value = self.loss.batch_sum(self.forward(inputs), target) * self.scale
-                grads = torch.autograd.grad(value, self.params, allow_unused=True, materialize_grads=True)
+            value, grads, _ = self._loss_gradient(inputs, target, self.scale)
             grad += torch.cat([g.reshape(-1) for g in grads])
-            total += value.detach()
-        self._raise_if_nonfinite_loss([total], [0], what="loss")
+            total += value
+        if self.parallel is not None:
+            total = self.parallel.all_reduce_(total.reshape(1)).reshape(())
+            if isinstance(self.parallel, Replicated):
+                self.parallel.all_reduce_(grad)
+        self._agree(self._nonfinite_loss_error([total], [0], what="loss"))
         return total, grad
+
+    def finite_difference_step(self) -> float:
+        """Perturbation norm ``‖εv‖`` of the central differences (FD Hessian, ``J v`` under FSDP).
+
+        ``fd_eps`` if the operator was given one, else ``10 · u^(1/3) · (1 + ‖θ‖/√D)``
+        with ``u`` the unit roundoff of the parameters' dtype and ``‖θ‖/√D`` the RMS of
+        the selected parameters. The cube root balances truncation ``T ε²`` against
+        rounding ``κ u / ε``. Two measured corrections to the textbook ``u^(1/3)(1 + ‖θ‖)``:
+        the scale is the parameters' typical *entry* (``‖θ‖`` grows like ``√D`` and gave
+        steps ~100x too large on 10⁸-parameter LMs, with relative errors of order 1 in
+        float32), and the factor 10 ≈ κ^(1/3) because a gradient summed over many terms
+        has rounding errors ``κ ≈ 10³`` times larger than one roundoff (measured:
+        ``benchmarks/results/fd_step_*``).
+        """
+        fd_eps = getattr(self, "fd_eps", None)
+        if fd_eps is not None:
+            return float(fd_eps)
+        unit_roundoff = float(torch.finfo(self.torch_dtype).eps) / 2
+        rms = self._global_norm([local_tensor(p) for p in self.params]) / self.num_params ** 0.5
+        return 10.0 * unit_roundoff ** (1 / 3) * (1.0 + rms)
+
+    def _loss_gradient(self, inputs: Any, target: Any, scale: float) -> tuple[Tensor, list[Tensor], Tensor]:
+        """``scale`` times the batch's loss sum, its gradient (local pieces) and the detached output.
+
+        Under FSDP the gradient comes from ``backward()`` and FSDP's reduce-scatter (the sum
+        over the ranks' batches); elsewhere from ``torch.autograd.grad`` (this batch only).
+        """
+        if isinstance(self.parallel, Sharded):
+            with self.parallel.summed_gradients(), _stashed_gradients(self.model):
+                output = self.forward(inputs)
+                value = self.loss.batch_sum(output, target) * scale
+                value.backward()
+                grads = [torch.zeros_like(local_tensor(p)) if p.grad is None else local_tensor(p.grad).clone()
+                         for p in self.params]
+            return value.detach(), grads, output.detach()
+        with torch.enable_grad():
+            output = self.forward(inputs)
+            value = self.loss.batch_sum(output, target) * scale
+            grads = torch.autograd.grad(value, self.params, allow_unused=True, materialize_grads=True)
+        return value.detach(), list(grads), output.detach()
 
     # ----------------------------------------------------- scipy / torch dispatch
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
@@ -405,23 +520,73 @@ class CurvatureOperator(ModelOperator):
     def _apply(self, X: Tensor) -> Tensor:
         """``A @ X`` for a checked (D, k) torch block."""
         k = X.shape[1]
+        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
+            self._check_replicated(X)
         Vt = X.T.contiguous()
         V = [t.view(k, *s) for t, s in zip(Vt.split(self.param_numels, dim=1), self.param_shapes)]
         out, losses, loss_batches = self._products(V)
-        self._raise_if_nonfinite_loss(losses, loss_batches, what="loss")
-        result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T
-        if not bool(torch.isfinite(result).all()):
+        result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
+        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
+            self.parallel.all_reduce_(result)  # NCCL needs a contiguous tensor
+        self._agree(self._nonfinite_loss_error(losses, loss_batches, what="loss"))
+        finite = bool(torch.isfinite(result).all())
+        if self.parallel is not None:
+            self._agree(None if finite else FloatingPointError("the curvature product is NaN or Inf"))
+        elif not finite:
             self._raise_nonfinite_product(V)
-        return result.contiguous()
+        return result
+
+    def _sum_over_ranks(self, tensors: Sequence[Tensor]) -> None:
+        """Under DDP, sum each tensor over the ranks in place (one flat all-reduce); else nothing."""
+        if not isinstance(self.parallel, Replicated) or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        self.parallel.all_reduce_(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view(t.shape))
+
+    def _check_replicated(self, X: Tensor) -> None:
+        """Under DDP every rank must pass the same vectors: compare column checksums."""
+        sums = X.to(torch.float64).sum(0)
+        table = self.parallel.all_gather_numbers(sums.tolist() + X.to(torch.float64).abs().sum(0).tolist(), self.device)
+        spread = (table - table[0]).abs().max()
+        scale = table.abs().max()
+        if float(spread) > 1e3 * float(torch.finfo(self.torch_dtype).eps) * (1.0 + float(scale)):
+            raise ValueError(
+                "under DistributedDataParallel every rank must multiply the same vectors, but the "
+                f"ranks' inputs differ (checksums spread {float(spread):.3g}); seed random vectors "
+                "identically on all ranks"
+            )
 
     def _count(self) -> tuple[int, float]:
         count = 0
         total = 0.0
-        for index, batch in enumerate(self.data):
-            inputs, target = _unpack(batch, index)
-            total += float(self.loss.batch_normaliser(target, inputs))
-            count += 1
-        if count == 0:
+        error: Exception | None = None
+        try:
+            for index, batch in enumerate(self.data):
+                inputs, target = _unpack(batch, index)
+                total += float(self.loss.batch_normaliser(target, inputs))
+                count += 1
+        except (TypeError, ValueError) as caught:
+            error = caught
+        if self.parallel is None:
+            if error is not None:
+                raise error
+        else:
+            self._agree(error)
+            table = self.parallel.all_gather_numbers([count, total], self.device).cpu()
+            counts = [int(c) for c in table[:, 0]]
+            if isinstance(self.parallel, Sharded) and len(set(counts)) > 1:
+                raise ValueError(
+                    f"under FSDP every rank must hold the same number of batches (the forward "
+                    f"passes are collective), got {counts} per rank; shard the data evenly, e.g. "
+                    "with DistributedSampler (which pads to equal length) and drop_last=False"
+                )
+            self.batches_per_rank = counts
+            total = float(table[:, 1].sum())
+            if sum(counts) == 0:
+                raise ValueError("data is empty on every rank: it yielded no batches")
+        if count == 0 and self.parallel is None:
             raise ValueError("data is empty: it yielded no batches")
         if self.loss.reduction == "mean" and total <= 0:
             raise ValueError(
@@ -431,23 +596,33 @@ class CurvatureOperator(ModelOperator):
         return count, total
 
     def _check_deterministic(self) -> None:
+        if self.num_batches == 0:  # a DDP rank without data: nothing to check here
+            self._agree(None)
+            self._agree(None)
+            return
+        error: Exception | None = None
         first = _first_batch(self.data)
-        again = _first_batch(self.data)
-        if not _same(first, again):
-            raise ValueError(
+        if not _same(first, _first_batch(self.data)):
+            error = ValueError(
                 "data yields a different first batch on each iteration (a shuffling "
                 "DataLoader or random augmentation?); the operator needs the same batches "
                 "every pass: use shuffle=False and deterministic transforms"
             )
+        self._agree(error)
         inputs, target = _to_device(first[0], self.device), _to_device(first[1], self.device)
         values, grads = [], []
         for _ in range(2):
-            with torch.enable_grad():
-                output = self.forward(inputs)
-                value = self.loss.batch_sum(output, target)
-                g = torch.autograd.grad(value, self.params, allow_unused=True, materialize_grads=True)
-            values.append(value.detach())
+            value, g, output = self._loss_gradient(inputs, target, 1.0)
+            values.append(value)
             grads.append(torch.cat([x.reshape(-1) for x in g]))
+        try:
+            self._compare_evaluations(values, grads, output, inputs, target)
+        except (ValueError, FloatingPointError) as caught:
+            error = caught
+        self._agree(error)
+
+    def _compare_evaluations(self, values: list[Tensor], grads: list[Tensor], output: Tensor,
+                             inputs: Any, target: Any) -> None:
         self._raise_if_nonfinite_loss(values[:1], [0], what="loss")
         tol = float(torch.finfo(self.torch_dtype).eps) ** 0.5
         dv = float((values[0] - values[1]).abs())
@@ -472,13 +647,18 @@ class CurvatureOperator(ModelOperator):
                 )
 
     def _raise_if_nonfinite_loss(self, losses: list[Tensor], batches: list[int], what: str) -> None:
+        error = self._nonfinite_loss_error(losses, batches, what)
+        if error is not None:
+            raise error
+
+    def _nonfinite_loss_error(self, losses: list[Tensor], batches: list[int], what: str) -> FloatingPointError | None:
         if not losses:
-            return
+            return None
         finite = torch.isfinite(torch.stack([v.reshape(()) for v in losses]))
         if bool(finite.all()):
-            return
+            return None
         bad = batches[int((~finite).nonzero()[0])]
-        raise FloatingPointError(f"the {what} of batch {bad} is NaN or Inf")
+        return FloatingPointError(f"the {what} of batch {bad} is NaN or Inf")
 
     def _raise_nonfinite_product(self, V: list[Tensor]) -> None:
         for index in range(self.num_batches):
@@ -529,6 +709,8 @@ class OutputSpaceOperator(CurvatureOperator):
         return self._tangent_with_graph
 
     def _products(self, V, only=None):
+        if isinstance(self.parallel, Sharded):
+            return self._sharded_products(V, only)
         k = V[0].shape[0]
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
@@ -557,8 +739,76 @@ class OutputSpaceOperator(CurvatureOperator):
             loss_batches.append(index)
         return out, losses, loss_batches
 
+    def _sharded_products(self, V, only):
+        """Products under FSDP: ``J v`` by central differences of the output, ``Jᵀ u`` by backward.
+
+        Forward-mode AD does not pass through FSDP's parameter all-gather, so ``J v`` is
+        ``(f(θ + εv) − f(θ − εv)) / 2ε`` (two forward passes, each rank perturbing its own
+        shards; step :meth:`finite_difference_step`); ``Jᵀ (M J v)``
+        is a backward pass whose gradient FSDP reduce-scatters into the rank's shard.
+        """
+        k = V[0].shape[0]
+        out = self._zeros_like_block(k)
+        losses, loss_batches = [], []
+        local = [local_tensor(p) for p in self.params]
+        saved = [t.detach().clone() for t in local]
+        step = self.finite_difference_step()
+        norms = [self._global_norm([v[col] for v in V]) for col in range(k)]
+        try:
+            for index, inputs, target in self._batches(only):
+                context = None
+                for col in range(k):
+                    if norms[col] == 0.0:
+                        continue
+                    eps = step / norms[col]
+                    shifted = []
+                    for sign in (1.0, -1.0):
+                        with torch.no_grad():
+                            for t, t0, v in zip(local, saved, V):
+                                t.copy_(t0 + (sign * eps) * v[col])
+                            shifted.append(self.forward(inputs))
+                    with torch.no_grad():
+                        for t, t0 in zip(local, saved):
+                            t.copy_(t0)
+                    jv = (shifted[0] - shifted[1]) / (2 * eps)
+                    del shifted
+                    with self.parallel.summed_gradients(), _stashed_gradients(self.model):
+                        with torch.enable_grad():
+                            output = self.forward(inputs)
+                        primal = output.detach()
+                        if context is None:
+                            context = self._middle_context(primal, target, index)
+                        middle = self._middle(primal, target, jv, context) * self.scale
+                        output.backward(middle)
+                        for o, p in zip(out, self.params):
+                            if p.grad is not None:
+                                o[col].add_(local_tensor(p.grad))
+                with torch.no_grad():
+                    primal = self.forward(inputs) if context is None else primal
+                    losses.append(self.loss.batch_sum(primal, target) * self.scale)
+                loss_batches.append(index)
+        finally:
+            with torch.no_grad():
+                for t, t0 in zip(local, saved):
+                    t.copy_(t0)
+        return out, losses, loss_batches
+
 
 # ==================================================================== helpers
+@contextlib.contextmanager
+def _stashed_gradients(model: nn.Module) -> Iterator[None]:
+    """Run a ``backward()`` without touching the user's ``.grad``: stash them, restore after."""
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
 @contextlib.contextmanager
 def _attention_with_higher_derivatives() -> Iterator[None]:
     """Route scaled-dot-product attention to the math kernel.

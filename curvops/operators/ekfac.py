@@ -99,6 +99,7 @@ class EKFACOperator(_KroneckerOperator):
                 if not bool(torch.isfinite(s).all()):
                     raise FloatingPointError(
                         f"the corrected eigenvalues of layer {self.blocks[i].name!r} are NaN or Inf on batch {index}")
+        self._sum_over_ranks(sums)
         return [s * self.scale for s in sums]
 
     def _products(self, V, only=None):

@@ -74,7 +74,9 @@ class FisherOperator(OutputSpaceOperator):
             return self.loss.output_gradient(output, target).unsqueeze(0)
         generator = torch.Generator(device=output.device)
         # One stream per (seed, batch): the same draws in every product.
-        generator.manual_seed((self.seed * 1_000_003 + index) % (2**63 - 1))
+        # Under DDP/FSDP each rank numbers its own batches: the rank keeps the streams apart.
+        rank = 0 if self.parallel is None else self.parallel.rank
+        generator.manual_seed((self.seed * 1_000_003 + index + rank * 1_000_000_007) % (2**63 - 1))
         samples = self.loss.sample_output_gradients(output, target, self.mc_samples, generator)
         return samples / self.mc_samples ** 0.5
 

@@ -52,6 +52,8 @@ class GGNOperator(OutputSpaceOperator):
         self.head: nn.Linear | None = None
         self.head_chunk_rows = head_chunk_rows
         if fused_head is not False and fused_head is not None:
+            if self.parallel is not None:
+                raise NotImplementedError("fused_head is not supported for DDP/FSDP models yet")
             self.head = _find_head(model, fused_head)
             if self.loss.kind != "cross_entropy":
                 raise ValueError(f"fused_head needs a cross-entropy loss, got a {self.loss.kind} loss")
@@ -106,22 +108,36 @@ class GGNOperator(OutputSpaceOperator):
         w_index = next((i for i, p in enumerate(self.params) if p is head_weight), None)
         spec = self.loss.flat if self.loss.flat is not None else self.loss
         f = self.loss.fn
+        keep_graph = self._keep_graph_for_tangent()
         for index, inputs, target in self._batches(only):
-            # Column 0: one dual forward keeps the graph up to the head's input.
-            with torch.enable_grad(), fwAD.dual_level():
-                duals = {n: fwAD.make_dual(p, t[0]) for n, p, t in zip(self.param_names, self.params, V)}
-                hidden, stand_in, output = self._forward_to_head(inputs, duals)
-                if output is not stand_in:
-                    raise ValueError("fused_head: the model's output is not the head's output (the model "
-                                     "transforms the logits after the head); use fused_head=False")
-                hidden, first = fwAD.unpack_dual(hidden)
+            if keep_graph:
+                # Column 0: one dual forward keeps the graph up to the head's input.
+                with torch.enable_grad(), fwAD.dual_level():
+                    duals = {n: fwAD.make_dual(p, t[0]) for n, p, t in zip(self.param_names, self.params, V)}
+                    hidden, stand_in, output = self._forward_to_head(inputs, duals)
+                    hidden, first = fwAD.unpack_dual(hidden)
+            else:
+                # As in the base class on CUDA: a plain forward keeps the graph, the tangents
+                # come from a separate no-graph forward (the graph holds no tangent work).
+                with torch.enable_grad():
+                    hidden, stand_in, output = self._forward_to_head(inputs, None)
+                first = None
+            if output is not stand_in:
+                raise ValueError("fused_head: the model's output is not the head's output (the model "
+                                 "transforms the logits after the head); use fused_head=False")
             h2d = hidden.detach().reshape(-1, hidden.shape[-1])
-            tangents = [torch.zeros_like(h2d) if first is None else first.detach().reshape(h2d.shape)]
-            # The tangent carries the autograd graph of its own computation (recorded because
-            # the primals require grad): drop it now, not at the end of the batch.
-            del first
-            if k > 1:
-                tangents += list(self._hidden_jvp_block(inputs, [v[1:] for v in V]).reshape(k - 1, *h2d.shape).unbind(0))
+            if keep_graph:
+                tangents = [torch.zeros_like(h2d) if first is None else first.detach().reshape(h2d.shape)]
+                # The tangent carries the autograd graph of its own computation (recorded because
+                # the primals require grad): drop it now, not at the end of the batch.
+                del first
+                rest = [v[1:] for v in V]
+            else:
+                tangents, rest = [], V
+            if k == 1 and not keep_graph:
+                tangents = [self._hidden_jvp(inputs, [v[0] for v in V], h2d)]
+            elif rest[0].shape[0]:
+                tangents += list(self._hidden_jvp_block(inputs, rest).reshape(-1, *h2d.shape).unbind(0))
 
             rows_target = f.flat_target(target) if self.loss.flat is not None else target
             if not torch.is_tensor(rows_target) or rows_target.is_floating_point():
@@ -149,6 +165,15 @@ class GGNOperator(OutputSpaceOperator):
                 losses.append(self._head_loss(h2d, weight, rw, res.lse) * self.scale)
             loss_batches.append(index)
         return out, losses, loss_batches
+
+    def _hidden_jvp(self, inputs: Any, tangents: list[Tensor], like: Tensor) -> Tensor:
+        """Tangent of the head's input (rows, hidden) for one parameter tangent, without a graph."""
+        import torch.autograd.forward_ad as fwAD
+
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(self.param_names, self.params, tangents)}
+            tangent = fwAD.unpack_dual(self._forward_to_head(inputs, duals)[0]).tangent
+        return torch.zeros_like(like) if tangent is None else tangent.reshape(like.shape)
 
     def _hidden_jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
         """Tangents of the head's input for a block of parameter tangents (vmap over the block)."""

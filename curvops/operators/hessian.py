@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.operators._parallel import Sharded, local_tensor
 from curvops.operators.base import CurvatureOperator, ParamSelection
 
 _METHODS = ("autograd", "finite_difference")
@@ -29,13 +30,18 @@ class HessianOperator(CurvatureOperator):
         gradient passes per vector.
     fd_eps : float, optional
         Step of the finite differences as a perturbation *norm*, ``‖εv‖``. Default:
-        ``u^(1/3) · (1 + ‖θ‖)`` with ``u`` the unit roundoff of the parameters' dtype
-        and ``‖θ‖`` the norm of the selected parameters. Central differences have a
-        truncation error ``O(ε²)`` and a rounding error ``O(u/ε)``; the cube root
-        balances the two, so the relative error of ``Hv`` is ``O(u^(2/3))`` —
-        about 1e-11 in float64, 1e-5 in float32 — times constants of the model
-        (third derivatives along ``v``, conditioning of the gradient). Scaling by
-        ``1 + ‖θ‖`` makes the step relative to the parameters' magnitude.
+        :meth:`finite_difference_step`, ``10 · u^(1/3) · (1 + ‖θ‖/√D)``. Central
+        differences have a truncation error ``O(ε²)`` and a rounding error ``O(u/ε)``;
+        their relative error is at best ``O(u^(2/3))`` times model constants — in
+        float64 about 1e-10 to 1e-8, in float32 1e-4 to 1e-2 (measured on transformer
+        LMs: ``benchmarks/results/fd_step_*``; use float64 where accuracy matters).
+
+    Notes
+    -----
+    Under FSDP2 (``fully_shard``) only ``method="finite_difference"`` works: FSDP
+    all-gathers parameters outside autograd, so there is no double backward. Each rank
+    perturbs its own parameter shards; FSDP's reduce-scatter returns the gradient shards
+    of the global objective, and their difference is the rank's shard of ``Hv``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
@@ -49,14 +55,11 @@ class HessianOperator(CurvatureOperator):
         self.method = method
         self.fd_eps = fd_eps
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
-
-    def finite_difference_step(self) -> float:
-        """The perturbation norm ``‖εv‖`` used by ``method="finite_difference"``."""
-        if self.fd_eps is not None:
-            return float(self.fd_eps)
-        unit_roundoff = float(torch.finfo(self.torch_dtype).eps) / 2
-        theta_norm = float(torch.linalg.vector_norm(self.parameter_vector()))
-        return unit_roundoff ** (1 / 3) * (1.0 + theta_norm)
+        if isinstance(self.parallel, Sharded) and method != "finite_difference":
+            raise NotImplementedError(
+                "an FSDP-sharded model has no double backward (FSDP all-gathers the parameters "
+                "outside autograd): use HessianOperator(..., method='finite_difference')"
+            )
 
     def _products(self, V, only=None):
         if self.method == "finite_difference":
@@ -90,30 +93,29 @@ class HessianOperator(CurvatureOperator):
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
         step = self.finite_difference_step()
-        saved = [p.detach().clone() for p in self.params]
+        # Local shards under FSDP (each rank perturbs only its own), the parameters elsewhere.
+        local = [local_tensor(p) for p in self.params]
+        saved = [t.detach().clone() for t in local]
         try:
             for col in range(k):
-                norm = torch.linalg.vector_norm(torch.cat([v[col].reshape(-1) for v in V]))
-                if float(norm) == 0.0:
+                norm = self._global_norm([v[col] for v in V])
+                if norm == 0.0:
                     continue
                 eps = step / norm
                 for sign in (1.0, -1.0):
                     with torch.no_grad():
-                        for p, p0, v in zip(self.params, saved, V):
-                            p.copy_(p0 + (sign * eps) * v[col])
+                        for t, t0, v in zip(local, saved, V):
+                            t.copy_(t0 + (sign * eps) * v[col])
                     for index, inputs, target in self._batches(only):
-                        with torch.enable_grad():
-                            value = self.loss.batch_sum(self.forward(inputs), target) * self.scale
-                            grads = torch.autograd.grad(value, self.params, allow_unused=True,
-                                                        materialize_grads=True)
+                        value, grads, _ = self._loss_gradient(inputs, target, self.scale)
                         for o, g in zip(out, grads):
                             o[col].add_(g, alpha=sign)
-                        losses.append(value.detach())
+                        losses.append(value)
                         loss_batches.append(index)
                 for o in out:
                     o[col].div_(2 * eps)
         finally:
             with torch.no_grad():
-                for p, p0 in zip(self.params, saved):
-                    p.copy_(p0)
+                for t, t0 in zip(local, saved):
+                    t.copy_(t0)
         return out, losses, loss_batches

@@ -96,6 +96,8 @@ class TaggedOperator(TorchLinearOperator):
     def __init__(self, A: Any, *, symmetric: bool | None = None,
                  positive_semidefinite: bool | None = None) -> None:
         inner = A.operator if isinstance(A, TaggedOperator) else A
+        if getattr(inner, "sharding", None) is not None:
+            raise NotImplementedError("inverse() of an FSDP-sharded operator is not supported (DDP operators work)")
         self._operand, _ = _adapt(A)
         own_symmetric, own_psd = _tags(A)
         if positive_semidefinite and symmetric is False:

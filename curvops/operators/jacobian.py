@@ -47,6 +47,11 @@ class JacobianOperator(ModelOperator):
     def __init__(self, model: nn.Module, data: Iterable[tuple[Any, Any]], *,
                  params: ParamSelection = None, check_deterministic: bool = True) -> None:
         self._set_model(model)
+        if self.parallel is not None:
+            raise NotImplementedError(
+                "JacobianOperator works in one process; for DDP/FSDP models use the curvature "
+                "operators (HessianOperator, GGNOperator, FisherOperator)"
+            )
         self._set_data_and_params(data, params)
         # One forward pass per batch fixes the row count and per-batch output shapes;
         # a no-grad forward is cheap next to any product with the operator.

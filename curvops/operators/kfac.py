@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvops.operators._parallel import Sharded, detect_parallel
 from curvops.operators.base import CurvatureOperator, ParamSelection, TorchLinearOperator, _select_parameters
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -135,8 +136,11 @@ class _KroneckerOperator(CurvatureOperator):
     """Machinery shared by KFAC and EKFAC: layer discovery, data passes, block products.
 
     Products are the structured per-block products (no pass over the data); the data is
-    traversed only at construction.
+    traversed only at construction. Under DDP the data statistics are summed over the
+    ranks once, at construction.
     """
+
+    _sums_over_local_data = False
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
@@ -169,8 +173,14 @@ class _KroneckerOperator(CurvatureOperator):
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = bool(separate_weight_and_bias)
         self.seed = int(seed)
-        names, chosen = _select_parameters(model, params)
-        owners = _owners(model)
+        inner, parallel = detect_parallel(model)
+        if isinstance(parallel, Sharded):
+            raise NotImplementedError(
+                "KFAC/EKFAC of an FSDP-sharded model is not supported: a Kronecker block multiplies "
+                "whole weight matrices, which FSDP splits across ranks (DDP models work)"
+            )
+        names, chosen = _select_parameters(inner, params)
+        owners = _owners(inner)
         keep, self.excluded_params = _classify(names, chosen, owners, unsupported)
         super().__init__(model, loss_fn, data, params=keep, check_deterministic=check_deterministic)
         self._layers = self._build_layers(owners)
@@ -381,6 +391,12 @@ class _KroneckerOperator(CurvatureOperator):
                     rows = rows.sum(1) if reduce else rows.reshape(-1, rows.shape[-1])
                     G_sum[name].addmm_(rows.T, rows)
             del output, outputs
+        if self.parallel is not None:  # DDP: the factors of the global data set
+            rows = torch.tensor([float(num_rows[n]) for n in sorted(num_rows)], dtype=torch.float64,
+                                device=self.device)
+            self._sum_over_ranks([rows] + [gram[n] for n in sorted(gram)] + [total[n] for n in sorted(total)]
+                                 + [G_sum[n] for n in sorted(G_sum)])
+            num_rows = {n: int(r) for n, r in zip(sorted(num_rows), rows.tolist())}
         A: dict[str, Tensor] = {}
         G: dict[str, Tensor] = {}
         for layer in self._layers:

@@ -123,7 +123,7 @@ def test_mc_fisher_is_reproducible_and_seeded():
 def test_finite_differences_agree_with_autograd(case):
     """Central differences: relative error O(u^(2/3)) times model constants.
 
-    With the default step ‖εv‖ = u^(1/3)(1 + ‖θ‖) the truncation (ε²) and rounding (u/ε)
+    With the default step ‖εv‖ = 10 u^(1/3)(1 + ‖θ‖/√D) the truncation (ε²) and rounding (u/ε)
     terms are both ~u^(2/3) ≈ 2.3e-11 times third-derivative and gradient-conditioning
     constants of the model, which are O(1–100) for these small networks; we allow 1e4 ×
     u^(2/3) ≈ 2e-7 and also check that a step 100x too large is visibly worse, so the
@@ -153,9 +153,13 @@ def test_finite_difference_step_rule_matters():
         return float((fd @ v - exact).norm() / exact.norm())
 
     # Truncation error grows like ε²: 100x the step gives ~10^4 x the error (allow 100x);
-    # 1e-4 x the step is rounding-dominated (error ~ u/ε grows ~10^4 x).
-    assert err(100 * step) > 100 * err(step)
-    assert err(1e-4 * step) > 100 * err(step)
+    # 1e-4 x the step is rounding-dominated (error ~ u/ε). The default leans to the
+    # truncation side (factor 10 for the rounding of gradients summed over many terms,
+    # which a model this small lacks): within 100x of the best step of the sweep.
+    sweep = {factor: err(factor * step) for factor in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)}
+    assert sweep[1e2] > 100 * sweep[1.0]
+    assert sweep[1e-4] > 10 * sweep[1.0]
+    assert sweep[1.0] < 100 * min(sweep.values())
 
 
 @pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "transformer_ln-ce_seq_ignore_mean", "cnn_bn_eval-ce_mean"])

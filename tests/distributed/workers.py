@@ -1,0 +1,283 @@
+"""Worker processes of the distributed tests (spawned by ``test_distributed.py``).
+
+Each worker joins a gloo process group, builds the single-process reference from an
+unwrapped copy of the model on the *global* data, wraps the model (FSDP2 or DDP), runs
+the same computation on its shard of the data, and writes what it measured to
+``<out>/<scenario>-rank<r>.json``; the tests assert on those numbers. Errors that a
+scenario expects are recorded as ``{"error": type, "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import curvops
+
+WORLD_SIZE = 2
+NUM_BATCHES = 4
+
+
+def make_model() -> nn.Module:
+    """An MLP whose layers do not split evenly over 2 ranks (7 and 3 rows)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def make_data(regression: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for size in (6, 4, 5, 3):  # unequal batch sizes: the global mean must still be exact
+        x = torch.randn(size, 5, generator=generator, dtype=torch.float64)
+        y = (torch.randn(size, 3, generator=generator, dtype=torch.float64) if regression
+             else torch.randint(0, 3, (size,), generator=generator))
+        batches.append((x, y))
+    return batches
+
+
+def rank_batches(data: list, rank: int, counts: tuple[int, ...] | None = None) -> list:
+    """Round-robin shard of ``data`` (or the first ``counts[rank]`` after the previous ranks')."""
+    if counts is None:
+        return data[rank::WORLD_SIZE]
+    start = sum(counts[:rank])
+    return data[start : start + counts[rank]]
+
+
+def wrap(model: nn.Module, kind: str) -> nn.Module:
+    if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # An explicit CPU mesh: by default FSDP2 moves the model to CUDA where there is one.
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def local_rows(operator: Any, full: torch.Tensor) -> torch.Tensor:
+    """The rows of a full-length reference vector (or block) that this rank holds."""
+    if operator.sharding is None:
+        return full
+    return torch.cat([full[a:b] for a, b in operator.sharding.ranges])
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Global relative error ‖ours − ref‖ / ‖ref‖.
+
+    The squared norms are summed over the ranks: that assembles sharded (FSDP) vectors and
+    scales both norms of replicated (DDP) vectors alike, so the ratio is right in both cases.
+    """
+    parts = torch.tensor([float((ours - reference).square().sum()), float(reference.square().sum())],
+                         dtype=torch.float64)
+    dist.all_reduce(parts)
+    return float((parts[0] / parts[1]).sqrt())
+
+
+def alignment(left: torch.Tensor, right: torch.Tensor) -> float:
+    """Smallest |cos| between matching columns (summed over ranks as in :func:`relative_error`)."""
+    parts = torch.stack([(left * right).sum(0), left.square().sum(0), right.square().sum(0)])
+    dist.all_reduce(parts)
+    return float((parts[0].abs() / (parts[1] * parts[2]).sqrt()).min())
+
+
+def record(error: BaseException) -> dict[str, str]:
+    return {"error": type(error).__name__, "message": str(error)}
+
+
+# ------------------------------------------------------------------ scenarios
+def products_and_algorithms(kind: str) -> dict[str, Any]:
+    """Hessian/GGN/Fisher products, lanczos, traces and density vs the single-process run."""
+    rank = dist.get_rank()
+    data = make_data()
+    loss_fn = nn.CrossEntropyLoss()
+    plain = make_model()
+    wrapped = wrap(copy.deepcopy(plain), kind)
+    mine = rank_batches(data, rank)
+    method = "finite_difference" if kind == "fsdp" else "autograd"
+    results: dict[str, Any] = {}
+
+    reference_h = curvops.HessianOperator(plain, loss_fn, data)
+    hessian = curvops.HessianOperator(wrapped, loss_fn, mine, method=method)
+    results["dim"] = [hessian.shape[0], reference_h.shape[0]]
+    results["local_dim"] = hessian._vector_rows()
+    results["uneven"] = [list(r) for r in hessian.sharding.ranges] if hessian.sharding else None
+
+    generator = torch.Generator().manual_seed(3)
+    full = torch.randn(reference_h.shape[0], 2, generator=generator, dtype=torch.float64)
+    X = local_rows(hessian, full)
+    params_before = [curvops.operators._parallel.local_tensor(p).detach().clone() for p in hessian.params]
+    grads_marker = [torch.full_like(p, 7.0) for p in hessian.model.parameters()]
+    for p, g in zip(hessian.model.parameters(), grads_marker):
+        p.grad = g
+    results["hessian_product"] = relative_error(hessian @ X, local_rows(hessian, reference_h @ full))
+    results["hessian_vector"] = relative_error(hessian @ X[:, 0], local_rows(hessian, reference_h @ full[:, 0]))
+    results["params_restored"] = all(
+        torch.equal(a, curvops.operators._parallel.local_tensor(p).detach())
+        for a, p in zip(params_before, hessian.params))
+    results["grads_preserved"] = all(p.grad is g for p, g in zip(hessian.model.parameters(), grads_marker))
+    for p in hessian.model.parameters():
+        p.grad = None
+
+    loss, grad = hessian.loss_and_gradient()
+    ref_loss, ref_grad = reference_h.loss_and_gradient()
+    results["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
+    results["gradient"] = relative_error(grad, local_rows(hessian, ref_grad))
+
+    for name, build in {
+        "ggn": lambda m, d: curvops.GGNOperator(m, loss_fn, d),
+        "fisher_empirical": lambda m, d: curvops.FisherOperator(m, loss_fn, d, kind="empirical"),
+    }.items():
+        ours, reference = build(wrapped, mine), build(plain, data)
+        results[name] = relative_error(ours @ X, local_rows(ours, reference @ full))
+
+    # Algorithms: the same seeds on the sharded and on the single-process operator.
+    top = curvops.lanczos(hessian, k=3, seed=0, tol=1e-9)
+    top_reference = curvops.lanczos(reference_h, k=3, seed=0, tol=1e-9)
+    dense = np.linalg.eigvalsh(reference_h.to_dense().numpy())
+    results["lanczos"] = top.eigenvalues.tolist()
+    results["lanczos_reference"] = top_reference.eigenvalues.tolist()
+    results["eigh_top3"] = sorted(dense)[::-1][:3]  # lanczos default: largest algebraic
+    vectors = top.eigenvectors
+    results["eigenvector_shape"] = list(vectors.shape)
+    results["eigenvector_residual"] = relative_error(
+        hessian @ vectors, vectors * top.eigenvalues)  # ‖Hv − λv‖ / ‖λv‖ over all ranks
+    ref_vectors = local_rows(hessian, top_reference.eigenvectors)
+    results["eigenvector_alignment"] = alignment(vectors, ref_vectors)
+
+    for name, call in {
+        "hutchinson": lambda A: curvops.hutchinson_trace(A, budget=12, seed=5).estimate,
+        "hutchpp": lambda A: curvops.hutchpp_trace(A, budget=12, seed=5).estimate,
+        "xtrace": lambda A: curvops.xtrace(A, budget=12, seed=5).estimate,
+        "trace_exact": lambda A: curvops.hutchinson_trace(A, budget=10_000, seed=5).estimate,
+    }.items():
+        results[name] = [float(call(hessian)), float(call(reference_h))]
+    results["trace_dense"] = float(np.trace(reference_h.to_dense().numpy()))
+
+    diagonal = curvops.hutchinson_diagonal(hessian, budget=8, seed=2).estimate
+    diagonal_reference = curvops.hutchinson_diagonal(reference_h, budget=8, seed=2).estimate
+    results["diagonal"] = relative_error(diagonal, local_rows(hessian, diagonal_reference))
+
+    density = curvops.spectral_density(hessian, num_probes=3, lanczos_steps=12, seed=4)
+    density_reference = curvops.spectral_density(reference_h, num_probes=3, lanczos_steps=12, seed=4)
+    results["density_nodes"] = float(np.abs(np.asarray(density.nodes) - np.asarray(density_reference.nodes)).max())
+    results["density_weights"] = float(np.abs(np.asarray(density.weights) - np.asarray(density_reference.weights)).max())
+
+    if kind == "ddp":
+        kfac, kfac_reference = curvops.KFACOperator(wrapped, loss_fn, mine), curvops.KFACOperator(plain, loss_fn, data)
+        results["kfac"] = relative_error(kfac @ X, kfac_reference @ full)
+        # Uneven batch counts (3 and 1) are fine under DDP: products are summed per rank.
+        uneven = curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank, (3, 1)))
+        results["uneven_batches"] = relative_error(uneven @ X, reference_h @ full)
+    else:
+        results["fsdp_autograd"] = _expect(lambda: curvops.HessianOperator(wrapped, loss_fn, mine))
+        results["fsdp_kfac"] = _expect(lambda: curvops.KFACOperator(wrapped, loss_fn, mine))
+        results["fsdp_numpy"] = _expect(lambda: hessian @ X.numpy())
+        results["uneven_batches"] = _expect(
+            lambda: curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank, (3, 1)),
+                                            method=method))
+    return results
+
+
+def bad_input(kind: str) -> dict[str, Any]:
+    """Errors found on one rank only: every rank must raise them, none may hang."""
+    rank = dist.get_rank()
+    data = make_data()
+    loss_fn = nn.CrossEntropyLoss()
+    wrapped = wrap(make_model(), kind)
+    method = "finite_difference" if kind == "fsdp" else "autograd"
+    hessian = curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank), method=method)
+    rows = hessian._vector_rows()
+    results: dict[str, Any] = {}
+    vector = torch.ones(rows, dtype=torch.float64)
+    if rank == 1:
+        vector[0] = float("nan")
+    results["nan_vector"] = _expect(lambda: hessian @ vector)
+    wrong = torch.ones(rows + (rank == 1), dtype=torch.float64)
+    results["wrong_shape"] = _expect(lambda: hessian @ wrong)
+    poisoned = [(x.clone(), y) for x, y in rank_batches(data, rank)]
+    if rank == 1:
+        poisoned[1][0][0, 0] = float("nan")
+    nan_operator = curvops.HessianOperator(wrapped, loss_fn, poisoned, method=method,
+                                           check_deterministic=False)
+    results["nan_data"] = _expect(lambda: nan_operator @ torch.ones(rows, dtype=torch.float64))
+    empty = [] if rank == 1 else rank_batches(data, rank)
+    results["empty_rank"] = _expect(
+        lambda: curvops.HessianOperator(wrapped, loss_fn, empty, method=method).shape)
+    results["still_works"] = float((hessian @ torch.ones(rows, dtype=torch.float64)).sum())
+    if kind == "ddp":
+        generator = torch.Generator().manual_seed(rank)  # a different vector per rank
+        results["unreplicated"] = _expect(
+            lambda: hessian @ torch.randn(rows, generator=generator, dtype=torch.float64))
+        dropout = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Linear(7, 3)).double()
+        results["dropout"] = _expect(lambda: curvops.HessianOperator(wrap(dropout, kind), loss_fn,
+                                                                     rank_batches(data, rank)))
+    return results
+
+
+class _RaisesOnRankOne(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dist.get_rank() == 1 and x.shape[0] == 4:  # rank 1's second batch only
+            raise RuntimeError("boom on rank 1")
+        return x
+
+
+def crash(kind: str) -> dict[str, Any]:
+    """Rank 1's model raises in the middle of a product: the job must fail, not hang."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), _RaisesOnRankOne(), nn.Tanh(), nn.Linear(7, 3)).double()
+    method = "finite_difference" if kind == "fsdp" else "autograd"
+    hessian = curvops.HessianOperator(wrap(model, kind), nn.CrossEntropyLoss(),
+                                      rank_batches(make_data(), rank), method=method)
+    hessian @ torch.ones(hessian._vector_rows(), dtype=torch.float64)
+    return {"finished": True}
+
+
+def _expect(call: Callable[[], Any]) -> dict[str, str]:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the scenario records which error it was
+        return record(error)
+    return {"error": None, "message": ""}
+
+
+SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "products_and_algorithms": products_and_algorithms,
+    "bad_input": bad_input,
+    "crash": crash,
+}
+
+
+def run(rank: int, scenario: str, kind: str, out: str, port: int) -> None:
+    """Entry point of one spawned process."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = SCENARIOS[scenario](kind)
+        with open(os.path.join(out, f"{scenario}-{kind}-rank{rank}.json"), "w") as handle:
+            json.dump(results, handle, default=float)
+        dist.barrier()  # no rank tears the group down while another still talks to it
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        raise
+    finally:
+        dist.destroy_process_group()
