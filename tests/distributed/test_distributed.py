@@ -87,7 +87,7 @@ def test_layout(products):
 
 
 @pytest.mark.parametrize("name", ["hessian_product", "hessian_vector", "gradient", "ggn",
-                                  "fisher_empirical", "diagonal"])
+                                  "fisher_empirical", "diagonal", "xdiag"])
 def test_products_equal_single_process(products, name):
     kind, ranks = products
     for r in ranks:
@@ -122,6 +122,18 @@ def test_traces_equal_single_process(products, name):
         assert abs(ours - single) <= PRODUCT_TOLERANCE[kind] * 10 * max(1.0, abs(single))
     exact = ranks[0]["trace_exact"][0]
     assert abs(exact - ranks[0]["trace_dense"]) <= PRODUCT_TOLERANCE[kind] * 10 * abs(exact)
+
+
+def test_power_iteration_and_mc_fisher(products):
+    kind, ranks = products
+    for r in ranks:
+        ours, single = r["power_iteration"]
+        assert abs(ours - single) <= PRODUCT_TOLERANCE[kind] * 100 * abs(single)
+        fisher = r["fisher_mc"]
+        assert fisher["finite"] and min(fisher["quadratic_form"]) >= 0
+        # x0ᵀ F x1 = x1ᵀ F x0 (the operator is the same symmetric matrix on every product);
+        # under FSDP J v comes from finite differences, so symmetry holds to their accuracy.
+        assert fisher["symmetry_gap"] < PRODUCT_TOLERANCE[kind] * 100
 
 
 def test_spectral_density_equals_single_process(products):

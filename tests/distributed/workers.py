@@ -172,6 +172,21 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     diagonal = curvops.hutchinson_diagonal(hessian, budget=8, seed=2).estimate
     diagonal_reference = curvops.hutchinson_diagonal(reference_h, budget=8, seed=2).estimate
     results["diagonal"] = relative_error(diagonal, local_rows(hessian, diagonal_reference))
+    xdiag = curvops.xdiag(hessian, budget=8, seed=2).estimate  # TSQR on the shards
+    results["xdiag"] = relative_error(xdiag, local_rows(hessian, curvops.xdiag(reference_h, budget=8, seed=2).estimate))
+    power = curvops.power_iteration(hessian, k=1, seed=1, tol=1e-6, max_iter=500)
+    power_reference = curvops.power_iteration(reference_h, k=1, seed=1, tol=1e-6, max_iter=500)
+    results["power_iteration"] = [float(power.eigenvalues[0]), float(power_reference.eigenvalues[0])]
+    # The Monte-Carlo Fisher draws labels per rank (different streams than one process):
+    # check only that it is a finite symmetric positive semi-definite operator.
+    fisher = curvops.FisherOperator(wrapped, loss_fn, mine, kind="mc", seed=0)
+    FX = fisher @ X
+    quadratic = torch.stack([(X * FX).sum(0), (X * (fisher @ X.flip(1))).sum(0)])
+    dist.all_reduce(quadratic)
+    results["fisher_mc"] = {"finite": bool(torch.isfinite(FX).all()),
+                            "quadratic_form": quadratic[0].tolist(),
+                            "symmetry_gap": abs(float(quadratic[1, 0] - quadratic[1, 1]))
+                            / float(quadratic[0].abs().max())}
 
     density = curvops.spectral_density(hessian, num_probes=3, lanczos_steps=12, seed=4)
     density_reference = curvops.spectral_density(reference_h, num_probes=3, lanczos_steps=12, seed=4)
