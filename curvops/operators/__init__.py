@@ -1,5 +1,6 @@
 """Curvature operators: one module per curvature object, shared machinery in ``base``."""
 
+from curvops.operators._parallel import ParallelError, ShardLayout
 from curvops.operators.base import (
     MAX_DENSE_DIM,
     CurvatureOperator,
@@ -26,6 +27,8 @@ __all__ = [
     "KroneckerInverseOperator",
     "MAX_DENSE_DIM",
     "ModelOperator",
+    "ParallelError",
+    "ShardLayout",
     "TaggedOperator",
     "TorchLinearOperator",
     "TransposedJacobianOperator",

@@ -254,7 +254,10 @@ class ModelOperator(TorchLinearOperator):
         self.num_params: int = sum(p.numel() for p in self.params)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
-        """Split a flat parameter-space vector (D,) into named parameter-shaped views."""
+        """Split a flat parameter-space vector (D,) into named parameter-shaped views.
+
+        Under FSDP the vector is this rank's shard and the views have the local shards' shapes.
+        """
         rows = sum(self.param_numels)
         vector = self._check_torch(vector, rows)
         if vector.dim() != 1:
@@ -263,7 +266,10 @@ class ModelOperator(TorchLinearOperator):
         return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
 
     def flatten(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
-        """Concatenate parameter-shaped tensors (by name or in order) into a vector (D,)."""
+        """Concatenate parameter-shaped tensors (by name or in order) into a vector (D,).
+
+        Under FSDP: the local shards' shapes, giving this rank's shard of the vector.
+        """
         if isinstance(tensors, Mapping):
             missing = [n for n in self.param_names if n not in tensors]
             if missing:
@@ -430,7 +436,11 @@ class CurvatureOperator(ModelOperator):
 
     # ================================================================ public API
     def loss_and_gradient(self) -> tuple[Tensor, Tensor]:
-        """Whole-dataset loss (scalar) and its gradient (D,) at the current parameters."""
+        """Whole-dataset loss (scalar) and its gradient (D,) at the current parameters.
+
+        Distributed: the global loss on every rank; the gradient replicated (DDP) or this
+        rank's shard, shape ``(sharding.local_dim,)`` (FSDP).
+        """
         grad = torch.zeros(self._vector_rows(), dtype=self.torch_dtype, device=self.device)
         total = torch.zeros((), dtype=self.torch_dtype, device=self.device)
         for index, inputs, target in self._batches():

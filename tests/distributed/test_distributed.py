@@ -76,6 +76,7 @@ def test_layout(products):
     kind, ranks = products
     for r in ranks:
         assert r["dim"] == [66, 66]
+        assert r["parameter_subset_dim"][0] == 24  # "2.*": the 3x7 weight and 3 biases
     if kind == "ddp":
         assert [r["local_dim"] for r in ranks] == [66, 66] and ranks[0]["uneven"] is None
         return
@@ -87,7 +88,7 @@ def test_layout(products):
 
 
 @pytest.mark.parametrize("name", ["hessian_product", "hessian_vector", "gradient", "ggn",
-                                  "fisher_empirical", "diagonal", "xdiag"])
+                                  "fisher_empirical", "diagonal", "xdiag", "parameter_subset"])
 def test_products_equal_single_process(products, name):
     kind, ranks = products
     for r in ranks:

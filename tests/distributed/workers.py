@@ -134,6 +134,13 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     for p in hessian.model.parameters():
         p.grad = None
 
+    subset = curvops.HessianOperator(wrapped, loss_fn, mine, method=method, params="2.*")
+    subset_reference = curvops.HessianOperator(plain, loss_fn, data, params="2.*")
+    small = full[: subset_reference.shape[0]]
+    results["parameter_subset"] = relative_error(subset @ local_rows(subset, small),
+                                                 local_rows(subset, subset_reference @ small))
+    results["parameter_subset_dim"] = [subset.shape[0], subset._vector_rows()]
+
     loss, grad = hessian.loss_and_gradient()
     ref_loss, ref_grad = reference_h.loss_and_gradient()
     results["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
