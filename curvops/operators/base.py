@@ -821,19 +821,30 @@ def _stashed_gradients(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _attention_with_higher_derivatives() -> Iterator[None]:
-    """Route scaled-dot-product attention to the math kernel.
+    """Route scaled-dot-product attention to the math kernel, and off the MHA fast path.
 
     The fused attention kernels have neither a double backward nor forward-mode AD;
     the math kernel is made of differentiable primitives, so Hessian and GGN products
     work through ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+    Without autograd (the no-graph tangent forwards) ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` in eval mode take a fused "fast path" that has no
+    forward-mode AD either; it is switched off for the duration.
     """
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # pragma: no cover - old torch
+            yield
+            return
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def _select_parameters(model: nn.Module, params: ParamSelection) -> tuple[list[str], list[nn.Parameter]]:

@@ -355,3 +355,37 @@ def test_both_tangent_strategies_agree(with_graph, monkeypatch):
     _close(G @ V[:, 0], ref @ V[:, 0])
     F = FisherOperator(model, loss_fn, data, kind="empirical")
     _close(F @ V, dense_empirical_fisher(model, loss_fn, data, F.params) @ V)
+
+
+class _EncoderClassifier(torch.nn.Module):
+    """nn.TransformerEncoderLayer + mean pooling + linear head (eval mode: the MHA fast path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
+def test_ggn_through_torch_transformer_layer_in_eval_mode(with_graph, monkeypatch):
+    """Without autograd, eval-mode nn.TransformerEncoderLayer takes a fused fast path that has
+    no forward-mode AD; the no-graph tangent forwards (blocks, and every product on CUDA) must
+    not (regression: NotImplementedError from aten::_transformer_encoder_layer_fwd)."""
+    from curvops.operators.base import OutputSpaceOperator
+
+    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
+    torch.manual_seed(0)
+    model = _EncoderClassifier().double().eval()
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 5, 8, generator=generator, dtype=torch.float64),
+             torch.randint(0, 3, (4,), generator=generator)) for _ in range(2)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    G = GGNOperator(model, loss_fn, data)
+    reference = dense_ggn(model, loss_fn, data, G.params)
+    V = _random_block(G.shape[0], 3, seed=4)
+    _close(G @ V, reference @ V)
+    _close(G @ V[:, 0], reference @ V[:, 0])
+    assert torch.backends.mha.get_fastpath_enabled(), "the fast-path switch must be restored"
