@@ -771,17 +771,18 @@ class OutputSpaceOperator(CurvatureOperator):
                     if norms[col] == 0.0:
                         continue
                     eps = step / norms[col]
-                    shifted = []
+                    jv = None  # accumulated in place: one output-sized buffer (LM logits are large)
                     for sign in (1.0, -1.0):
                         with torch.no_grad():
                             for t, t0, v in zip(local, saved, V):
                                 t.copy_(t0 + (sign * eps) * v[col])
-                            shifted.append(self.forward(inputs))
+                            shifted = self.forward(inputs)
+                            jv = shifted.mul_(sign) if jv is None else jv.sub_(shifted)
+                            del shifted
                     with torch.no_grad():
                         for t, t0 in zip(local, saved):
                             t.copy_(t0)
-                    jv = (shifted[0] - shifted[1]) / (2 * eps)
-                    del shifted
+                        jv.div_(2 * eps)
                     with self.parallel.summed_gradients(), _stashed_gradients(self.model):
                         with torch.enable_grad():
                             output = self.forward(inputs)
