@@ -203,6 +203,10 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     if kind == "ddp":
         kfac, kfac_reference = curvops.KFACOperator(wrapped, loss_fn, mine), curvops.KFACOperator(plain, loss_fn, data)
         results["kfac"] = relative_error(kfac @ X, kfac_reference @ full)
+        # Solvers run replicated on every rank; each product is all-reduced.
+        ggn, ggn_reference = curvops.GGNOperator(wrapped, loss_fn, mine), curvops.GGNOperator(plain, loss_fn, data)
+        solve = curvops.inverse(ggn, 0.1, "cg", rtol=1e-10) @ X
+        results["cg"] = relative_error(solve, curvops.inverse(ggn_reference, 0.1, "cg", rtol=1e-10) @ full)
         # Uneven batch counts (3 and 1) are fine under DDP: products are summed per rank.
         uneven = curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank, (3, 1)))
         results["uneven_batches"] = relative_error(uneven @ X, reference_h @ full)
