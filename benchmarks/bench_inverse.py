@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _report import emit_report  # noqa: E402
 from bench_matvec import build  # noqa: E402
 
 from curvops import GGNOperator  # noqa: E402
@@ -193,11 +194,7 @@ def main() -> None:
                          f"({by['curvops']['matvecs'] / max(by['curvops_kfac']['matvecs'], 1):.2f}x).")
     if not have_kfac:
         lines.append("- curvops.operators.kfac was not importable: no curvops KFAC rows.")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import time
 import torch
 from torch import nn
 
+from _report import emit_report  # benchmarks/ is on sys.path when a script runs
+
 MODELS = ("mlp", "cnn")
 FISHER_TYPES = ("mc", "type-2")
 IMPLS = ("curvops", "curvlinops")
@@ -181,11 +183,7 @@ def main() -> None:
                     rel = abs(ours["out_norm"] - theirs["out_norm"]) / theirs["out_norm"]
                     lines.append(f"‖K⁻¹v‖ agree to {rel:.1e} relative (same problem, same v).")
             lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report(lines, args.out)
 
 
 if __name__ == "__main__":

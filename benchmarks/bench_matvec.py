@@ -29,6 +29,8 @@ import time
 import torch
 from torch import nn
 
+from _report import emit_report  # benchmarks/ is on sys.path when a script runs
+
 MODELS = ("mlp", "cnn")
 METHODS = (
     "gradient", "plain_double_backward",
@@ -179,11 +181,7 @@ def main() -> None:
             if results.get(peer) and results.get("curvops_ggn"):
                 lines.append(f"{peer} / curvops_ggn time: {results[peer]['per_vector'] / results['curvops_ggn']['per_vector']:.2f}x")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report(lines, args.out)
 
 
 if __name__ == "__main__":

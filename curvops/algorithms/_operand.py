@@ -387,7 +387,8 @@ class ProbeStream:
                 position = end
         if not pieces:
             return torch.zeros((0, num_columns), dtype=dtype, device=device)
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        # One piece is a row slice of a fresh chunk (contiguous, referenced nowhere else): no copy.
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def _chunk(self, draw: int, chunk: int, length: int, num_columns: int, kind: str,
                dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -296,6 +296,28 @@ class ModelOperator(TorchLinearOperator):
             self.parallel.all_reduce_(square)
         return float(square.sqrt())
 
+    @contextlib.contextmanager
+    def _shifted_parameters(self) -> Iterator[Callable[[list[Tensor], int, float], None]]:
+        """Yield ``shift(V, col, amount)``: set ``θ = θ₀ + amount · V[col]`` (``amount = 0``: ``θ₀``).
+
+        Acts on this process's pieces (local shards under FSDP: each rank perturbs only its
+        own). ``θ₀`` is restored bit for bit on exit, also after an exception.
+        """
+        local = [local_tensor(p) for p in self.params]
+        saved = [t.detach().clone() for t in local]
+
+        def shift(V: list[Tensor], col: int, amount: float) -> None:
+            with torch.no_grad():
+                for t, t0, v in zip(local, saved, V):
+                    t.copy_(t0 if amount == 0.0 else t0 + amount * v[col])
+
+        try:
+            yield shift
+        finally:
+            with torch.no_grad():
+                for t, t0 in zip(local, saved):
+                    t.copy_(t0)
+
     def forward(self, inputs: Any, replace: Mapping[str, Tensor] | None = None) -> Tensor:
         """Run the model on a batch's inputs and return the output tensor.
 
@@ -413,6 +435,8 @@ class CurvatureOperator(ModelOperator):
     must hold the same number of batches.
     """
 
+    #: Step ``‖εv‖`` of the central differences; None: :meth:`finite_difference_step`'s rule.
+    fd_eps: float | None = None
     #: Whether :meth:`_products` sums over this rank's batches (so a DDP product needs one
     #: all-reduce); False for operators whose products use already-global statistics.
     _sums_over_local_data: bool = True
@@ -467,9 +491,8 @@ class CurvatureOperator(ModelOperator):
         has rounding errors ``κ ≈ 10³`` times larger than one roundoff (measured:
         ``benchmarks/results/fd_step_*``).
         """
-        fd_eps = getattr(self, "fd_eps", None)
-        if fd_eps is not None:
-            return float(fd_eps)
+        if self.fd_eps is not None:
+            return float(self.fd_eps)
         unit_roundoff = float(torch.finfo(self.torch_dtype).eps) / 2
         rms = self._global_norm([local_tensor(p) for p in self.params]) / self.num_params ** 0.5
         return 10.0 * unit_roundoff ** (1 / 3) * (1.0 + rms)
@@ -538,6 +561,8 @@ class CurvatureOperator(ModelOperator):
         result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
         if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
             self.parallel.all_reduce_(result)  # NCCL needs a contiguous tensor
+        # Two agreements, in this order: a NaN loss on one rank spreads NaN into every rank's
+        # (reduced) product, and the message must name the rank whose loss caused it.
         self._agree(self._nonfinite_loss_error(losses, loss_batches, what="loss"))
         finite = bool(torch.isfinite(result).all())
         if self.parallel is not None:
@@ -579,11 +604,9 @@ class CurvatureOperator(ModelOperator):
                 count += 1
         except (TypeError, ValueError) as caught:
             error = caught
-        if self.parallel is None:
-            if error is not None:
-                raise error
-        else:
-            self._agree(error)
+        self._agree(error)
+        total_count = count
+        if self.parallel is not None:
             table = self.parallel.all_gather_numbers([count, total], self.device).cpu()
             counts = [int(c) for c in table[:, 0]]
             if isinstance(self.parallel, Sharded) and len(set(counts)) > 1:
@@ -592,12 +615,10 @@ class CurvatureOperator(ModelOperator):
                     f"passes are collective), got {counts} per rank; shard the data evenly, e.g. "
                     "with DistributedSampler (which pads to equal length) and drop_last=False"
                 )
-            self.batches_per_rank = counts
-            total = float(table[:, 1].sum())
-            if sum(counts) == 0:
-                raise ValueError("data is empty on every rank: it yielded no batches")
-        if count == 0 and self.parallel is None:
-            raise ValueError("data is empty: it yielded no batches")
+            total_count, total = sum(counts), float(table[:, 1].sum())
+        if total_count == 0:
+            where = " on every rank" if self.parallel is not None else ""
+            raise ValueError(f"data is empty{where}: it yielded no batches")
         if self.loss.reduction == "mean" and total <= 0:
             raise ValueError(
                 "the data has no counted loss terms (every target equals ignore_index, or "
@@ -606,8 +627,8 @@ class CurvatureOperator(ModelOperator):
         return count, total
 
     def _check_deterministic(self) -> None:
-        if self.num_batches == 0:  # a DDP rank without data: nothing to check here
-            self._agree(None)
+        if self.num_batches == 0:  # a DDP rank without data: nothing to check here, but it
+            self._agree(None)      # joins the two agreements the other ranks make below
             self._agree(None)
             return
         error: Exception | None = None
@@ -760,11 +781,9 @@ class OutputSpaceOperator(CurvatureOperator):
         k = V[0].shape[0]
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
-        local = [local_tensor(p) for p in self.params]
-        saved = [t.detach().clone() for t in local]
         step = self.finite_difference_step()
         norms = [self._global_norm([v[col] for v in V]) for col in range(k)]
-        try:
+        with self._shifted_parameters() as shift:
             for index, inputs, target in self._batches(only):
                 context = None
                 for col in range(k):
@@ -773,16 +792,13 @@ class OutputSpaceOperator(CurvatureOperator):
                     eps = step / norms[col]
                     jv = None  # accumulated in place: one output-sized buffer (LM logits are large)
                     for sign in (1.0, -1.0):
+                        shift(V, col, sign * eps)
                         with torch.no_grad():
-                            for t, t0, v in zip(local, saved, V):
-                                t.copy_(t0 + (sign * eps) * v[col])
                             shifted = self.forward(inputs)
                             jv = shifted.mul_(sign) if jv is None else jv.sub_(shifted)
                             del shifted
-                    with torch.no_grad():
-                        for t, t0 in zip(local, saved):
-                            t.copy_(t0)
-                        jv.div_(2 * eps)
+                    shift(V, col, 0.0)
+                    jv.div_(2 * eps)
                     with self.parallel.summed_gradients(), _stashed_gradients(self.model):
                         with torch.enable_grad():
                             output = self.forward(inputs)
@@ -798,10 +814,6 @@ class OutputSpaceOperator(CurvatureOperator):
                     primal = self.forward(inputs) if context is None else primal
                     losses.append(self.loss.batch_sum(primal, target) * self.scale)
                 loss_batches.append(index)
-        finally:
-            with torch.no_grad():
-                for t, t0 in zip(local, saved):
-                    t.copy_(t0)
         return out, losses, loss_batches
 
 

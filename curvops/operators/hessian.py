@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.operators._parallel import Sharded, local_tensor
+from curvops.operators._parallel import Sharded
 from curvops.operators.base import CurvatureOperator, ParamSelection
 
 _METHODS = ("autograd", "finite_difference")
@@ -93,19 +93,14 @@ class HessianOperator(CurvatureOperator):
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
         step = self.finite_difference_step()
-        # Local shards under FSDP (each rank perturbs only its own), the parameters elsewhere.
-        local = [local_tensor(p) for p in self.params]
-        saved = [t.detach().clone() for t in local]
-        try:
+        with self._shifted_parameters() as shift:
             for col in range(k):
                 norm = self._global_norm([v[col] for v in V])
                 if norm == 0.0:
                     continue
                 eps = step / norm
                 for sign in (1.0, -1.0):
-                    with torch.no_grad():
-                        for t, t0, v in zip(local, saved, V):
-                            t.copy_(t0 + (sign * eps) * v[col])
+                    shift(V, col, sign * eps)
                     for index, inputs, target in self._batches(only):
                         value, grads, _ = self._loss_gradient(inputs, target, self.scale)
                         for o, g in zip(out, grads):
@@ -114,8 +109,4 @@ class HessianOperator(CurvatureOperator):
                         loss_batches.append(index)
                 for o in out:
                     o[col].div_(2 * eps)
-        finally:
-            with torch.no_grad():
-                for t, t0 in zip(local, saved):
-                    t.copy_(t0)
         return out, losses, loss_batches
