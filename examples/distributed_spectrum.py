@@ -72,6 +72,8 @@ def parse() -> argparse.Namespace:
                         help="global number of batches, dealt round-robin to the ranks (FSDP needs "
                              "a multiple of the world size); the same global data for any world size")
     parser.add_argument("--k", type=int, default=3, help="number of top eigenvalues")
+    parser.add_argument("--tol", type=float, default=1e-4,
+                        help="lanczos tolerance (float32 finite differences: about 1e-3 at best)")
     parser.add_argument("--probes", type=int, default=2, help="SLQ probes of the density")
     parser.add_argument("--steps", type=int, default=20, help="Lanczos steps per SLQ probe")
     parser.add_argument("--method", choices=("autograd", "finite_difference"), default=None,
@@ -144,7 +146,7 @@ def main() -> None:
     vector = torch.ones(rows, dtype=hessian.torch_dtype, device=device)
     hessian @ vector  # warm-up (allocator, kernels)
     _, product_s = timed(device, lambda: hessian @ vector)
-    top, lanczos_s = timed(device, lambda: curvops.lanczos(hessian, k=args.k, seed=args.seed, tol=1e-4))
+    top, lanczos_s = timed(device, lambda: curvops.lanczos(hessian, k=args.k, seed=args.seed, tol=args.tol))
     density, density_s = timed(device, lambda: curvops.spectral_density(
         hessian, num_probes=args.probes, lanczos_steps=args.steps, seed=args.seed))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0

@@ -143,10 +143,18 @@ class Operand:
             raise ValueError(f"{name} contains NaN or Inf")
         return converted
 
+    def matmul(self, left: Array, right: Array) -> Array:
+        """``left @ right`` for 1-D/2-D operands, or batched over a leading axis of both (3-D).
+
+        The one place products with a length-``D`` axis are formed (the torch backend splits
+        very large ones, see :func:`wide_matmul`).
+        """
+        return left @ right
+
     # -- reductions over D: the only places a sharded backend must all-reduce --
     def inner(self, left: Array, right: Array) -> np.ndarray:
         """``left.T @ right`` for ``(D,)`` or ``(D, b)`` operands, as a float64 host array."""
-        return self.to_host((left if left.ndim == 1 else left.T) @ right)
+        return self.to_host(self.matmul(left if left.ndim == 1 else left.T, right))
 
     def column_dots(self, left: Array, right: Array) -> np.ndarray:
         """``(b,)`` column-wise inner products of two ``(D, b)`` blocks."""
@@ -168,7 +176,7 @@ class Operand:
 
     def stacked_inner(self, rows: Array, vectors: Array) -> np.ndarray:
         """Batched ``rows[p] @ vectors[p]``: ``(P, n, D)`` x ``(P, D)`` -> ``(P, n)``."""
-        return self.to_host((rows @ vectors[:, :, None])[:, :, 0])
+        return self.to_host(self.matmul(rows, vectors[:, :, None])[:, :, 0])
 
     def qr(self, block: Array) -> tuple[Array, np.ndarray]:
         """Thin QR of a ``(D, b)`` block: ``Q`` (backend, orthonormal columns) and ``R`` (host)."""
@@ -177,7 +185,7 @@ class Operand:
     def subtract_combination(self, target: Array, coefficients: np.ndarray, rows: Array) -> Array:
         """``target - coefficients @ rows`` for ``target`` ``(b, D)``, host ``coefficients`` ``(b, n)``
         and ``rows`` ``(n, D)`` (no reduction over D)."""
-        return target - self.from_host(coefficients) @ rows
+        return target - self.matmul(self.from_host(coefficients), rows)
 
     # -- orthogonalization built on the reductions above ------------------------
     def project_out(self, rows: Array, vector: Array) -> tuple[Array, np.ndarray]:
@@ -186,7 +194,7 @@ class Operand:
         Returns the projected vector and the ``(n,)`` coefficients removed.
         """
         coefficients = self.inner(rows.T, vector)
-        return vector - rows.T @ self.from_host(coefficients), coefficients
+        return vector - self.matmul(rows.T, self.from_host(coefficients)), coefficients
 
     def orthogonalize(self, rows: Array, vector: Array) -> tuple[Array, float]:
         """Orthonormalize ``vector`` against ``rows`` with two Gram-Schmidt passes (CGS2).
@@ -201,7 +209,7 @@ class Operand:
 
     def project_out_block(self, basis: Array, block: Array) -> Array:
         """``block - basis @ (basis.T @ block)`` for an orthonormal ``(D, s)`` basis."""
-        return block - basis @ self.from_host(self.inner(basis, block))
+        return block - self.matmul(basis, self.from_host(self.inner(basis, block)))
 
     # -- randomness -------------------------------------------------------------
     def rng(self, seed: int | None) -> Any:
@@ -332,13 +340,22 @@ class TorchOperand(Operand):
     def to_host(self, array: torch.Tensor) -> np.ndarray:
         return array.detach().to(device="cpu", dtype=torch.float64).numpy()
 
+    def matmul(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        if left.ndim == 3:
+            if _is_wide(left, right):
+                return torch.stack([wide_matmul(a, b) for a, b in zip(left, right)])
+            return left @ right
+        return wide_matmul(left, right)
+
     def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        q, r = torch.linalg.qr(block)
+        q, r = tall_qr(block)
         return q, self.to_host(r)
 
     def subtract_combination(
         self, target: torch.Tensor, coefficients: np.ndarray, rows: torch.Tensor
     ) -> torch.Tensor:
+        if _is_wide(rows):
+            return target - wide_matmul(self.from_host(coefficients), rows)
         # One fused pass (no (b, D) temporary): this runs several times per Lanczos step.
         return torch.addmm(target, self.from_host(coefficients), rows, alpha=-1.0)
 
@@ -347,6 +364,84 @@ class TorchOperand(Operand):
 
     def probes(self, num_columns: int, kind: str, rng: "ProbeStream") -> torch.Tensor:
         return rng.draw(num_columns, kind, ((0, self.dim),), self.dim, self.dtype, self.device)
+
+
+#: Largest operand (in elements) handed to one BLAS/LAPACK call. cuBLAS (CUDA 13, H200,
+#: torch 2.11) fails with an illegal memory access, or silently returns wrong numbers, for
+#: float32 products of a few rows with an ``(n, D)`` operand of more than ``2**31`` elements
+#: (``benchmarks/results/wide_gemm_h200_2026-11-23.md``): a 32-bit offset overflows. Lanczos
+#: bases of models with more than ~100M parameters are that large, so such products are
+#: split along ``D`` into contiguous pieces of at most :data:`CHUNK_ELEMENTS`.
+WIDE_ELEMENTS = 1 << 31
+CHUNK_ELEMENTS = 1 << 28
+
+
+def _is_wide(*tensors: torch.Tensor) -> bool:
+    return any(t.numel() >= WIDE_ELEMENTS for t in tensors)
+
+
+def wide_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right`` (1-D or 2-D), split into contiguous pieces along the longest axis.
+
+    Small products are one ``@``. When an operand or the result has ``WIDE_ELEMENTS`` or
+    more entries, the longest axis (``D``: the output rows, the reduction, or the output
+    columns) is cut into pieces whose operands each have at most ``CHUNK_ELEMENTS``
+    entries; each piece is made contiguous, so no BLAS call sees a large leading dimension.
+    """
+    squeeze_left, squeeze_right = left.ndim == 1, right.ndim == 1
+    a = left[None, :] if squeeze_left else left
+    b = right[:, None] if squeeze_right else right
+    m, n = a.shape
+    k = b.shape[1]
+    if m * n < WIDE_ELEMENTS and n * k < WIDE_ELEMENTS and m * k < WIDE_ELEMENTS:
+        return left @ right
+    longest = max(m, n, k)
+    if longest == n:  # reduction over D: sum the pieces' partial products
+        step = max(1, CHUNK_ELEMENTS // max(m, k))
+        out = None
+        for start in range(0, n, step):
+            part = a[:, start : start + step].contiguous() @ b[start : start + step].contiguous()
+            out = part if out is None else out.add_(part)
+    elif longest == m:  # D output rows
+        step = max(1, CHUNK_ELEMENTS // max(n, k))
+        small = b.contiguous()
+        out = a.new_empty((m, k))
+        for start in range(0, m, step):
+            out[start : start + step] = a[start : start + step].contiguous() @ small
+    else:  # D output columns
+        step = max(1, CHUNK_ELEMENTS // max(m, n))
+        small = a.contiguous()
+        out = a.new_empty((m, k))
+        for start in range(0, k, step):
+            out[:, start : start + step] = small @ b[:, start : start + step].contiguous()
+    if squeeze_left:
+        out = out[0]
+    if squeeze_right:
+        out = out[..., 0]
+    return out
+
+
+def tall_qr(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall ``(D, b)`` block (``torch.linalg.qr``), by pieces of rows when very large.
+
+    A block of ``WIDE_ELEMENTS`` or more entries is factored as TSQR: a QR of every piece of
+    at most ``CHUNK_ELEMENTS`` entries, a QR of the stacked ``R`` factors, and each piece's
+    ``Q`` times its block of the second ``Q`` (see :data:`WIDE_ELEMENTS` for why).
+    """
+    rows, width = block.shape
+    if block.numel() < WIDE_ELEMENTS or rows <= width:
+        return torch.linalg.qr(block)
+    step = max(width, CHUNK_ELEMENTS // width)
+    pieces = [torch.linalg.qr(block[start : start + step].contiguous()) for start in range(0, rows, step)]
+    sizes = [r.shape[0] for _, r in pieces]
+    stacked_q, r = torch.linalg.qr(torch.cat([r for _, r in pieces]))
+    q = block.new_empty((rows, min(rows, width)))
+    offset, start = 0, 0
+    for (piece_q, _), size in zip(pieces, sizes):
+        q[start : start + piece_q.shape[0]] = piece_q @ stacked_q[offset : offset + size]
+        start += piece_q.shape[0]
+        offset += size
+    return q, r
 
 
 class ProbeStream:
@@ -426,13 +521,13 @@ class ShardedTorchOperand(TorchOperand):
         return self.parallel.all_reduce_(partial.contiguous())
 
     def inner(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
-        return self.to_host(self._summed((left if left.ndim == 1 else left.T) @ right))
+        return self.to_host(self._summed(self.matmul(left if left.ndim == 1 else left.T, right)))
 
     def column_dots(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
         return self.to_host(self._summed((left * right).sum(0)))
 
     def stacked_inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
-        return self.to_host(self._summed((rows @ vectors[:, :, None])[:, :, 0]))
+        return self.to_host(self._summed(self.matmul(rows, vectors[:, :, None])[:, :, 0]))
 
     def sum_over_shards(self, value: float) -> float:
         total = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -444,7 +539,7 @@ class ShardedTorchOperand(TorchOperand):
 
     def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         width = block.shape[1]
-        local_q, local_r = torch.linalg.qr(block)  # (m, min(m, b)), (min(m, b), b)
+        local_q, local_r = tall_qr(block)  # (m, min(m, b)), (min(m, b), b)
         padded_q = torch.zeros((block.shape[0], width), dtype=block.dtype, device=block.device)
         padded_q[:, : local_q.shape[1]] = local_q
         padded_r = torch.zeros((width, width), dtype=block.dtype, device=block.device)
@@ -453,7 +548,7 @@ class ShardedTorchOperand(TorchOperand):
         torch.distributed.all_gather(gathered, padded_r, group=self.parallel.group)
         stacked_q, r = torch.linalg.qr(torch.cat(gathered))  # the same on every rank
         rank = self.parallel.rank
-        return padded_q @ stacked_q[rank * width : (rank + 1) * width], self.to_host(r)
+        return wide_matmul(padded_q, stacked_q[rank * width : (rank + 1) * width]), self.to_host(r)
 
     def rng(self, seed: int | None) -> ProbeStream:
         if seed is None:  # every rank must draw the same probes: rank 0 picks the seed

@@ -295,7 +295,7 @@ def _batched_lanczos(
         w = w - operand.from_host(alpha)[:, None] * current
         for _ in range(2):
             coefficients = operand.stacked_inner(past, w)
-            w = w - (operand.from_host(coefficients)[:, None, :] @ past)[:, 0]
+            w = w - operand.matmul(operand.from_host(coefficients)[:, None, :], past)[:, 0]
             alpha += coefficients[:, j]
         beta = operand.column_norms(w.T)
         alphas[active, j] = alpha

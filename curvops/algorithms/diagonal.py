@@ -160,15 +160,15 @@ def xdiag(
         kept = operand.from_host(triangular - projectors * np.diag(small_r)[None, :])
         samples = (
             (basis * basis_images).sum(1)[:, None]
-            - (basis @ unit) * (basis_images @ unit)
-            + probes * (images - basis @ kept)
+            - operand.matmul(basis, unit) * operand.matmul(basis_images, unit)
+            + probes * (images - operand.matmul(basis, kept))
         )
     else:
         columns = []
         for index, projector in enumerate(projectors):
             small = operand.from_host(projector)
-            low_rank = ((basis @ small) * basis_images).sum(1)
-            remainder = images[:, index] - basis @ operand.from_host(projector @ triangular[:, index])
+            low_rank = (operand.matmul(basis, small) * basis_images).sum(1)
+            remainder = images[:, index] - operand.matmul(basis, operand.from_host(projector @ triangular[:, index]))
             columns.append(low_rank + probes[:, index] * remainder)
         samples = operand.zeros((operand.local_dim, num_probes))
         for index, column in enumerate(columns):

@@ -349,7 +349,7 @@ def lanczos(
         num_kept = _num_kept(k, basis_size - width + 1, num_converged)
         kept = _select(theta, which, num_kept)
         # Thick restart: basis <- Ritz vectors, projected matrix <- diag(theta) + arrow couplings.
-        basis[:num_kept] = operand.from_host(vectors[:, kept].T) @ basis[:stop]
+        basis[:num_kept] = operand.matmul(operand.from_host(vectors[:, kept].T), basis[:stop])
         basis[num_kept : num_kept + width] = basis[stop : stop + width]
         arrow = coupling @ vectors[stop - width : stop, kept]
         projected[:] = 0.0
@@ -360,7 +360,7 @@ def lanczos(
         restarts += 1
 
     eigenvalues = theta[wanted]
-    ritz_vectors = basis[:stop].T @ operand.from_host(vectors[:, wanted])
+    ritz_vectors = operand.matmul(basis[:stop].T, operand.from_host(vectors[:, wanted]))
     if exact_residuals:
         residual_block = operand.matmat(ritz_vectors) - ritz_vectors * operand.from_host(eigenvalues)
         residual_norms = operand.column_norms(residual_block)

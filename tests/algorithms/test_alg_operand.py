@@ -1,0 +1,106 @@
+"""Products and QR with a very long ``D`` axis are split into pieces (cuBLAS 32-bit offsets).
+
+The thresholds are lowered so that small tensors take the split path; results must equal the
+unsplit computation to float64 rounding, and no single product may see an operand larger than
+``CHUNK_ELEMENTS``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvops import algorithms as alg
+from curvops.algorithms import _operand
+
+WIDE, CHUNK = 64, 16
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    monkeypatch.setattr(_operand, "WIDE_ELEMENTS", WIDE)
+    monkeypatch.setattr(_operand, "CHUNK_ELEMENTS", CHUNK)
+
+
+class RecordingTensor(torch.Tensor):
+    """Records the operand sizes of every matrix product it takes part in."""
+
+    sizes: list[int] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+            cls.sizes.append(max(a.numel() for a in args[:2]))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def recorded(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.as_subclass(RecordingTensor)
+
+
+# (left shape, right shape): D as the output rows, the reduction, the output columns; vectors.
+SHAPES = [((200, 3), (3, 2)), ((3, 200), (200, 2)), ((3, 5), (5, 200)),
+          ((200, 3), (3,)), ((200,), (200, 3)), ((4, 200), (200,)), ((2, 3), (3, 4))]
+
+
+@pytest.mark.parametrize("left_shape, right_shape", SHAPES)
+def test_wide_matmul_equals_matmul(small_thresholds, left_shape, right_shape):
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(left_shape, generator=generator, dtype=torch.float64)
+    right = torch.randn(right_shape, generator=generator, dtype=torch.float64)
+    RecordingTensor.sizes = []
+    result = _operand.wide_matmul(recorded(left), recorded(right))
+    expected = left @ right
+    assert result.shape == expected.shape
+    # Split reductions add the pieces in another order: float64 rounding of a 200-term sum.
+    torch.testing.assert_close(result.as_subclass(torch.Tensor), expected, rtol=1e-13, atol=1e-13)
+    if max(left.numel(), right.numel(), expected.numel()) >= WIDE:
+        assert RecordingTensor.sizes and max(RecordingTensor.sizes) <= CHUNK
+    else:
+        assert RecordingTensor.sizes == [max(left.numel(), right.numel())]
+
+
+def test_wide_matmul_of_transposed_view(small_thresholds):
+    """Lanczos forms Ritz vectors from ``basis.T`` (a strided view): pieces are copied contiguous."""
+    rows = torch.randn(6, 100, dtype=torch.float64)
+    coefficients = torch.randn(6, 2, dtype=torch.float64)
+    torch.testing.assert_close(_operand.wide_matmul(rows.T, coefficients), rows.T @ coefficients,
+                               rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(300, 4), (301, 1), (64, 16), (90, 7)])
+def test_tall_qr_is_a_thin_qr(small_thresholds, shape):
+    block = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    q, r = _operand.tall_qr(block)
+    assert q.shape == shape and r.shape == (shape[1], shape[1])
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(q.T @ q, torch.eye(shape[1], dtype=torch.float64), rtol=0, atol=100 * eps)
+    torch.testing.assert_close(q @ r, block, rtol=0, atol=100 * eps * float(block.abs().max()))
+    assert torch.equal(r, torch.triu(r))
+    # R is unique up to the signs of its rows.
+    _, reference = torch.linalg.qr(block)
+    torch.testing.assert_close(r.abs(), reference.abs(), rtol=1e-12, atol=1e-12)
+
+
+ALGORITHMS = {
+    "lanczos": lambda op: alg.lanczos(op, k=3, seed=0, tol=1e-10).eigenvalues,
+    "lanczos_block": lambda op: alg.lanczos(op, k=3, block_size=2, seed=0, tol=1e-10).eigenvalues,
+    "hutchpp": lambda op: alg.hutchpp_trace(op, budget=30, seed=0).estimate,
+    "xtrace": lambda op: alg.xtrace(op, budget=30, seed=0).estimate,
+    "xdiag": lambda op: alg.xdiag(op, budget=30, seed=0).estimate,
+    "density": lambda op: alg.spectral_density(op, num_probes=3, lanczos_steps=12, seed=0).nodes,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_algorithms_equal_with_split_products(monkeypatch, name, make_spectrum_matrix, torch_native_class):
+    """The split path (forced on a D = 60 operator) changes only the rounding."""
+    TorchNativeOperator = torch_native_class
+    matrix, _ = make_spectrum_matrix(np.linspace(-1.0, 4.0, 60), seed=2)
+    run = ALGORITHMS[name]
+    plain = np.asarray(run(TorchNativeOperator(matrix)), dtype=np.float64)
+    monkeypatch.setattr(_operand, "WIDE_ELEMENTS", WIDE)
+    monkeypatch.setattr(_operand, "CHUNK_ELEMENTS", CHUNK)
+    split = np.asarray(run(TorchNativeOperator(matrix)), dtype=np.float64)
+    np.testing.assert_allclose(split, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max())
