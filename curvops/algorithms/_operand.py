@@ -79,7 +79,10 @@ class Operand:
             return self.zeros((self.local_dim, 0))
         result = self._apply_block(block)
         self.num_matvecs += num_columns
-        return self._checked(result, (self.local_dim, num_columns))
+        result = self._checked(result, (self.local_dim, num_columns))
+        # The algorithms update products in place: never hand back the caller's own block
+        # (an identity-like operator may return its input).
+        return self._copy(result) if self._shares_memory(result, block) else result
 
     def matvec(self, vector: Array) -> Array:
         """Return ``A @ vector`` for a length-``D`` vector."""
@@ -112,6 +115,13 @@ class Operand:
     def zeros(self, shape: tuple[int, ...]) -> Array:
         """Zero array of the working dtype/device."""
         raise NotImplementedError
+
+    def empty(self, shape: tuple[int, ...]) -> Array:
+        """Uninitialized array of the working dtype/device (every entry must be written before use).
+
+        Large bases are allocated this way: zero-filling one costs as much as several Lanczos steps.
+        """
+        return self.zeros(shape)
 
     def from_host(self, array: np.ndarray) -> Array:
         """Small host (numpy) array -> working backend/dtype/device."""
@@ -182,10 +192,33 @@ class Operand:
         """Thin QR of a ``(D, b)`` block: ``Q`` (backend, orthonormal columns) and ``R`` (host)."""
         raise NotImplementedError
 
-    def subtract_combination(self, target: Array, coefficients: np.ndarray, rows: Array) -> Array:
-        """``target - coefficients @ rows`` for ``target`` ``(b, D)``, host ``coefficients`` ``(b, n)``
-        and ``rows`` ``(n, D)`` (no reduction over D)."""
-        return target - self.matmul(self.from_host(coefficients), rows)
+    def combine_rows_(self, rows: Array, coefficients: np.ndarray) -> None:
+        """In place ``rows[:m] = coefficients @ rows[:n]`` for host ``coefficients`` ``(m, n)``, ``m <= n``.
+
+        Done in pieces of columns (the same for every row, so each piece is read before it is
+        overwritten): no ``(m, D)`` temporary, and each piece stays in cache.
+        """
+        m, n = coefficients.shape
+        small = self.from_host(coefficients)
+        step = self._combine_columns(n)
+        for start in range(0, rows.shape[1], step):
+            piece = rows[:n, start : start + step]
+            rows[:m, start : start + step] = small @ piece
+
+    def _combine_columns(self, n: int) -> int:
+        # About 4 MiB of float64 per piece: in the cache of a CPU core, and few pieces.
+        return max(1, (1 << 19) // max(n, 1))
+
+    def subtract_combination_(self, target: Array, coefficients: np.ndarray, rows: Array) -> None:
+        """In place ``target -= coefficients @ rows`` for ``target`` ``(b, D)``, host
+        ``coefficients`` ``(b, n)`` and ``rows`` ``(n, D)`` (no reduction over D)."""
+        target -= self.matmul(self.from_host(coefficients), rows)
+
+    def _shares_memory(self, left: Array, right: Array) -> bool:
+        return bool(np.may_share_memory(left, right))
+
+    def _copy(self, array: Array) -> Array:
+        return array.copy()
 
     # -- orthogonalization built on the reductions above ------------------------
     def project_out(self, rows: Array, vector: Array) -> tuple[Array, np.ndarray]:
@@ -334,6 +367,24 @@ class TorchOperand(Operand):
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def combine_rows_(self, rows: torch.Tensor, coefficients: np.ndarray) -> None:
+        m, n = coefficients.shape
+        small = self.from_host(coefficients)
+        step = self._combine_columns(n)
+        for start in range(0, rows.shape[1], step):
+            # Contiguous pieces: no BLAS call sees a leading dimension of D (see WIDE_ELEMENTS).
+            piece = rows[:n, start : start + step]
+            rows[:m, start : start + step] = small @ (piece if step >= rows.shape[1] else piece.contiguous())
+
+    def _combine_columns(self, n: int) -> int:
+        if self.device.type == "cpu":
+            return super()._combine_columns(n)
+        # On an accelerator few large products are fastest; split only what cuBLAS cannot take.
+        return max(1, (CHUNK_ELEMENTS if n * self.local_dim >= WIDE_ELEMENTS else WIDE_ELEMENTS) // max(n, 1))
+
     def from_host(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(array)).to(device=self.device, dtype=self.dtype)
 
@@ -351,13 +402,21 @@ class TorchOperand(Operand):
         q, r = tall_qr(block)
         return q, self.to_host(r)
 
-    def subtract_combination(
+    def subtract_combination_(
         self, target: torch.Tensor, coefficients: np.ndarray, rows: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> None:
         if _is_wide(rows):
-            return target - wide_matmul(self.from_host(coefficients), rows)
-        # One fused pass (no (b, D) temporary): this runs several times per Lanczos step.
-        return torch.addmm(target, self.from_host(coefficients), rows, alpha=-1.0)
+            target -= wide_matmul(self.from_host(coefficients), rows)
+        else:
+            # One fused pass into the target: no (b, D) temporary, whose fresh pages cost
+            # about as much as the product itself on a CPU (this runs three times per step).
+            target.addmm_(self.from_host(coefficients), rows, alpha=-1.0)
+
+    def _shares_memory(self, left: torch.Tensor, right: torch.Tensor) -> bool:
+        return left.untyped_storage().data_ptr() == right.untyped_storage().data_ptr()
+
+    def _copy(self, array: torch.Tensor) -> torch.Tensor:
+        return array.clone()
 
     def rng(self, seed: int | None) -> "ProbeStream":
         return ProbeStream(_fresh_seed() if seed is None else seed)

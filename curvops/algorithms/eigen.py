@@ -161,13 +161,13 @@ def _extend_lanczos(
         # restart) so that full reorthogonalization only removes rounding-level components.
         previous = 0 if j == start else j - width
         if j > 0:
-            images = operand.subtract_combination(images, projected[previous:j, block].T, basis[previous:j])
+            operand.subtract_combination_(images, projected[previous:j, block].T, basis[previous:j])
         diagonal_block = operand.inner(basis[block].T, images.T)
-        images = operand.subtract_combination(images, diagonal_block.T, basis[block])
+        operand.subtract_combination_(images, diagonal_block.T, basis[block])
         norms_before = operand.column_norms(images.T)
         for _ in range(2):
             coefficients = operand.inner(basis[: j + width].T, images.T)
-            images = operand.subtract_combination(images, coefficients.T, basis[: j + width])
+            operand.subtract_combination_(images, coefficients.T, basis[: j + width])
             diagonal_block += coefficients[block]
             norms_after = operand.column_norms(images.T)
             # DGKS: a second pass only if the first removed a large part of some column.
@@ -196,7 +196,8 @@ def _extend_lanczos(
                 basis[new + index] = _random_orthogonal(operand, basis[: new + index], rng)
             else:
                 coupling[index, index] = norm
-                basis[new + index] = vector / norm
+                basis[new + index] = vector  # copy, then scale in place: no temporary
+                basis[new + index] *= 1.0 / norm
         if new < stop:
             projected[new : new + width, block] = coupling
             projected[block, new : new + width] = coupling.T
@@ -312,7 +313,7 @@ def lanczos(
     max_steps = max(1000, 50 * basis_size) if max_iter is None else check_int(max_iter, "max_iter", width)
     rng = operand.rng(check_seed(seed))
 
-    basis = operand.zeros((basis_size + width, operand.local_dim))
+    basis = operand.empty((basis_size + width, operand.local_dim))
     basis[:width] = _start_block(operand, v0, width, rng)
     projected = np.zeros((basis_size, basis_size))
     start, restarts, norm_estimate = 0, 0, 0.0
@@ -349,7 +350,7 @@ def lanczos(
         num_kept = _num_kept(k, basis_size - width + 1, num_converged)
         kept = _select(theta, which, num_kept)
         # Thick restart: basis <- Ritz vectors, projected matrix <- diag(theta) + arrow couplings.
-        basis[:num_kept] = operand.matmul(operand.from_host(vectors[:, kept].T), basis[:stop])
+        operand.combine_rows_(basis[:stop], vectors[:, kept].T)
         basis[num_kept : num_kept + width] = basis[stop : stop + width]
         arrow = coupling @ vectors[stop - width : stop, kept]
         projected[:] = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse.linalg
 import torch
 
 from curvops import algorithms as alg
@@ -104,3 +105,54 @@ def test_algorithms_equal_with_split_products(monkeypatch, name, make_spectrum_m
     monkeypatch.setattr(_operand, "CHUNK_ELEMENTS", CHUNK)
     split = np.asarray(run(TorchNativeOperator(matrix)), dtype=np.float64)
     np.testing.assert_allclose(split, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max())
+
+
+
+class _IdentityReturningInput(scipy.sparse.linalg.LinearOperator):
+    """The identity, written the lazy way: every product hands back the caller's own array."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dtype=np.dtype(np.float64), shape=(dim, dim))
+        self.device = torch.device("cpu")
+        self.torch_dtype = torch.float64
+
+    def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
+        return block
+
+    def _matmat(self, block: np.ndarray) -> np.ndarray:
+        return block
+
+    def _matvec(self, vector: np.ndarray) -> np.ndarray:
+        return vector
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_operator_returning_its_input_is_not_updated_in_place(backend):
+    """Lanczos updates products in place; a product that is the input block must be copied
+    first, or the update would overwrite the Lanczos basis (a zero Ritz vector)."""
+    op = _IdentityReturningInput(40)
+    operator = op if backend == "torch" else scipy.sparse.linalg.aslinearoperator(
+        scipy.sparse.linalg.LinearOperator(op.shape, matvec=op._matvec, matmat=op._matmat, dtype=np.float64))
+    result = alg.lanczos(operator, k=1, seed=0, tol=1e-10)
+    vector = np.asarray(result.eigenvectors)[:, 0]
+    assert float(np.asarray(result.eigenvalues)[0]) == pytest.approx(1.0, rel=1e-12)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("step", [1, 7, 1000])
+def test_combine_rows_in_place_by_pieces(monkeypatch, backend, step):
+    """The thick-restart update ``rows[:m] = C @ rows[:n]`` in column pieces of any width."""
+    generator = np.random.default_rng(3)
+    rows, coefficients = generator.standard_normal((6, 50)), generator.standard_normal((3, 6))
+    expected = coefficients @ rows
+    if backend == "torch":
+        operand = _operand.TorchOperand(50, torch.float64, torch.device("cpu"), lambda b: b)
+        array = torch.as_tensor(rows.copy())
+    else:
+        operand = _operand.NumpyOperand(50, np.float64, lambda b: b)
+        array = rows.copy()
+    monkeypatch.setattr(type(operand), "_combine_columns", lambda self, n: step)
+    operand.combine_rows_(array, coefficients)
+    np.testing.assert_allclose(np.asarray(array[:3]), expected, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(np.asarray(array[3:]), rows[3:])
