@@ -1,9 +1,13 @@
 """Cost of one curvature matvec, side by side with the peers, in units of one gradient.
 
 For each model, every method runs in a fresh subprocess (so peak memory is its own):
-the median wall time of ``--repeats`` products after one warm-up, divided by the median
-time of one gradient over the same batches, and the peak resident memory added by the
-product (max RSS during the products minus max RSS before them, in MiB).
+the median wall time of ``--repeats`` products after one warm-up, divided by the same for
+one gradient over the same batches, and the peak resident memory added by the product (max
+RSS during the products minus max RSS before them, in MiB). The whole list of methods runs
+``--rounds`` times, in a rotated order each round, and each method keeps its fastest round:
+on a shared 2-core machine the speed drifts by tens of percent over minutes, and a single
+round once put curvops' Hessian (the same double backward as the plain loop) at 1.44x the
+plain loop's time.
 
 Methods: one gradient (the unit); a plain double-backward loop
 (``autograd.grad(g, params, v)`` per batch); curvops Hessian (autograd and finite
@@ -126,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -140,23 +145,27 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}. float32, CE loss, 4 batches; "
-        f"median of {args.repeats} after a warm-up, each method in its own process. "
+        f"median of {args.repeats} after a warm-up, each method in its own process; the fastest of "
+        f"{args.rounds} rounds (methods in rotated order). "
         "`cost` = time of one product / time of one gradient over the same batches "
         "(blocks: per vector). `peak extra` = max RSS growth during the products.",
         "",
     ]
     for model_name in args.models:
-        results = {}
-        for method in args.methods:
-            cmd = [sys.executable, __file__, "--one", model_name, method, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                results[method] = None
-                print(f"{model_name}/{method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(model_name, method, results[method], flush=True)
+        results = {method: None for method in args.methods}
+        for round_index in range(args.rounds):
+            shift = round_index % len(args.methods)
+            for method in args.methods[shift:] + args.methods[:shift]:
+                cmd = [sys.executable, __file__, "--one", model_name, method, "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{model_name}/{method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                measured = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(model_name, round_index, method, measured, flush=True)
+                if results[method] is None or measured["time"] < results[method]["time"]:
+                    results[method] = measured
         unit = results["gradient"]["time"]
         dim = results["gradient"]["dim"]
         lines += [f"## {model_name} (D = {dim:,})", "", "| method | time per vector | cost (gradients) | peak extra |",

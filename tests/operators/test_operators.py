@@ -50,6 +50,22 @@ def test_hessian_matches_dense_reference(case):
     _close(H @ V[:, 0], ref @ V[:, 0])
 
 
+CE_CASES = [c for c in CASES if "-ce" in c.id]
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=case_ids(CE_CASES))
+def test_hessian_with_fused_cross_entropy_matches_dense_reference(case, monkeypatch):
+    """The fused cross-entropy double backward (used from FUSED_CE_MIN_CLASSES classes on,
+    i.e. language-model vocabularies) forced on the small cases: same dense Hessian."""
+    from curvops.operators import _loss
+
+    monkeypatch.setattr(_loss, "FUSED_CE_MIN_CLASSES", 1)
+    model, loss_fn, data = case.make()
+    H = HessianOperator(model, loss_fn, data)
+    ref = dense_hessian(model, loss_fn, data, H.params)
+    _close(H.to_dense(), ref)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_ggn_matches_dense_reference(case):
     model, loss_fn, data = case.make()
@@ -227,6 +243,21 @@ def test_block_equals_columns():
         block = op @ V
         for i in range(3):
             _close(block[:, i], op @ V[:, i], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"])
+@pytest.mark.parametrize("batched_vjp", [True, False])
+@pytest.mark.parametrize("keep_graph", [True, False])
+def test_output_space_block_strategies_agree(case_id, batched_vjp, keep_graph):
+    """A GGN/Fisher block is the same whichever way its products are organised: one vmapped
+    backward or one per column, the first tangent with the graph kept or not (the defaults
+    pick by model and device)."""
+    model, loss_fn, data = get_case(case_id).make()
+    for op in (GGNOperator(model, loss_fn, data), FisherOperator(model, loss_fn, data, kind="empirical")):
+        V = _random_block(op.shape[0], 3, seed=5)
+        columns = torch.stack([op @ V[:, i] for i in range(3)], dim=1)
+        op._batched_vjp, op._tangent_with_graph = batched_vjp, keep_graph
+        _close(op @ V, columns, rtol=1e-12)
 
 
 @pytest.mark.parametrize("selection", ["pattern", "list"])
