@@ -214,6 +214,11 @@ class Operand:
         ``coefficients`` ``(b, n)`` and ``rows`` ``(n, D)`` (no reduction over D)."""
         target -= self.matmul(self.from_host(coefficients), rows)
 
+    def scaled_copy_(self, out: Array, vector: Array, factor: float) -> None:
+        """``out[...] = factor * vector`` without a temporary."""
+        out[...] = vector
+        out *= factor
+
     def _shares_memory(self, left: Array, right: Array) -> bool:
         return bool(np.may_share_memory(left, right))
 
@@ -411,6 +416,9 @@ class TorchOperand(Operand):
             # One fused pass into the target: no (b, D) temporary, whose fresh pages cost
             # about as much as the product itself on a CPU (this runs three times per step).
             target.addmm_(self.from_host(coefficients), rows, alpha=-1.0)
+
+    def scaled_copy_(self, out: torch.Tensor, vector: torch.Tensor, factor: float) -> None:
+        torch.mul(vector, factor, out=out)  # one pass, no temporary
 
     def _shares_memory(self, left: torch.Tensor, right: torch.Tensor) -> bool:
         return left.untyped_storage().data_ptr() == right.untyped_storage().data_ptr()

@@ -159,11 +159,12 @@ def _extend_lanczos(
         images = operand.matmat(basis[block].T).T  # (b, D) rows, one block product
         # Subtract the couplings already known (block three-term recurrence, or the arrow after a
         # restart) so that full reorthogonalization only removes rounding-level components.
+        # alpha from the raw product (the current block is orthogonal to the earlier ones up to
+        # rounding, which the full pass below corrects), so that one update removes both.
         previous = 0 if j == start else j - width
-        if j > 0:
-            operand.subtract_combination_(images, projected[previous:j, block].T, basis[previous:j])
         diagonal_block = operand.inner(basis[block].T, images.T)
-        operand.subtract_combination_(images, diagonal_block.T, basis[block])
+        known = diagonal_block.T if j == 0 else np.hstack([projected[previous:j, block].T, diagonal_block.T])
+        operand.subtract_combination_(images, known, basis[previous if j > 0 else j : j + width])
         norms_before = operand.column_norms(images.T)
         for _ in range(2):
             coefficients = operand.inner(basis[: j + width].T, images.T)
@@ -196,8 +197,7 @@ def _extend_lanczos(
                 basis[new + index] = _random_orthogonal(operand, basis[: new + index], rng)
             else:
                 coupling[index, index] = norm
-                basis[new + index] = vector  # copy, then scale in place: no temporary
-                basis[new + index] *= 1.0 / norm
+                operand.scaled_copy_(basis[new + index], vector, 1.0 / norm)
         if new < stop:
             projected[new : new + width, block] = coupling
             projected[block, new : new + width] = coupling.T
