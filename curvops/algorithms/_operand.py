@@ -201,13 +201,17 @@ class Operand:
         m, n = coefficients.shape
         small = self.from_host(coefficients)
         step = self._combine_columns(n)
+        whole = step >= rows.shape[1]
         for start in range(0, rows.shape[1], step):
             piece = rows[:n, start : start + step]
-            rows[:m, start : start + step] = small @ piece
+            rows[:m, start : start + step] = small @ (piece if whole else self._contiguous(piece))
 
     def _combine_columns(self, n: int) -> int:
         # About 4 MiB of float64 per piece: in the cache of a CPU core, and few pieces.
         return max(1, (1 << 19) // max(n, 1))
+
+    def _contiguous(self, piece: Array) -> Array:
+        return piece
 
     def subtract_combination_(self, target: Array, coefficients: np.ndarray, rows: Array) -> None:
         """In place ``target -= coefficients @ rows`` for ``target`` ``(b, D)``, host
@@ -375,14 +379,9 @@ class TorchOperand(Operand):
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
-    def combine_rows_(self, rows: torch.Tensor, coefficients: np.ndarray) -> None:
-        m, n = coefficients.shape
-        small = self.from_host(coefficients)
-        step = self._combine_columns(n)
-        for start in range(0, rows.shape[1], step):
-            # Contiguous pieces: no BLAS call sees a leading dimension of D (see WIDE_ELEMENTS).
-            piece = rows[:n, start : start + step]
-            rows[:m, start : start + step] = small @ (piece if step >= rows.shape[1] else piece.contiguous())
+    def _contiguous(self, piece: torch.Tensor) -> torch.Tensor:
+        # Contiguous pieces: no BLAS call sees a leading dimension of D (see WIDE_ELEMENTS).
+        return piece.contiguous()
 
     def _combine_columns(self, n: int) -> int:
         if self.device.type == "cpu":

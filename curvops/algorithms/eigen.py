@@ -163,8 +163,8 @@ def _extend_lanczos(
         # rounding, which the full pass below corrects), so that one update removes both.
         previous = 0 if j == start else j - width
         diagonal_block = operand.inner(basis[block].T, images.T)
-        known = diagonal_block.T if j == 0 else np.hstack([projected[previous:j, block].T, diagonal_block.T])
-        operand.subtract_combination_(images, known, basis[previous if j > 0 else j : j + width])
+        known = np.hstack([projected[previous:j, block].T, diagonal_block.T])
+        operand.subtract_combination_(images, known, basis[previous : j + width])
         norms_before = operand.column_norms(images.T)
         for _ in range(2):
             coefficients = operand.inner(basis[: j + width].T, images.T)
