@@ -84,6 +84,14 @@ class Operand:
         # (an identity-like operator may return its input).
         return self._copy(result) if self._shares_memory(result, block) else result
 
+    def matmat_rows(self, rows: Array) -> Array:
+        """Return ``(A @ rows.T).T`` for a ``(b, D)`` row stack, as a row stack that the
+        algorithms may update in place (see :meth:`_row_layout`)."""
+        return self._row_layout(self.matmat(rows.T).T)
+
+    def _row_layout(self, rows: Array) -> Array:
+        return rows
+
     def matvec(self, vector: Array) -> Array:
         """Return ``A @ vector`` for a length-``D`` vector."""
         result = self._apply_vector(vector)
@@ -175,6 +183,10 @@ class Operand:
     def column_norms(self, block: Array) -> np.ndarray:
         """``(b,)`` Euclidean norms of the columns of a ``(D, b)`` block."""
         return np.sqrt(np.maximum(self.column_dots(block, block), 0.0))
+
+    def subtract_scaled_columns_(self, target: Array, block: Array, scales: np.ndarray) -> None:
+        """In place ``target -= block * scales`` for ``(D, b)`` blocks and host ``scales`` ``(b,)``."""
+        target -= block * self.from_host(scales)
 
     def dot(self, left: Array, right: Array) -> float:
         """Inner product of two length-``D`` vectors."""
@@ -383,6 +395,13 @@ class TorchOperand(Operand):
         # Contiguous pieces: no BLAS call sees a leading dimension of D (see WIDE_ELEMENTS).
         return piece.contiguous()
 
+    def _row_layout(self, rows: torch.Tensor) -> torch.Tensor:
+        # The transpose of a contiguous (D, 1) product is a (1, D) tensor with strides (1, 1):
+        # torch calls it contiguous, but cuBLAS rejects it as the output of an in-place addmm
+        # (CUBLAS_STATUS_INVALID_VALUE, H200, torch 2.11). view() gives it the strides (D, 1)
+        # for free; a column-major (D, b) product is copied into rows once.
+        return rows.view(rows.shape) if rows.is_contiguous() else rows.contiguous()
+
     def _combine_columns(self, n: int) -> int:
         if self.device.type == "cpu":
             return super()._combine_columns(n)
@@ -418,6 +437,19 @@ class TorchOperand(Operand):
 
     def scaled_copy_(self, out: torch.Tensor, vector: torch.Tensor, factor: float) -> None:
         torch.mul(vector, factor, out=out)  # one pass, no temporary
+
+    def _column_squares(self, block: torch.Tensor) -> torch.Tensor:
+        # A strided reduction: no (D, b) temporary of squares (its fresh pages cost as much as
+        # the arithmetic on a CPU).
+        return torch.linalg.vector_norm(block, dim=0).square()
+
+    def column_norms(self, block: torch.Tensor) -> np.ndarray:
+        return np.sqrt(self.to_host(self._column_squares(block)))
+
+    def subtract_scaled_columns_(
+        self, target: torch.Tensor, block: torch.Tensor, scales: np.ndarray
+    ) -> None:
+        target.addcmul_(block, self.from_host(scales)[None, :], value=-1.0)
 
     def _shares_memory(self, left: torch.Tensor, right: torch.Tensor) -> bool:
         return left.untyped_storage().data_ptr() == right.untyped_storage().data_ptr()
@@ -591,6 +623,9 @@ class ShardedTorchOperand(TorchOperand):
 
     def column_dots(self, left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
         return self.to_host(self._summed((left * right).sum(0)))
+
+    def column_norms(self, block: torch.Tensor) -> np.ndarray:
+        return np.sqrt(self.to_host(self._summed(self._column_squares(block))))
 
     def stacked_inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
         return self.to_host(self._summed(self.matmul(rows, vectors[:, :, None])[:, :, 0]))

@@ -288,7 +288,7 @@ def _batched_lanczos(
         # Slicing (not fancy indexing) while all probes are active avoids copying the basis.
         past = basis[:, : j + 1] if everyone else basis[active.tolist(), : j + 1]
         current = past[:, j]
-        w = operand.matmat(current.T).T
+        w = operand.matmat_rows(current)
         if j > 0:
             w = w - operand.from_host(betas[active, j - 1])[:, None] * past[:, j - 1]
         alpha = operand.column_dots(current.T, w.T)

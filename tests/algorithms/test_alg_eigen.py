@@ -187,3 +187,73 @@ def test_power_iteration_nonconvergence_warns(make_spectrum_matrix):
     with pytest.warns(RuntimeWarning):
         result = power_iteration(matrix, k=1, max_iter=50, seed=0)
     assert result.num_matvecs == 50
+
+
+def test_reorthogonalization_update_skipped_when_basis_already_orthogonal(make_spectrum_matrix, monkeypatch):
+    """Most steps skip the update pass over the basis; the basis stays orthonormal to the
+    documented level, min(eps^(3/4), tol / 100), and the answer is the full-reorthogonalization one."""
+    from curvops.algorithms import _operand
+
+    rng = np.random.default_rng(11)
+    matrix, _ = make_spectrum_matrix(np.r_[5.0, 4.5, 4.0, 3.8, rng.uniform(-3, 3, DIM - 4)], seed=11)
+    updates = []
+    original = _operand.TorchOperand.subtract_combination_
+
+    def counting(self, target, coefficients, rows):
+        updates.append(rows.shape[0])
+        return original(self, target, coefficients, rows)
+
+    monkeypatch.setattr(_operand.TorchOperand, "subtract_combination_", counting)
+    result = lanczos(torch.tensor(matrix), k=4, tol=1e-8, seed=0, max_basis_size=12)
+    steps = result.num_matvecs - 4
+    # Per step: one update with the known couplings (<= 2 rows after the first step of a cycle,
+    # every kept row at its first step) plus one over the whole basis unless skipped.
+    assert len(updates) < 1.5 * steps
+    assert result.num_restarts > 0
+    vectors = result.eigenvectors.numpy()
+    level = min(EPS**0.75, 1e-10)
+    # Ritz vectors V s inherit the basis' orthogonality (up to sqrt(m) for the combination).
+    assert np.abs(vectors.T @ vectors - np.eye(4)).max() <= 10 * level
+    check_eigenpairs(matrix, result, 1e-8, "LA", 4)
+
+
+class _ContiguousColumnOperator:
+    """A torch-native user operator whose products are fresh contiguous ``(D, b)`` tensors:
+    for b = 1 their transpose has strides (1, 1), which cuBLAS rejects as an in-place target."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.torch_dtype = matrix.dtype
+        self.device = matrix.device
+
+    def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
+        return (self.matrix @ block).contiguous()
+
+
+def _lanczos_on(device: str, block_size: int):
+    rng = np.random.default_rng(12)
+    values = np.r_[6.0, 5.0, 4.5, 4.0, rng.uniform(-3, 3, DIM - 4)]
+    q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+    matrix = torch.tensor((q * values) @ q.T, device=device)
+    result = lanczos(_ContiguousColumnOperator(matrix), k=4, tol=1e-10, seed=0, block_size=block_size)
+    return result, np.sort(values)[::-1][:4]
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_products_are_row_stacks_with_standard_strides(block_size):
+    from curvops.algorithms._operand import as_operand
+
+    operand = as_operand(_ContiguousColumnOperator(torch.eye(DIM, dtype=torch.float64)))
+    rows = operand.matmat_rows(torch.ones(block_size, DIM, dtype=torch.float64))
+    assert rows.shape == (block_size, DIM) and rows.stride() == (DIM, 1)
+    result, expected = _lanczos_on("cpu", block_size)
+    np.testing.assert_allclose(result.eigenvalues.numpy(), expected, rtol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_lanczos_on_cuda_with_contiguous_column_products(block_size):
+    result, expected = _lanczos_on("cuda", block_size)
+    assert result.eigenvectors.device.type == "cuda"
+    np.testing.assert_allclose(result.eigenvalues.cpu().numpy(), expected, rtol=1e-9)
