@@ -20,6 +20,7 @@ from curvops.algorithms import (
     power_iteration,
     spectral_density,
     xdiag,
+    xnystrace,
     xtrace,
 )
 from curvops.algorithms.solve import SolveInfo, SolverWarning
@@ -69,5 +70,6 @@ __all__ = [
     "power_iteration",
     "spectral_density",
     "xdiag",
+    "xnystrace",
     "xtrace",
 ]

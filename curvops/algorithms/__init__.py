@@ -16,7 +16,7 @@ from curvops.algorithms.diagonal import (
     xdiag,
 )
 from curvops.algorithms.eigen import EigenResult, lanczos, power_iteration
-from curvops.algorithms.trace import ScalarEstimate, hutchinson_trace, hutchpp_trace, xtrace
+from curvops.algorithms.trace import ScalarEstimate, hutchinson_trace, hutchpp_trace, xnystrace, xtrace
 
 __all__ = [
     "DensityCurve",
@@ -32,5 +32,6 @@ __all__ = [
     "power_iteration",
     "spectral_density",
     "xdiag",
+    "xnystrace",
     "xtrace",
 ]

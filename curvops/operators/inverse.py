@@ -26,8 +26,8 @@ from curvops.algorithms._operand import Operand, as_operand
 from curvops.algorithms.solve import SOLVERS, SolveInfo, SolverWarning
 from curvops.operators.base import MAX_DENSE_DIM, TorchLinearOperator
 
-METHODS: tuple[str, ...] = ("cg", "minres", "lsmr", "neumann", "eigh")
-_PSD_METHODS = ("cg", "neumann")
+METHODS: tuple[str, ...] = ("cg", "minres", "lsmr", "neumann", "eigh", "cholesky")
+_PSD_METHODS = ("cg", "neumann", "cholesky")
 
 __all__ = ["InverseOperator", "TaggedOperator", "SolveInfo", "SolverWarning", "assume_psd", "inverse", "tag"]
 
@@ -168,7 +168,7 @@ class InverseOperator(TorchLinearOperator):
     damping : float
         δ.
     method : str
-        ``"cg"``, ``"minres"``, ``"lsmr"``, ``"neumann"`` or ``"eigh"``.
+        ``"cg"``, ``"minres"``, ``"lsmr"``, ``"neumann"``, ``"eigh"`` or ``"cholesky"``.
     last_info : SolveInfo or None
         Report of the latest solve.
     num_solves : int
@@ -199,7 +199,7 @@ class InverseOperator(TorchLinearOperator):
         if method in _PSD_METHODS and not psd:
             hint = (" The Hessian is indefinite in general: use method='minres' (or 'lsmr') with "
                     "damping instead." if "Hessian" in type(self.operator).__name__ else
-                    " Use method='minres' or 'lsmr' for indefinite operators,")
+                    " Use method='minres' or 'lsmr' for indefinite operators.")
             raise ValueError(
                 f"method={method!r} needs a positive semi-definite operator, and "
                 f"{type(self.operator).__name__} is not known to be one.{hint} If you know A is positive "
@@ -223,6 +223,7 @@ class InverseOperator(TorchLinearOperator):
         self._precondition = None if preconditioner is None else self._adapt_preconditioner(preconditioner)
         self.scale = scale
         self._eigh = _eigh
+        self._cholesky: tuple[Tensor, Tensor] | None = None
         self.last_info: SolveInfo | None = None
         self.num_solves = 0
         self.total_matvecs = 0
@@ -245,7 +246,7 @@ class InverseOperator(TorchLinearOperator):
         B : Tensor
             Right-hand side(s) on the operator's device and dtype.
         x0 : Tensor, optional
-            Initial guess of ``B``'s shape (Krylov methods and Neumann; ignored by eigh).
+            Initial guess of ``B``'s shape (Krylov methods and Neumann; ignored by eigh and cholesky).
 
         Returns
         -------
@@ -272,6 +273,8 @@ class InverseOperator(TorchLinearOperator):
     def _solve(self, B: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         if self.method == "eigh":
             X, info = self._solve_eigh(B)
+        elif self.method == "cholesky":
+            X, info = self._solve_cholesky(B)
         else:
             kwargs: dict[str, Any] = {"rtol": self.rtol, "atol": self.atol, "maxiter": self.maxiter,
                                       "x0": x0, "warn": self.warn}
@@ -316,22 +319,48 @@ class InverseOperator(TorchLinearOperator):
         return float(self.scale)
 
     # ------------------------------------------------------------ eigh
+    def _dense(self) -> Tensor:
+        """``A`` materialised (D <= ``max_dim``), symmetric to rounding; for eigh and cholesky."""
+        dim = self.shape[0]
+        if dim > self.max_dim:
+            raise ValueError(f"method={self.method!r} materialises the {dim}x{dim} matrix; that exceeds "
+                             f"max_dim={self.max_dim}. Use a Krylov method, or pass a larger max_dim.")
+        if isinstance(self.operator, TorchLinearOperator):
+            M = self.operator.to_dense(max_dim=self.max_dim)
+        elif isinstance(self.operator, Tensor):
+            M = self.operator.detach().to(self.torch_dtype)
+        else:
+            eye = torch.eye(dim, dtype=self.torch_dtype, device=self.device)
+            M = torch.cat([self._matmul_A(eye[:, i:i + 256]) for i in range(0, dim, 256)], dim=1)
+        return 0.5 * (M + M.T)  # the factorisations read one triangle only
+
     def _decomposition(self) -> tuple[Tensor, Tensor]:
         if self._eigh is None:
-            dim = self.shape[0]
-            if dim > self.max_dim:
-                raise ValueError(f"method='eigh' materialises the {dim}x{dim} matrix; that exceeds "
-                                 f"max_dim={self.max_dim}. Use a Krylov method, or pass a larger max_dim.")
-            if isinstance(self.operator, TorchLinearOperator):
-                M = self.operator.to_dense(max_dim=self.max_dim)
-            elif isinstance(self.operator, Tensor):
-                M = self.operator.detach().to(self.torch_dtype)
-            else:
-                eye = torch.eye(dim, dtype=self.torch_dtype, device=self.device)
-                M = torch.cat([self._matmul_A(eye[:, i:i + 256]) for i in range(0, dim, 256)], dim=1)
-            M = 0.5 * (M + M.T)  # symmetric to rounding; eigh reads one triangle only
-            self._eigh = torch.linalg.eigh(M)
+            self._eigh = torch.linalg.eigh(self._dense())
         return self._eigh
+
+    def _cholesky_factor(self) -> tuple[Tensor, Tensor]:
+        """``(A + δI, L)`` with ``L Lᵀ = A + δI``, computed once per operator."""
+        if self._cholesky is None:
+            M = self._dense()
+            M.diagonal().add_(self.damping)
+            factor, info = torch.linalg.cholesky_ex(M)
+            if int(info) != 0:
+                raise ValueError(
+                    f"A + δI is not positive definite to working precision (Cholesky failed at "
+                    f"pivot {int(info)}): A is not positive semi-definite, or δ = {self.damping:g} is "
+                    "too small for its rounding; increase the damping or use method='eigh'"
+                )
+            self._cholesky = (M, factor)
+        return self._cholesky
+
+    def _solve_cholesky(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
+        M, factor = self._cholesky_factor()
+        vector = B.dim() == 1
+        B2 = B.unsqueeze(1) if vector else B
+        X = torch.cholesky_solve(B2, factor)
+        info = _direct_info("cholesky", B2, B2 - M @ X)
+        return (X.squeeze(1) if vector else X), info
 
     def _solve_eigh(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
         evals, evecs = self._decomposition()
@@ -345,14 +374,7 @@ class InverseOperator(TorchLinearOperator):
         vector = B.dim() == 1
         B2 = B.unsqueeze(1) if vector else B
         X = evecs @ ((evecs.T @ B2) / shifted[:, None])
-        R = B2 - (evecs @ (shifted[:, None] * (evecs.T @ X)))
-        rnorm = torch.linalg.vector_norm(R, dim=0).double().cpu().numpy()
-        bnorm = torch.linalg.vector_norm(B2, dim=0).double().cpu().numpy()
-        k = B2.shape[1]
-        rel = np.where(bnorm > 0, rnorm / np.where(bnorm > 0, bnorm, 1.0), 0.0)
-        info = SolveInfo(method="eigh", iterations=np.zeros(k, dtype=np.int64), residual_norms=rnorm,
-                         relative_residuals=rel, converged=np.ones(k, dtype=bool), num_matvecs=0, rounds=0,
-                         rtol=0.0, atol=0.0)
+        info = _direct_info("eigh", B2, B2 - (evecs @ (shifted[:, None] * (evecs.T @ X))))
         return (X.squeeze(1) if vector else X), info
 
     def _adjoint(self) -> InverseOperator:
@@ -363,6 +385,17 @@ class InverseOperator(TorchLinearOperator):
     def __repr__(self) -> str:
         return (f"InverseOperator(({type(self.operator).__name__} + {self.damping:g} I)^-1, method={self.method!r}, "
                 f"D={self.shape[0]}, rtol={self.rtol:g}, preconditioned={self.preconditioner is not None})")
+
+
+def _direct_info(method: str, B: Tensor, R: Tensor) -> SolveInfo:
+    """Report of a direct (factorisation) solve of the (D, k) block ``B`` with residual ``R``."""
+    rnorm = torch.linalg.vector_norm(R, dim=0).double().cpu().numpy()
+    bnorm = torch.linalg.vector_norm(B, dim=0).double().cpu().numpy()
+    k = B.shape[1]
+    rel = np.where(bnorm > 0, rnorm / np.where(bnorm > 0, bnorm, 1.0), 0.0)
+    return SolveInfo(method=method, iterations=np.zeros(k, dtype=np.int64), residual_norms=rnorm,
+                     relative_residuals=rel, converged=np.ones(k, dtype=bool), num_matvecs=0, rounds=0,
+                     rtol=0.0, atol=0.0)
 
 
 def inverse(A: Any, damping: float = 0.0, method: str = "cg", *, rtol: float = 1e-6, atol: float = 0.0,
@@ -378,14 +411,17 @@ def inverse(A: Any, damping: float = 0.0, method: str = "cg", *, rtol: float = 1
         ``LinearOperator`` (the last two solve in torch on the CPU).
     damping : float, optional
         δ >= 0 (default 0).
-    method : {"cg", "minres", "lsmr", "neumann", "eigh"}, optional
+    method : {"cg", "minres", "lsmr", "neumann", "eigh", "cholesky"}, optional
         ``"cg"`` (default): conjugate gradients, for positive semi-definite ``A`` (GGN,
         Fisher, KFAC, or ``assume_psd=True``) — refused otherwise. ``"minres"``: symmetric
         indefinite ``A`` (the Hessian), fewest products there. ``"lsmr"``: least squares
         via bidiagonalisation, two products per iteration; robust for singular systems.
         ``"neumann"``: truncated Neumann series (PSD ``A``; slow, ~κ terms). ``"eigh"``:
         materialise ``A`` once (D <= ``max_dim``), eigendecompose, exact to rounding; the
-        decomposition is reused by :meth:`InverseOperator.with_damping`.
+        decomposition is reused by :meth:`InverseOperator.with_damping`. ``"cholesky"``:
+        materialise ``A`` (D <= ``max_dim``) and factor ``A + δI = L Lᵀ`` once; for positive
+        semi-definite ``A`` only (refused otherwise), about 3x cheaper than eigh to set up;
+        a ``ValueError`` says so if ``A + δI`` is not positive definite in working precision.
     rtol, atol : float, optional
         Stop at ``‖b − (A + δI) x‖ ≤ rtol·‖b‖ + atol`` per column (defaults 1e-6, 0).
     maxiter : int, optional
@@ -400,7 +436,7 @@ def inverse(A: Any, damping: float = 0.0, method: str = "cg", *, rtol: float = 1
     warn : bool, optional
         Warn (:class:`SolverWarning`) when a solve misses its tolerance (default True).
     max_dim : int, optional
-        Largest D that ``"eigh"`` materialises (default 10,000).
+        Largest D that ``"eigh"`` and ``"cholesky"`` materialise (default 10,000).
 
     Returns
     -------

@@ -316,7 +316,7 @@ def test_bad_arguments(mlp):
     with pytest.raises(ValueError, match="damping"):
         inverse(G, float("nan"))
     with pytest.raises(ValueError, match="method"):
-        inverse(G, 1.0, "cholesky")
+        inverse(G, 1.0, "qr")
     with pytest.raises(ValueError, match="rtol and atol"):
         inverse(G, 1.0, rtol=0.0) @ torch.ones(D, dtype=torch.float64)
     with pytest.raises(ValueError, match="maxiter"):
@@ -368,6 +368,22 @@ def test_non_convergence_warns_with_the_residual(mlp):
     assert not quiet.last_info.all_converged
 
 
+def test_ggn_cholesky(problem):
+    G, Gd = problem["G"], problem["Gd"]
+    delta = 1e-3 * np.linalg.eigvalsh(Gd).max()
+    inv = inverse(G, delta, "cholesky")
+    B = _rhs(G.shape[0])
+    # A direct solve: backward stable, residual at rounding level (rtol 1e-12 leaves only SLACK).
+    _check_solution(Gd, delta, B, inv @ B, rtol=1e-12)
+    _check_solution(Gd, delta, B[:, 0], inv @ B[:, 0], rtol=1e-12)
+    info = inv.last_info
+    assert info.method == "cholesky" and info.num_matvecs == 0 and info.all_converged
+    assert inv._cholesky is not None and inv.is_positive_semidefinite
+    # The Hessian is indefinite in general: refused, with the advice to use MINRES/LSMR.
+    with pytest.raises(ValueError, match="needs a positive semi-definite operator.*minres"):
+        inverse(problem["H"], delta, "cholesky")
+
+
 def test_runtime_failures():
     rng = np.random.default_rng(2)
     Q, _ = np.linalg.qr(rng.standard_normal((20, 20)))
@@ -386,6 +402,11 @@ def test_runtime_failures():
         inverse(singular, 0.0, "eigh") @ b
     with pytest.raises(ValueError, match="max_dim"):
         inverse(spd, 0.1, "eigh", max_dim=10) @ b
+    with pytest.raises(ValueError, match="max_dim"):
+        inverse(spd, 0.1, "cholesky", assume_psd=True, max_dim=10) @ b
+    # a false PSD assertion is caught by the factorisation, not silently "solved"
+    with pytest.raises(ValueError, match="not positive definite"):
+        inverse(torch.from_numpy(indefinite), 0.1, "cholesky", assume_psd=True) @ b
     # the pure solver rejects NaN right-hand sides
     with pytest.raises(ValueError, match="NaN"):
         cg(lambda X: spd @ X, torch.full((20,), float("nan"), dtype=torch.float64))
