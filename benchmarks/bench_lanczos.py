@@ -12,6 +12,10 @@ Common accuracy criterion, checked on the returned pairs with explicit residuals
 counted): ``max_i ||A v_i - lambda_i v_i|| <= tol * ||A||``, with ``||A||`` the largest
 ``|Ritz value|`` (curvops' backward-error criterion).
 
+All three start from the same vector for a given seed (``start_vector``): on the MLP Hessian the
+matvec count of any one method moves by +-10 with the start vector alone (seeds 0-7: curvops
+66-85 with its own random start, 65-71 with ARPACK's), so only like starts compare algorithms.
+
 * curvops ``lanczos``: thick restart, ``max_basis_size`` default ``max(2k+1, 20) = 21``
   (ARPACK's ``ncv``). "Krylov matvecs" are those of the iteration; "+ residual block" adds the
   ``k`` products of the explicit final residuals (one ``(D, k)`` block product).
@@ -81,10 +85,17 @@ def explicit_residual(apply_block, vectors: torch.Tensor, values: torch.Tensor) 
     return torch.linalg.vector_norm(apply_block(vectors) - vectors * values, dim=0).cpu().numpy()
 
 
+def start_vector(dim: int, seed: int) -> np.ndarray:
+    """The one start vector every method gets for ``seed`` (Lanczos matvec counts move by
+    +-10 with the start vector alone on the MLP Hessian, so each method must see the same)."""
+    return np.random.default_rng(seed).standard_normal(dim)
+
+
 def run_curvops(apply_block, dim, dtype, seed):
     operator = TimedOperator(apply_block, dim, dtype, torch.device("cpu"))
+    v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype)
     start = time.perf_counter()
-    result = lanczos(operator, k=K, which="LA", tol=TOL, seed=seed)
+    result = lanczos(operator, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
     wall = time.perf_counter() - start
     steps = result.num_matvecs - K
     per_matvec = operator.seconds / operator.columns
@@ -118,8 +129,7 @@ def run_arpack(apply_block, dim, dtype, seed, scale, kth_value):
             return apply_block(column)[:, 0].numpy()
 
         operator = sla.LinearOperator((dim, dim), matvec=matvec, dtype=numpy_dtype)
-        start_vector = np.random.default_rng(seed).standard_normal(dim)
-        values, vectors = sla.eigsh(operator, k=K, which="LA", tol=arpack_tol, v0=start_vector,
+        values, vectors = sla.eigsh(operator, k=K, which="LA", tol=arpack_tol, v0=start_vector(dim, seed),
                                     ncv=max(2 * K + 1, 20))
         residual = explicit_residual(apply_block, torch.as_tensor(vectors), torch.as_tensor(values))
         record = {"matvecs": count[0], "residual": float(residual.max()) / scale, "tol": arpack_tol}
@@ -133,9 +143,8 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
     from hessian_eigenthings import LambdaOperator, lanczos_tridiagonal
 
     operator = LambdaOperator(lambda v: apply_block(v.reshape(-1, 1))[:, 0], size=dim, dtype=dtype)
-    generator = torch.Generator().manual_seed(seed)
-    start_vector = torch.randn(dim, dtype=dtype, generator=generator)
-    run = lanczos_tridiagonal(operator, start_vector, max_steps, reorthogonalize=True)
+    run = lanczos_tridiagonal(operator, torch.as_tensor(start_vector(dim, seed), dtype=dtype), max_steps,
+                              reorthogonalize=True)
     alphas = run.alphas.double().numpy()
     betas = run.betas.double().numpy()
     basis = torch.stack(run.basis, 1)

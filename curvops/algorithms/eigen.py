@@ -138,6 +138,7 @@ def _extend_lanczos(
     rng: Any,
     is_converged: Callable[[int, np.ndarray, float], bool] | None = None,
     orthogonality: float = 0.0,
+    drift: "_Drift | None" = None,
 ) -> tuple[np.ndarray, float, int]:
     """Run block Lanczos steps on the blocks ``[j, j + b)`` for ``j = start, start + b, ..., stop - b``.
 
@@ -151,13 +152,17 @@ def _extend_lanczos(
     the run ends early at ``new_stop`` (the relations above then hold with ``stop = new_stop``).
     A reorthogonalization update is skipped when every coefficient it would remove is at most
     ``orthogonality`` times its column's norm (0: never skipped), so the basis is then
-    orthonormal to about that level instead of to rounding.
+    orthonormal to about that level instead of to rounding. With a ``drift`` estimator
+    (single-vector Lanczos) the inner products are only formed for the rows whose estimated
+    drift approaches that level (none, on many steps).
 
     Returns ``B`` (the ``(b, b)`` coupling to the next block), the updated ``||A||`` estimate and
     the actual ``stop``.
     """
     width = block_size
     coupling = np.zeros((width, width))
+    if drift is not None:
+        drift.begin(start)
     for j in range(start, stop, width):
         block = slice(j, j + width)
         images = operand.matmat_rows(basis[block])  # (b, D) rows, one block product
@@ -171,16 +176,29 @@ def _extend_lanczos(
         operand.subtract_combination_(images, known, basis[previous : j + width])
         norms_before = operand.column_norms(images.T)
         norms_after = norms_before
+        # Rows [0, reach) get a Gram-Schmidt pass: all of them, or (single-vector Lanczos) only
+        # up to the last row whose estimated drift exceeds the tolerated level (see _Drift).
+        reach = j + width
+        if drift is not None:
+            predicted = drift.predict(j, float(diagonal_block[0, 0]), float(norms_before[0]), norm_estimate)
+            reach = drift.reach(j, predicted, orthogonality)
         for repeat in range(2):
-            coefficients = operand.inner(basis[: j + width].T, images.T)
+            if reach == 0:
+                break
+            coefficients = operand.inner(basis[:reach].T, images.T)
+            if drift is not None and repeat == 0:
+                drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
             if np.all(np.abs(coefficients) <= orthogonality * norms_before):
                 # Already orthogonal to the basis to ``orthogonality`` (relative): the update
                 # pass over the basis would change the block by less than that. Skipping it
                 # leaves the basis orthogonal to that level, far below what the Ritz values
                 # and residuals need (semi-orthogonality, sqrt(eps), suffices; Simon 1984).
                 break
-            operand.subtract_combination_(images, coefficients.T, basis[: j + width])
-            diagonal_block += coefficients[block]
+            operand.subtract_combination_(images, coefficients.T, basis[:reach])
+            if reach > j:
+                diagonal_block += coefficients[block]
+            if drift is not None:
+                drift.reset(reach)
             norms_after = operand.column_norms(images.T)
             # DGKS: a second pass only if the first removed a large part of some column.
             if np.all(norms_after >= _DGKS_ETA * norms_before):
@@ -209,12 +227,119 @@ def _extend_lanczos(
             else:
                 coupling[index, index] = norm
                 operand.scaled_copy_(basis[new + index], vector, 1.0 / norm)
+        if drift is not None:
+            drift.advance(predicted, float(coupling[0, 0]), float(norms_before[0]))
         if new < stop:
             projected[new : new + width, block] = coupling
             projected[block, new : new + width] = coupling.T
             if is_converged is not None and is_converged(new, coupling, norm_estimate):
                 return coupling, norm_estimate, new
     return coupling, norm_estimate, stop
+
+
+class _Drift:
+    """Estimates of ``omega_i = v_{j+1}^T v_i``, the newest Lanczos vector's drift from
+    orthogonality to the basis rows, by Simon's (1984) recurrence generalised to the arrow of
+    a thick restart.
+
+    From ``A v_i = sum_m T[m, i] v_m`` for every row ``i < j`` (``T`` = ``projected``: the
+    three-term recurrence, and ``theta_i v_i + sigma_i v_start`` for kept Ritz vectors) and
+    ``beta_{j+1} v_{j+1} = A v_j - sum_m T[m, j] v_m - f`` (``f``: rounding),
+
+        beta_{j+1} omega_{j+1, i} = (omega_j T)_i - sum_{m known} T[m, j] omega_{m, i} - v_i^T f,
+
+    with ``omega_j`` the row of the current vector (1 at ``j``). ``|v_i^T f|`` is bounded by
+    ``eps ||A||`` (times a safety factor), added in the direction that grows the estimate.
+    Rows whose estimate exceeds the tolerated level get a Gram-Schmidt pass, whose measured
+    inner products replace the estimates; the loss concentrates on converged Ritz directions
+    (Paige), mostly the first kept rows, so most passes cover a few rows instead of all.
+    """
+
+    #: A full measurement at least this often, in case rounding outgrows the model.
+    FULL_EVERY = 8
+    #: Safety factor on the rounding term, and on the level a row may reach unmeasured.
+    NOISE = 4.0
+    MARGIN = 0.25
+
+    def __init__(self, projected: np.ndarray, eps: float) -> None:
+        self.projected = projected
+        self.eps = eps
+        self.start = 0
+        self.current = np.ones(1)  # the start vector
+        self.previous = np.zeros(0)
+        self.since_full = 0
+        self._reset = 0  # rows [0, _reset) updated by this step's pass
+        self._local = eps  # drift along v_j itself (alpha's rounding), set by predict
+
+    def begin(self, start: int) -> None:
+        """A Lanczos cycle from row ``start``, whose drift row is ``current`` (see restart)."""
+        self.start = start
+        self.previous = np.zeros(start)
+        self.since_full = 0
+
+    def restart(self, kept_vectors: np.ndarray) -> None:
+        """Thick restart ``basis[:p] <- S^T basis[:m]``: the residual row moves to row ``p``
+        and keeps its drift, ``omega_new = omega[:m] S`` (the kept rows are combinations of
+        rows it had drifted from)."""
+        m, p = kept_vectors.shape
+        row = np.empty(p + 1)
+        row[:p] = self.current[:m] @ kept_vectors
+        row[p] = 1.0
+        self.current = row
+
+    def predict(self, j: int, alpha: float, beta_next: float, norm: float) -> np.ndarray:
+        """Estimates of ``omega_{j+1, i}``, ``i < j`` (before this step's pass)."""
+        if j == self.start or beta_next <= 0.0:
+            return np.full(j, np.inf)  # first step of a cycle: the arrow touches every kept row
+        rows = self.projected[: j + 1, :j]
+        image = self.current @ rows  # (omega_j T)_i
+        image -= alpha * self.current[:j]
+        beta = self.projected[j, j - 1]
+        image -= beta * self.previous[:j]
+        noise = self.NOISE * self.eps * norm
+        self._local = noise / beta_next
+        return (image + np.where(image >= 0, noise, -noise)) / beta_next
+
+    def reach(self, j: int, predicted: np.ndarray, level: float) -> int:
+        """Rows ``[0, reach)`` to measure: all after ``FULL_EVERY`` steps, else up to the last
+        row above ``MARGIN * level`` (0: none)."""
+        self.since_full += 1
+        if j == self.start or self.since_full >= self.FULL_EVERY or not np.all(np.isfinite(predicted)):
+            self.since_full = 0
+            return j + 1
+        hot = np.flatnonzero(np.abs(predicted) > self.MARGIN * level)
+        if hot.size == 0:
+            return 0
+        reach = int(hot[-1]) + 1
+        if reach >= j:
+            self.since_full = 0
+            return j + 1
+        return reach
+
+    def measured(self, predicted: np.ndarray, reach: int, values: np.ndarray) -> None:
+        predicted[: min(reach, predicted.size)] = values[: min(reach, predicted.size)]
+
+    def reset(self, reach: int) -> None:
+        """After an update over rows ``[0, reach)`` those are orthogonal to rounding."""
+        self._reset = reach
+
+    def advance(self, predicted: np.ndarray, beta_next: float, beta_before: float) -> None:
+        """Move to the next vector: its row is the estimate (1 at its own index).
+
+        Estimates and measurements are relative to the norm before this step's update,
+        ``beta_before``; the new vector is that residual divided by ``beta_next``.
+        """
+        reach, self._reset = self._reset, 0
+        j = predicted.size
+        row = np.empty(j + 2)
+        if beta_next > 0 and beta_before > 0:
+            row[:j] = np.where(np.isfinite(predicted), predicted, 0.0) * (beta_before / beta_next)
+            row[:reach] = self.eps
+            row[j] = self.eps if reach > j else self._local
+        else:  # breakdown: a fresh random direction, orthogonalized twice against every row
+            row[: j + 1] = self.eps
+        row[j + 1] = 1.0
+        self.previous, self.current = self.current, row
 
 
 def _num_kept(k: int, basis_size: int, num_converged: int) -> int:
@@ -246,9 +371,10 @@ def lanczos(
     """``k`` extremal eigenpairs of a symmetric operator by thick-restart (block) Lanczos.
 
     Lanczos with full reorthogonalization (known couplings subtracted first, then classical
-    Gram-Schmidt with a DGKS re-pass; the update is skipped when the basis is already
-    orthogonal to ``min(eps^(3/4), tol / 100)``, which after the three-term recurrence is
-    most steps) and thick restarts (Wu and Simon 2000): the basis never
+    Gram-Schmidt with a DGKS re-pass, kept orthogonal to ``min(eps^(3/4), tol / 100)``: for
+    ``block_size = 1`` the drift of each new vector from every stored one is estimated by
+    Simon's recurrence (generalised to thick restarts) and only the rows near that level are
+    measured and removed, so many steps read none of the stored basis) and thick restarts (Wu and Simon 2000): the basis never
     holds more than ``max_basis_size + block_size`` vectors of length ``D``; at a restart the
     wanted Ritz vectors and some of their neighbours are kept and the recurrence continues from
     the residual block. With ``block_size = b > 1`` every step applies ``A`` to a ``(D, b)``
@@ -333,6 +459,7 @@ def lanczos(
     basis = operand.empty((basis_size + width, operand.local_dim))
     basis[:width] = _start_block(operand, v0, width, rng)
     projected = np.zeros((basis_size, basis_size))
+    drift = _Drift(projected, operand.eps) if width == 1 else None
     start, restarts, norm_estimate = 0, 0, 0.0
 
     def wanted_converged(stop: int, coupling: np.ndarray, norm_bound: float) -> bool:
@@ -354,7 +481,7 @@ def lanczos(
         stop = start + width * num_blocks
         coupling, norm_estimate, stop = _extend_lanczos(
             operand, basis, projected, start, stop, width, norm_estimate, rng, wanted_converged,
-            orthogonality,
+            orthogonality, drift,
         )
         theta, vectors = np.linalg.eigh(projected[:stop, :stop])
         norm_estimate = max(norm_estimate, float(np.abs(theta).max()))
@@ -369,6 +496,8 @@ def lanczos(
         kept = _select(theta, which, num_kept)
         # Thick restart: basis <- Ritz vectors, projected matrix <- diag(theta) + arrow couplings.
         operand.combine_rows_(basis[:stop], vectors[:, kept].T)
+        if drift is not None:
+            drift.restart(vectors[:, kept])
         basis[num_kept : num_kept + width] = basis[stop : stop + width]
         arrow = coupling @ vectors[stop - width : stop, kept]
         projected[:] = 0.0

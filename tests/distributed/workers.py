@@ -307,3 +307,9 @@ def run(rank: int, scenario: str, kind: str, out: str, port: int) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # Done and written: leave without the interpreter's teardown. A rank of the DDP bad-input
+    # scenario was seen to abort there now and then ("terminate called without an active
+    # exception", SIGABRT: a C++ thread object destroyed at exit), failing a finished job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
