@@ -19,6 +19,11 @@ WHICH_OPTIONS: tuple[str, ...] = ("LA", "SA", "LM", "BE")
 # would give a vector that is not orthogonal to the basis, so the Krylov space is treated as
 # invariant and continued with a fresh random direction instead.
 _BREAKDOWN_FACTOR = 10.0
+# A wanted Ritz pair whose residual is below min(_LOCK * tol, 1000 eps) * ||A|| at a restart is
+# locked: kept as it is, its coupling to the residual dropped. Each other pair's residual then
+# differs from its estimate by at most the largest locked residual (the locked vectors are
+# orthonormal), which the convergence test subtracts from its threshold.
+_LOCK = 0.01
 # DGKS criterion (Daniel, Gragg, Kaufman, Stewart 1976): a second Gram-Schmidt pass is needed
 # only if the first one removed more than ~30% of the vector's norm.
 _DGKS_ETA = 1.0 / math.sqrt(2.0)
@@ -270,6 +275,7 @@ class _Drift:
         self.since_full = 0
         self._reset = 0  # rows [0, _reset) updated by this step's pass
         self._local = eps  # drift along v_j itself (alpha's rounding), set by predict
+        self.locked_residuals = np.zeros(0)  # residual norms of the locked rows [0, L)
 
     def begin(self, start: int) -> None:
         """A Lanczos cycle from row ``start``, whose drift row is ``current`` (see restart)."""
@@ -296,8 +302,11 @@ class _Drift:
         image -= alpha * self.current[:j]
         beta = self.projected[j, j - 1]
         image -= beta * self.previous[:j]
-        noise = self.NOISE * self.eps * norm
-        self._local = noise / beta_next
+        noise = np.full(j, self.NOISE * self.eps * norm)
+        self._local = noise[0] / beta_next if j else self.eps
+        # A locked row is an eigenvector only up to its residual r_i: v_j^T r_i adds |r_i|.
+        count = min(j, self.locked_residuals.size)
+        noise[:count] += self.locked_residuals[:count]
         return (image + np.where(image >= 0, noise, -noise)) / beta_next
 
     def reach(self, j: int, predicted: np.ndarray, level: float) -> int:
@@ -374,11 +383,13 @@ def lanczos(
     Gram-Schmidt with a DGKS re-pass, kept orthogonal to ``min(eps^(3/4), tol / 100)``: for
     ``block_size = 1`` the drift of each new vector from every stored one is estimated by
     Simon's recurrence (generalised to thick restarts) and only the rows near that level are
-    measured and removed, so many steps read none of the stored basis) and thick restarts (Wu and Simon 2000): the basis never
-    holds more than ``max_basis_size + block_size`` vectors of length ``D``; at a restart the
-    wanted Ritz vectors and some of their neighbours are kept and the recurrence continues from
-    the residual block. With ``block_size = b > 1`` every step applies ``A`` to a ``(D, b)``
-    block in one block product.
+    measured and removed, so many steps read none of the stored basis) and thick restarts
+    (Wu and Simon 2000): the basis never holds more than ``max_basis_size + block_size``
+    vectors of length ``D``; at a restart the wanted Ritz vectors and some of their neighbours
+    are kept and the recurrence continues from the residual block. Wanted pairs converged to
+    ``min(tol / 100, 1000 eps)`` are locked (``block_size = 1``): later restarts leave them as
+    they are. With ``block_size = b > 1`` every step applies ``A`` to a ``(D, b)`` block in
+    one block product.
 
     Parameters
     ----------
@@ -461,6 +472,25 @@ def lanczos(
     projected = np.zeros((basis_size, basis_size))
     drift = _Drift(projected, operand.eps) if width == 1 else None
     start, restarts, norm_estimate = 0, 0, 0.0
+    # Locked rows [0, locked): wanted Ritz pairs converged far below tol, frozen; restarts
+    # recombine, and the projected eigenproblem covers, only the rows after them. The lock level
+    # keeps the dropped couplings rounding-sized (each enters the drift estimates of its row).
+    locked, locked_residuals = 0, np.zeros(0)
+    lock_threshold = min(_LOCK * tol, 1e3 * operand.eps)
+
+    def active_threshold(threshold: float) -> float:
+        return threshold - (float(locked_residuals.max()) if locked else 0.0)
+
+    def ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values, vectors (in the basis) and residual estimates of rows ``[0, stop)``."""
+        theta = np.empty(stop)
+        vectors = np.zeros((stop, stop))
+        theta[:locked] = np.diag(projected)[:locked]
+        vectors[np.arange(locked), np.arange(locked)] = 1.0
+        theta[locked:], vectors[locked:, locked:] = np.linalg.eigh(projected[locked:stop, locked:stop])
+        residuals = np.linalg.norm(coupling @ vectors[stop - width : stop], axis=0)
+        residuals[:locked] = locked_residuals
+        return theta, vectors, residuals
 
     def wanted_converged(stop: int, coupling: np.ndarray, norm_bound: float) -> bool:
         # Checked after every block (an m x m eigenproblem, negligible next to a matvec), so the
@@ -469,9 +499,8 @@ def lanczos(
         # lucky start does not end the run before the basis has explored the spectrum.
         if restarts == 0 and stop < min(2 * k, basis_size):
             return False
-        theta, vectors = np.linalg.eigh(projected[:stop, :stop])
-        threshold = tol * max(norm_bound, float(np.abs(theta).max()))
-        residuals = np.linalg.norm(coupling @ vectors[stop - width : stop], axis=0)
+        theta, _, residuals = ritz(stop, coupling)
+        threshold = active_threshold(tol * max(norm_bound, float(np.abs(theta).max())))
         return bool(np.all(residuals[_select(theta, which, min(k, stop))] <= threshold)) and stop >= k
 
     while True:
@@ -483,25 +512,40 @@ def lanczos(
             operand, basis, projected, start, stop, width, norm_estimate, rng, wanted_converged,
             orthogonality, drift,
         )
-        theta, vectors = np.linalg.eigh(projected[:stop, :stop])
+        theta, vectors, residual_estimates = ritz(stop, coupling)
         norm_estimate = max(norm_estimate, float(np.abs(theta).max()))
-        residual_estimates = np.linalg.norm(coupling @ vectors[stop - width : stop], axis=0)
         threshold = tol * norm_estimate
         wanted = _select(theta, which, min(k, stop))
-        num_converged = int(np.sum(residual_estimates[wanted] <= threshold))
+        num_converged = int(np.sum(residual_estimates[wanted] <= active_threshold(threshold)))
         out_of_budget = operand.num_matvecs + width > max_steps
         if (num_converged == k and len(wanted) == k) or out_of_budget:
             break
         num_kept = _num_kept(k, basis_size - width + 1, num_converged)
         kept = _select(theta, which, num_kept)
         # Thick restart: basis <- Ritz vectors, projected matrix <- diag(theta) + arrow couplings.
-        operand.combine_rows_(basis[:stop], vectors[:, kept].T)
+        # Locked rows stay where they are; newly locked ones (single-vector Lanczos only) come
+        # next, then the other kept Ritz vectors: only the rows after the old locked ones are
+        # recombined.
+        lockable = np.zeros(stop, dtype=bool)
+        if width == 1:
+            lockable[wanted] = residual_estimates[wanted] <= lock_threshold * norm_estimate
+        moving = [i for i in kept if i >= locked][: max(num_kept - locked, 0)]
+        order = np.array(list(range(locked)) + [i for i in moving if lockable[i]]
+                         + [i for i in moving if not lockable[i]], dtype=int)
+        num_kept = order.size
+        operand.combine_rows_(basis[locked:stop], vectors[locked:stop, order[locked:]].T)
         if drift is not None:
-            drift.restart(vectors[:, kept])
+            drift.restart(vectors[:, order])
         basis[num_kept : num_kept + width] = basis[stop : stop + width]
-        arrow = coupling @ vectors[stop - width : stop, kept]
+        arrow = coupling @ vectors[stop - width : stop, order]
+        newly = int(lockable[order[locked:]].sum())
+        locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
+        locked += newly
+        arrow[:, :locked] = 0.0  # the locked rows' couplings (<= _LOCK tol ||A||) are dropped
+        if drift is not None:
+            drift.locked_residuals = locked_residuals
         projected[:] = 0.0
-        projected[np.arange(num_kept), np.arange(num_kept)] = theta[kept]
+        projected[np.arange(num_kept), np.arange(num_kept)] = theta[order]
         projected[num_kept : num_kept + width, :num_kept] = arrow
         projected[:num_kept, num_kept : num_kept + width] = arrow.T
         start = num_kept

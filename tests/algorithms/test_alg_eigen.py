@@ -285,3 +285,28 @@ def test_drift_estimate_skips_passes_without_losing_orthogonality(make_spectrum_
     vectors = result.eigenvectors.numpy()
     assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(EPS**0.75, 1e-12)
     check_eigenpairs(matrix, result, 1e-10, "LA", 5)
+
+
+def test_converged_pairs_are_locked_and_restarts_shrink(make_spectrum_matrix, monkeypatch):
+    """Wanted pairs converged to rounding are locked: later restarts recombine only the rows after
+    them. The answer (eigenpairs vs eigh, orthonormality) is unchanged."""
+    from curvops.algorithms import _operand
+
+    rng = np.random.default_rng(14)
+    # Four outliers converge fast; the fifth sits in a near-cluster and needs many restarts.
+    values = np.r_[10.0, 9.0, 8.0, 7.0, 3.0, 2.995, rng.uniform(-1.0, 2.9, DIM - 6)]
+    matrix, _ = make_spectrum_matrix(values, seed=14)
+    combined = []
+    original = _operand.Operand.combine_rows_
+
+    def recording(self, rows, coefficients):
+        combined.append(rows.shape[0])
+        return original(self, rows, coefficients)
+
+    monkeypatch.setattr(_operand.Operand, "combine_rows_", recording)
+    result = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=0, max_basis_size=12)
+    assert result.num_restarts >= 3
+    assert combined[0] == 12 and min(combined) <= 12 - 4  # the four outliers got locked
+    vectors = result.eigenvectors.numpy()
+    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(EPS**0.75, 1e-12)
+    check_eigenpairs(matrix, result, 1e-10, "LA", 5)
