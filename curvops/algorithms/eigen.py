@@ -326,7 +326,9 @@ class _Drift:
         return reach
 
     def measured(self, predicted: np.ndarray, reach: int, values: np.ndarray) -> None:
-        predicted[: min(reach, predicted.size)] = values[: min(reach, predicted.size)]
+        """Replace the estimates of rows ``[0, reach)`` by the inner products just formed."""
+        count = min(reach, predicted.size)
+        predicted[:count] = values[:count]
 
     def reset(self, reach: int) -> None:
         """After an update over rows ``[0, reach)`` those are orthogonal to rounding."""
@@ -541,7 +543,7 @@ def lanczos(
         newly = int(lockable[order[locked:]].sum())
         locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
         locked += newly
-        arrow[:, :locked] = 0.0  # the locked rows' couplings (<= _LOCK tol ||A||) are dropped
+        arrow[:, :locked] = 0.0  # the locked rows' couplings (<= lock_threshold ||A||) are dropped
         if drift is not None:
             drift.locked_residuals = locked_residuals
         projected[:] = 0.0
