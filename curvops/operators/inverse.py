@@ -271,10 +271,12 @@ class InverseOperator(TorchLinearOperator):
         return self._solve(X, None)[0]
 
     def _solve(self, B: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        if self.method == "eigh":
-            X, info = self._solve_eigh(B)
-        elif self.method == "cholesky":
-            X, info = self._solve_cholesky(B)
+        if self.method in ("eigh", "cholesky"):
+            # Direct solves act on (D, k) blocks; a vector is a block of one column.
+            solve_block = self._solve_eigh if self.method == "eigh" else self._solve_cholesky
+            X, info = solve_block(B.unsqueeze(1) if B.dim() == 1 else B)
+            if B.dim() == 1:
+                X = X.squeeze(1)
         else:
             kwargs: dict[str, Any] = {"rtol": self.rtol, "atol": self.atol, "maxiter": self.maxiter,
                                       "x0": x0, "warn": self.warn}
@@ -355,12 +357,10 @@ class InverseOperator(TorchLinearOperator):
         return self._cholesky
 
     def _solve_cholesky(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
+        """Solve for a (D, k) block with the cached factor."""
         M, factor = self._cholesky_factor()
-        vector = B.dim() == 1
-        B2 = B.unsqueeze(1) if vector else B
-        X = torch.cholesky_solve(B2, factor)
-        info = _direct_info("cholesky", B2, B2 - M @ X)
-        return (X.squeeze(1) if vector else X), info
+        X = torch.cholesky_solve(B, factor)
+        return X, _direct_info("cholesky", B, B - M @ X)
 
     def _solve_eigh(self, B: Tensor) -> tuple[Tensor, SolveInfo]:
         evals, evecs = self._decomposition()
@@ -371,11 +371,8 @@ class InverseOperator(TorchLinearOperator):
             raise ValueError(f"A + δI is singular to working precision (an eigenvalue + δ = "
                              f"{float(shifted[shifted.abs().argmin()]):.3g}, below {floor:.3g}); "
                              "increase the damping")
-        vector = B.dim() == 1
-        B2 = B.unsqueeze(1) if vector else B
-        X = evecs @ ((evecs.T @ B2) / shifted[:, None])
-        info = _direct_info("eigh", B2, B2 - (evecs @ (shifted[:, None] * (evecs.T @ X))))
-        return (X.squeeze(1) if vector else X), info
+        X = evecs @ ((evecs.T @ B) / shifted[:, None])
+        return X, _direct_info("eigh", B, B - (evecs @ (shifted[:, None] * (evecs.T @ X))))
 
     def _adjoint(self) -> InverseOperator:
         return self
