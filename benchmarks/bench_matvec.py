@@ -1,16 +1,17 @@
 """Cost of one curvature matvec, side by side with the peers, in units of one gradient.
 
-For each model, every method runs in a fresh subprocess (so peak memory is its own):
-the median wall time of ``--repeats`` products after one warm-up, divided by the same for
-one gradient over the same batches, and the peak resident memory added by the product (max
-RSS during the products minus max RSS before them, in MiB). The whole list of methods runs
-``--rounds`` times, in a rotated order each round, and each method keeps its fastest round:
-on a shared 2-core machine the speed drifts by tens of percent over minutes, and a single
-round once put curvops' Hessian (the same double backward as the plain loop) at 1.44x the
-plain loop's time.
+For each model, every method runs in a fresh subprocess (so peak memory is its own) and
+times ``--repeats`` pairs of (one gradient, one product) back to back after a warm-up; the
+cost of the method is the median over all pairs of all ``--rounds`` rounds of the ratio
+product / gradient (methods in a rotated order each round). On the shared 2-core machine
+the speed drifts by tens of percent over minutes: a ratio of two separately timed medians
+once put curvops' Hessian (the same double backward as the plain loop) at 1.44x the plain
+loop's time, while adjacent pairs cancel the drift. Peak memory: the resident memory added
+by one product (max RSS after it minus before it, in MiB).
 
 Methods: one gradient (the unit); a plain double-backward loop
-(``autograd.grad(g, params, v)`` per batch); curvops Hessian (autograd and finite
+(``autograd.grad(g, params, v)`` per batch); curvops Hessian (autograd: reverse over
+forward for single vectors, the CPU default, and ``_db`` forced double backward; finite
 differences), GGN, and (D, 8) blocks of both (cost per vector); curvlinops 3.0.1
 ``HessianLinearOperator`` / ``GGNLinearOperator``; hessian-eigenthings 1.0.0a5
 ``HessianOperator`` / ``GGNOperator``.
@@ -38,7 +39,7 @@ from _report import emit_report  # benchmarks/ is on sys.path when a script runs
 MODELS = ("mlp", "cnn")
 METHODS = (
     "gradient", "plain_double_backward",
-    "curvops_hessian", "curvops_hessian_fd", "curvops_ggn",
+    "curvops_hessian", "curvops_hessian_db", "curvops_hessian_fd", "curvops_ggn",
     "curvops_hessian_block8", "curvops_ggn_block8",
     "curvlinops_hessian", "curvlinops_ggn",
     "eigenthings_hessian", "eigenthings_ggn",
@@ -89,6 +90,8 @@ def make_product(method: str, model: nn.Module, loss: nn.Module, data: list):
         import curvops
         if "hessian" in method:
             op = curvops.HessianOperator(model, loss, data, method="finite_difference" if method.endswith("_fd") else "autograd")
+            if method.endswith("_db"):  # single vectors by double backward instead of reverse over forward
+                op._reverse_over_forward = False
         else:
             op = curvops.GGNOperator(model, loss, data)
         if method.endswith("block8"):
@@ -110,20 +113,38 @@ def make_product(method: str, model: nn.Module, loss: nn.Module, data: list):
 
 
 def measure(model_name: str, method: str, repeats: int, threads: int) -> dict:
-    """Time and peak memory of one method, in this process."""
+    """Time, cost in gradients and peak memory of one method, in this process.
+
+    The cost is the median over ``repeats`` pairs of (product time / gradient time), the two
+    timed back to back: the speed of the shared machine drifts by tens of percent over
+    minutes, and a ratio of adjacent timings cancels the drift that a ratio of two separate
+    medians keeps.
+    """
     torch.set_num_threads(threads)
     model, loss, data = build(model_name)
+    gradient, _ = make_product("gradient", model, loss, data)
     run, nvec = make_product(method, model, loss, data)
+    gradient()
     run()  # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    run()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, ratios = [], []
     for _ in range(repeats):
         start = time.perf_counter()
+        gradient()
+        middle = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": statistics.median(times), "per_vector": statistics.median(times) / nvec,
+        end = time.perf_counter()
+        times.append((end - middle) / nvec)
+        ratios.append((end - middle) / nvec / (middle - start))
+    return {"per_vector": statistics.median(times), "cost": statistics.median(ratios), "ratios": ratios,
             "peak_extra_mib": max(after - before, 0) / 1024, "dim": sum(p.numel() for p in model.parameters())}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def main() -> None:
@@ -145,14 +166,15 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}. float32, CE loss, 4 batches; "
-        f"median of {args.repeats} after a warm-up, each method in its own process; the fastest of "
-        f"{args.rounds} rounds (methods in rotated order). "
-        "`cost` = time of one product / time of one gradient over the same batches "
-        "(blocks: per vector). `peak extra` = max RSS growth during the products.",
+        f"each method in its own process, {args.repeats} (gradient, product) pairs timed back to back "
+        f"after a warm-up, {args.rounds} rounds (methods in rotated order). "
+        "`cost` = median over all pairs of (time of one product / time of the gradient before it), "
+        "over the same batches (blocks: per vector); `time per vector` = median product time, "
+        "which drifts with the machine's speed; `peak extra` = max RSS growth during a product.",
         "",
     ]
     for model_name in args.models:
-        results = {method: None for method in args.methods}
+        runs = {method: [] for method in args.methods}
         for round_index in range(args.rounds):
             shift = round_index % len(args.methods)
             for method in args.methods[shift:] + args.methods[:shift]:
@@ -163,32 +185,40 @@ def main() -> None:
                     print(f"{model_name}/{method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                     continue
                 measured = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(model_name, round_index, method, measured, flush=True)
-                if results[method] is None or measured["time"] < results[method]["time"]:
-                    results[method] = measured
-        unit = results["gradient"]["time"]
-        dim = results["gradient"]["dim"]
-        lines += [f"## {model_name} (D = {dim:,})", "", "| method | time per vector | cost (gradients) | peak extra |",
-                  "|---|---|---|---|"]
+                print(model_name, round_index, method, f"{measured['cost']:.3f}", flush=True)
+                runs[method].append(measured)
+        results = {}
+        for method, measured in runs.items():
+            if measured:
+                ratios = [r for m in measured for r in m["ratios"]]
+                results[method] = {"cost": statistics.median(ratios),
+                                   "spread": (_quantile(ratios, 0.25), _quantile(ratios, 0.75)),
+                                   "per_vector": statistics.median(m["per_vector"] for m in measured),
+                                   "peak_extra_mib": max(m["peak_extra_mib"] for m in measured),
+                                   "dim": measured[0]["dim"]}
+            else:
+                results[method] = None
+        dim = next(r["dim"] for r in results.values() if r)
+        lines += [f"## {model_name} (D = {dim:,})", "",
+                  "| method | time per vector | cost (gradients) | middle half of the ratios | peak extra |",
+                  "|---|---|---|---|---|"]
         for method, r in results.items():
             if r is None:
-                lines.append(f"| {method} | failed | | |")
+                lines.append(f"| {method} | failed | | | |")
                 continue
-            lines.append(f"| {method} | {1e3 * r['per_vector']:.1f} ms | {r['per_vector'] / unit:.2f} | "
-                         f"{r['peak_extra_mib']:.0f} MiB |")
-        ours = results.get("curvops_hessian"), results.get("curvops_hessian_block8")
-        if all(ours):
-            lines.append("")
-            lines.append(f"(D, 8) Hessian block vs 8 single products: {ours[0]['per_vector'] / ours[1]['per_vector']:.2f}x cheaper per vector.")
-        ours = results.get("curvops_ggn"), results.get("curvops_ggn_block8")
-        if all(ours):
-            lines.append(f"(D, 8) GGN block vs 8 single products: {ours[0]['per_vector'] / ours[1]['per_vector']:.2f}x cheaper per vector.")
-        for peer in ("curvlinops_hessian", "eigenthings_hessian", "plain_double_backward"):
-            if results.get(peer) and results.get("curvops_hessian"):
-                lines.append(f"{peer} / curvops_hessian time: {results[peer]['per_vector'] / results['curvops_hessian']['per_vector']:.2f}x")
-        for peer in ("curvlinops_ggn", "eigenthings_ggn"):
-            if results.get(peer) and results.get("curvops_ggn"):
-                lines.append(f"{peer} / curvops_ggn time: {results[peer]['per_vector'] / results['curvops_ggn']['per_vector']:.2f}x")
+            lines.append(f"| {method} | {1e3 * r['per_vector']:.1f} ms | {r['cost']:.2f} | "
+                         f"{r['spread'][0]:.2f}–{r['spread'][1]:.2f} | {r['peak_extra_mib']:.0f} MiB |")
+        lines.append("")
+        for single, block in (("curvops_hessian", "curvops_hessian_block8"), ("curvops_hessian_db", "curvops_hessian_block8"),
+                              ("curvops_ggn", "curvops_ggn_block8")):
+            if results.get(single) and results.get(block):
+                lines.append(f"(D, 8) block vs 8 single products ({single}): "
+                             f"{results[single]['cost'] / results[block]['cost']:.2f}x cheaper per vector.")
+        for ours, peers in (("curvops_hessian", ("curvlinops_hessian", "eigenthings_hessian", "plain_double_backward")),
+                            ("curvops_ggn", ("curvlinops_ggn", "eigenthings_ggn"))):
+            for peer in peers:
+                if results.get(peer) and results.get(ours):
+                    lines.append(f"{peer} / {ours} cost: {results[peer]['cost'] / results[ours]['cost']:.2f}x")
         lines.append("")
     emit_report(lines, args.out)
 

@@ -8,7 +8,9 @@ curvops' own products execute, next to those of one gradient over the same batch
 * ``ggn``: ``GGNOperator @ v`` with ``J v`` from the kept-graph dual forward (the CPU
   strategy: primal and tangent in one pass) and with the separate plain forward (the CUDA
   strategy: one extra primal forward, no tangent graph);
-* ``hessian``: ``HessianOperator @ v`` (double backward).
+* ``hessian``: ``HessianOperator @ v``, the default (reverse over forward, where it passes
+  the operator's check against double backward; models with LayerNorm do not) and double
+  backward.
 
 Forward-mode AD costs two matrix products per parameter matrix product (``Ẇx + Wẋ``), a
 backward pass two (``gx``, ``gW``), the forward one, so a GGN product needs at least
@@ -64,11 +66,15 @@ def count(model: torch.nn.Module, loss_fn: Any, data: list) -> dict[str, int]:
     kw = {"check_deterministic": False}
     hessian = HessianOperator(model, loss_fn, data, **kw)
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0))
+    hessian @ v  # the one-time check of reverse over forward, outside the counts
+    double = HessianOperator(model, loss_fn, data, **kw)
+    double._reverse_over_forward = False
     return {
         "gradient": _flops(hessian.loss_and_gradient),
         "ggn (kept-graph dual forward)": _flops(lambda: _GGNKeptGraph(model, loss_fn, data, **kw) @ v),
         "ggn (separate forward)": _flops(lambda: _GGNSeparateForward(model, loss_fn, data, **kw) @ v),
-        "hessian (double backward)": _flops(lambda: hessian @ v),
+        "hessian (default: reverse over forward if it passes its check)": _flops(lambda: hessian @ v),
+        "hessian (double backward)": _flops(lambda: double @ v),
     }
 
 

@@ -33,6 +33,8 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
+from curvops._finite import all_finite
+
 ProbeKind = Literal["rademacher", "gaussian"]
 PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
 
@@ -379,11 +381,7 @@ class TorchOperand(Operand):
         return array.detach().to(device=self.device, dtype=self.dtype)
 
     def _all_finite(self, array: torch.Tensor) -> bool:
-        # One reduction instead of a (D, b) boolean mask: NaN/Inf propagate through a sum; only
-        # if the sum is not finite (possibly an overflow of finite entries) check elementwise.
-        if bool(torch.isfinite(array.sum())):
-            return True
-        return bool(torch.isfinite(array).all())
+        return all_finite(array)
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)

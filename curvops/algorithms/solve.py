@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvops._finite import all_finite
+
 MatMul = Callable[[Tensor], Tensor]
 METHODS: tuple[str, ...] = ("cg", "minres", "lsmr", "neumann")
 
@@ -260,7 +262,7 @@ def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, wa
         raise ValueError(f"B must have shape (D,) or (D, k), got {tuple(B.shape)}")
     if not B.dtype.is_floating_point:
         raise TypeError(f"B must be real floating point, got {B.dtype}")
-    if not bool(torch.isfinite(B).all()):
+    if not all_finite(B):
         raise ValueError("B contains NaN or Inf")
     vector = B.dim() == 1
     B2 = B.unsqueeze(1) if vector else B

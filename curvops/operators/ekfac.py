@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvops._finite import all_finite
 from curvops.operators.kfac import (
     _CHUNK_ELEMENTS,
     KroneckerEigen,
@@ -96,7 +97,7 @@ class EKFACOperator(_KroneckerOperator):
                         sums[i] += _projected_second_moment(g_hat, a_hat)
             del output, outputs
             for i, s in enumerate(sums):
-                if not bool(torch.isfinite(s).all()):
+                if not all_finite(s):
                     raise FloatingPointError(
                         f"the corrected eigenvalues of layer {self.blocks[i].name!r} are NaN or Inf on batch {index}")
         self._sum_over_ranks(sums)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.operators._forward_ad import tangent_shortcuts
 from curvops.operators.base import OutputSpaceOperator, ParamSelection
 
 
@@ -170,7 +171,7 @@ class GGNOperator(OutputSpaceOperator):
         """Tangent of the head's input (rows, hidden) for one parameter tangent, without a graph."""
         import torch.autograd.forward_ad as fwAD
 
-        with torch.no_grad(), fwAD.dual_level():
+        with torch.no_grad(), fwAD.dual_level(), tangent_shortcuts():
             duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(self.param_names, self.params, tangents)}
             tangent = fwAD.unpack_dual(self._forward_to_head(inputs, duals)[0]).tangent
         return torch.zeros_like(like) if tangent is None else tangent.reshape(like.shape)

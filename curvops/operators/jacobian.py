@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops._finite import all_finite
 from curvops.operators.base import ModelOperator, ParamSelection, TorchLinearOperator, _first_batch, _same, _to_device
 
 
@@ -97,7 +98,7 @@ class JacobianOperator(ModelOperator):
                 for o, g in zip(out, self._vjp(output, cotangents[col], retain_graph=col < k - 1)):
                     o[col].add_(g)
         result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
-        if not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             raise FloatingPointError("the transposed Jacobian product is NaN or Inf")
         return result
 
@@ -105,7 +106,7 @@ class JacobianOperator(ModelOperator):
         for index, (r, numel) in enumerate(zip(rows, self.output_numels)):
             if r.shape[1] != numel:
                 raise ValueError(f"batch {index} gives {r.shape[1]} output entries, expected {numel}: the data changed")
-            if not bool(torch.isfinite(r).all()):
+            if not all_finite(r):
                 raise FloatingPointError(f"the Jacobian product is NaN or Inf on batch {index}")
 
     def _check_deterministic(self) -> None:

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvops._finite import all_finite
 from curvops.operators._parallel import Sharded, detect_parallel
 from curvops.operators.base import CurvatureOperator, ParamSelection, TorchLinearOperator, _select_parameters
 
@@ -368,7 +369,7 @@ class _KroneckerOperator(CurvatureOperator):
             output, results, outputs = self._record_forward(inputs, on_input)
             # NaN/Inf in a layer reaches the output; the sums below carry it to the factors,
             # which are checked once at the end. Checking the (small) output names the batch.
-            if not bool(torch.isfinite(output).all()):
+            if not all_finite(output):
                 raise FloatingPointError(f"the model output of batch {index} is NaN or Inf")
             if check:
                 self._check_layer_gradients(output, target, outputs, {n: r[3] for n, r in results.items() if r})
@@ -411,7 +412,7 @@ class _KroneckerOperator(CurvatureOperator):
                     A_w = torch.cat([torch.cat([A_w, mean], 1), torch.cat([mean.T, one], 1)], 0)
                 A[layer.name] = A_w
                 factors.append(A_w)
-            if not all(bool(torch.isfinite(f).all()) for f in factors):
+            if not all(all_finite(f) for f in factors):
                 raise FloatingPointError(f"the Kronecker factors of layer {layer.name!r} are NaN or Inf (overflow?)")
         return A, G
 
@@ -676,7 +677,7 @@ class KroneckerInverseOperator(TorchLinearOperator):
             return QG @ ((QG.T @ M @ QA) * D) @ QA.T
         out = _blockwise(V, self._block_layout, self.param_shapes, apply)
         result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
-        if not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             raise FloatingPointError("the inverse product overflowed (NaN or Inf)")
         return result
 
