@@ -29,7 +29,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from curvops._finite import all_finite
-from curvops.operators._forward_ad import tangent_shortcuts
+from curvops.operators._forward_ad import own_storage, tangent_shortcuts
 from curvops.operators._loss import LossSpec
 from curvops.operators._parallel import (
     Parallel,
@@ -369,7 +369,7 @@ class ModelOperator(TorchLinearOperator):
         import torch.autograd.forward_ad as fwAD
 
         grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
-        with grad_mode, fwAD.dual_level(), tangent_shortcuts():
+        with grad_mode, fwAD.dual_level(), tangent_shortcuts(relu=tangent_graph):
             duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
                      for n, p, t in zip(self.param_names, self.params, tangents)}
             output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
@@ -794,9 +794,10 @@ class OutputSpaceOperator(CurvatureOperator):
             return self._column_by_column(V, only)
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
+        column = [own_storage(v[0]) for v in V] if self._keep_graph_for_tangent() else None
         for index, inputs, target in self._batches(only):
-            if self._keep_graph_for_tangent():
-                output, first = self._jvp(inputs, [v[0] for v in V], keep_graph=True)
+            if column is not None:
+                output, first = self._jvp(inputs, column, keep_graph=True)
                 tangents = [first] + self._tangents(inputs, [v[1:] for v in V])
             else:
                 with torch.enable_grad():

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.operators._forward_ad import own_storage
 from curvops.operators._parallel import Sharded
 from curvops.operators.base import CurvatureOperator, ParamSelection
 
@@ -153,8 +154,9 @@ class HessianOperator(CurvatureOperator):
     def _reverse_over_forward_products(self, V, only):
         out = self._zeros_like_block(1)
         losses, loss_batches = [], []
+        column = [own_storage(v[0]) for v in V]
         for index, inputs, target in self._batches(only):
-            output, tangent = self._jvp(inputs, [v[0] for v in V], keep_graph=True, tangent_graph=True)
+            output, tangent = self._jvp(inputs, column, keep_graph=True, tangent_graph=True)
             with torch.enable_grad():
                 value = self.loss.batch_sum(output, target) * self.scale
                 if output.requires_grad:

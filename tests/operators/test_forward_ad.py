@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from curvops.operators._forward_ad import tangent_shortcuts
+from curvops.operators._forward_ad import own_storage, tangent_shortcuts
 
 LAYERS = {
     "linear": (F.linear, (5, 7), (4, 7), {}),
@@ -97,3 +97,80 @@ def test_shortcut_drops_the_zero_tangent_product():
     assert counts[True] == 2  # the primal x Wᵀ and the tangent x Ẇᵀ, nothing else
     # torch 2.13's own rule also multiplies an expanded zero input tangent (3 products).
     assert counts[False] >= counts[True]
+
+
+def _relu_dual(call, x, x_dot, short):
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, x_dot)
+        if short:
+            with tangent_shortcuts(relu=True):
+                out = call(dual)
+        else:
+            out = call(dual)
+        return fwAD.unpack_dual(out)
+
+
+@pytest.mark.parametrize("call", [F.relu, torch.relu, torch.Tensor.relu, torch.nn.ReLU()],
+                         ids=["F.relu", "torch.relu", "Tensor.relu", "nn.ReLU"])
+def test_relu_shortcut_equals_torch_rule_with_graph(call):
+    """Primal, tangent and their gradients w.r.t. the input and its tangent agree with torch's rule."""
+    g = torch.Generator().manual_seed(2)
+    results = []
+    for short in (True, False):
+        x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+        x_dot = torch.randn(6, 5, generator=g.manual_seed(4), dtype=torch.float64, requires_grad=True)
+        primal, tangent = _relu_dual(call, x, x_dot, short)
+        seed = torch.linspace(-1, 1, 30, dtype=torch.float64).view(6, 5)
+        grads = torch.autograd.grad((primal * seed).sum() + (tangent * seed.flip(0)).sum(), (x, x_dot))
+        results.append((primal.detach(), tangent.detach(), grads))
+    (p1, t1, g1), (p2, t2, g2) = results
+    torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    torch.testing.assert_close(t1, t2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_relu_shortcut_leaves_inplace_and_tangent_free_calls_to_torch():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with fwAD.dual_level(), tangent_shortcuts(relu=True):
+        assert fwAD.unpack_dual(F.relu(x)).tangent is None  # no tangent: plain relu
+        dual = fwAD.make_dual(x.clone(), torch.ones_like(x))
+        out = F.relu(dual, inplace=True)  # torch's in-place rule
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, (x > 0).to(x.dtype))
+
+
+def test_own_storage_copies_only_views_into_larger_buffers():
+    block = torch.randn(3, 4, 5)
+    whole = torch.randn(4, 5)
+    assert own_storage(whole) is whole
+    part = own_storage(block[1])
+    assert part.data_ptr() != block[1].data_ptr() and torch.equal(part, block[1])
+    assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+    first = own_storage(block[0])
+    assert first.data_ptr() != block.data_ptr()  # offset 0 but the storage holds three
+    with fwAD.dual_level():
+        # What it is for: make_dual keeps a tangent that owns its storage as it is.
+        dual = fwAD.make_dual(torch.zeros(4, 5), whole)
+        assert fwAD.unpack_dual(dual).tangent.data_ptr() == whole.data_ptr()
+
+
+class _CountOp(TorchDispatchMode):
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.count = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_relu_shortcut_only_on_request(relu):
+    """Tangents without a graph keep torch's rule (``threshold_backward``: no mask to allocate)."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with fwAD.dual_level(), tangent_shortcuts(relu=relu):
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with _CountOp(torch.ops.aten.threshold_backward.default) as counter:
+            out = F.relu(dual)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, (x > 0).to(x.dtype))
+    assert counter.count == (0 if relu else 1)
