@@ -139,7 +139,9 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         "ggn_fused_head": GGNOperator(model, loss, data, fused_head=True, **kw),
         "hessian": HessianOperator(model, loss, data, **kw),
         "hessian_fd": HessianOperator(model, loss, data, method="finite_difference", **kw),
+        "hessian_db": HessianOperator(model, loss, data, **kw),
     }
+    ops["hessian_db"]._reverse_over_forward = False  # single vectors by double backward
     # The pre-change Hessian path: the same objective through F.cross_entropy's own double
     # backward (a custom callable; its normaliser differs, the cost does not).
     def torch_ce(logits, labels):
@@ -169,7 +171,7 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
             # Every method once per round, rounds in rotated order; each method's fastest round
             # (median of its repeats) is kept, so drifts of the machine hit all methods alike.
             names = [name for name in ops
-                     if precision == "fp32" or name not in ("hessian_fd", "hessian_torch_ce", "eigenthings_hessian_fd")]
+                     if precision == "fp32" or name not in ("hessian_fd", "hessian_db", "hessian_torch_ce", "eigenthings_hessian_fd")]
             best: dict[str, dict[str, Any]] = {}
             for round_index in range(args.rounds):
                 order = ["gradient (HF labels= loss)", "gradient (curvops loss_and_gradient)"] + names
@@ -197,7 +199,8 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                 if "ms" in best[name] and not name.startswith("gradient (HF"):
                     row["gradients"] = best[name]["ms"] / grad["ms"]
                 rows.append(row)
-            print(precision, "done", flush=True)
+            print(precision, "done; reverse over forward passed its check:",
+                  ops["hessian"].__dict__.get("_forward_mode_verdict") if "hessian" in ops else None, flush=True)
     if not {"ggn", "ggn_fused_head", "ggn_func_jvp"} <= set(ops):
         return rows
     # Agreement of the fused head with the plain GGN on this model (float32).

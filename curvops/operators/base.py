@@ -369,7 +369,7 @@ class ModelOperator(TorchLinearOperator):
         import torch.autograd.forward_ad as fwAD
 
         grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
-        with grad_mode, fwAD.dual_level(), tangent_shortcuts(relu=tangent_graph):
+        with grad_mode, fwAD.dual_level(), tangent_shortcuts(differentiated=tangent_graph):
             duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
                      for n, p, t in zip(self.param_names, self.params, tangents)}
             output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
