@@ -206,53 +206,21 @@ def _fd_gradients(f, leaves, seed, eps=1e-6):
     return grads
 
 
-NORM_CALLS = {
-    "layer_norm": (lambda x, w, b: F.layer_norm(x, (5,), w, b, 1e-5), (3, 4, 5)),
-    "layer_norm-2d": (lambda x, w, b: F.layer_norm(x, (4, 5), w, b, 1e-3), (3, 4, 5)),
-    "layer_norm-no-affine": (lambda x, w, b: F.layer_norm(x, [5]), (6, 5)),
-    "softmax": (lambda x, w, b: F.softmax(x, dim=-1), (3, 4, 5)),
-    "torch.softmax-dim0": (lambda x, w, b: torch.softmax(x, 0), (3, 4, 5)),
-    "Tensor.softmax-dtype": (lambda x, w, b: x.softmax(1, dtype=torch.float64), (3, 4, 5)),
-}
-
-
-def _leaves(name, seed):
-    f, shape = NORM_CALLS[name]
-    g = torch.Generator().manual_seed(seed)
-    wshape = shape[-2:] if name == "layer_norm-2d" else shape[-1:]
-    leaves = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
-              for s in (shape, wshape, wshape, shape, wshape, wshape)]
-    return f, leaves, torch.randn(shape, generator=g, dtype=torch.float64)
-
-
-def _norm_close(got, want, rtol):
-    for a, e in zip(got, want):
-        assert float((a - e).norm()) <= rtol * max(float(e.norm()), 1.0)
-
-
-@pytest.mark.parametrize("name", list(NORM_CALLS))
-def test_differentiated_rules_match_finite_differences(name):
-    """layer_norm and softmax: primal and tangent equal torch's values; the tangent's
-    gradients (w.r.t. the input, the affine parameters and the tangents) equal central
-    differences of tangent values (rtol 1e-7: 1000x the predicted FD error)."""
-    f, leaves, seed = _leaves(name, 5)
-    x, w, b, xd, wd, bd = leaves
-    with fwAD.dual_level(), tangent_shortcuts(differentiated=True):
-        primal, tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, xd), fwAD.make_dual(w, wd), fwAD.make_dual(b, bd)))
-    assert tangent is not None
-    with torch.no_grad():
-        ref_primal, ref_tangent = torch.func.jvp(f, (x, w, b), (xd, wd, bd))
-    torch.testing.assert_close(primal, ref_primal, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(tangent, ref_tangent, rtol=1e-12, atol=1e-12)
-    got = torch.autograd.grad((tangent * seed).sum(), leaves, allow_unused=True, materialize_grads=True)
-    _norm_close(got, _fd_gradients(f, leaves, seed), rtol=1e-7)
+def _layer_norm(x, w, b):
+    return F.layer_norm(x, (5,), w, b, 1e-5)
 
 
 def test_torch_layer_norm_rule_is_still_wrong_when_differentiated():
-    """Why the layer_norm rule is replaced: torch's own, differentiated, disagrees with finite
-    differences. If a torch release fixes it this test fails and the replacement can go."""
-    f, leaves, seed = _leaves("layer_norm", 6)
+    """Why LayerNorm models fail the Hessian operator's one-time check (and use double
+    backward): torch's forward-mode layer_norm rule, differentiated, disagrees with finite
+    differences. If a torch release fixes it this test fails: then measure whether reverse
+    over forward pays off for transformers before letting them pass the check."""
+    g = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+              for s in ((3, 4, 5), (5,), (5,), (3, 4, 5), (5,), (5,))]
     x, w, b, xd, wd, bd = leaves
+    seed = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    f = _layer_norm
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, xd), fwAD.make_dual(w, wd), fwAD.make_dual(b, bd))).tangent
     got = torch.autograd.grad((tangent * seed).sum(), x)[0]
