@@ -42,8 +42,7 @@ def _split(t: Any) -> tuple[Any, Any]:
     """(primal, tangent or None) of a tensor; (t, None) for anything else (a missing bias)."""
     if not torch.is_tensor(t):
         return t, None
-    primal, tangent = fwAD.unpack_dual(t)
-    return primal, tangent
+    return tuple(fwAD.unpack_dual(t))
 
 
 def _linear_like(func, args, kwargs):

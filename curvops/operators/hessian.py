@@ -79,8 +79,8 @@ class HessianOperator(CurvatureOperator):
     #: keeps the graph of the output ``z`` and of its tangent ``J v``, then one backward
     #: pass (fewer matrix products than double backward: it never forms the gradient's
     #: weight products). Measured faster and no larger than double backward: 2-core CPU,
-    #: MLP 784-256-256-10 2.27 vs 2.53 gradients, small CNN 1.74 vs 2.59; H200, MLP
-    #: 784-2048-2048-10 2.54 vs 2.88, CNN 2.30 vs 3.68, with 5% less peak memory
+    #: MLP 784-256-256-10 2.27 vs 2.53 gradients, small CNN 1.95 vs 2.62; H200, MLP
+    #: 784-2048-2048-10 2.29 vs 2.86, CNN 2.0 vs 3.7 at 658 vs 818 MiB peak
     #: (``benchmarks/results/matvec_*``, ``reverse_over_forward_*``). False: double
     #: backward. Blocks (k > 1) always use double backward: one differentiable gradient per
     #: batch serves all k columns.
@@ -90,7 +90,9 @@ class HessianOperator(CurvatureOperator):
     #: (its tangent treats the saved statistics as constants), and softmax's fails outright.
     #: So before its first use the operator checks it against double backward on the first
     #: batch with a seeded random vector, and uses double backward for good if the two
-    #: disagree beyond ``10 · √u`` relative or the forward-mode pass raises.
+    #: disagree beyond ``10 · √u`` relative or the forward-mode pass raises. (Transformers
+    #: fail it; with both rules rewritten, GPT-2 measured slower by reverse over forward
+    #: anyway: ``benchmarks/results/lm_h200_2026-12-02.md``.)
     _reverse_over_forward: bool = True
 
     def _use_reverse_over_forward(self, k: int) -> bool:

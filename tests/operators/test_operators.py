@@ -103,10 +103,19 @@ def test_hessian_reverse_over_forward_falls_back_without_forward_mode_rule():
     assert H._forward_mode_verdict is False and not H._use_reverse_over_forward(1)
 
 
+def _hessian_with_reference(model, features: int):
+    """Hessian operator of a 3-class CE model on two unequal batches (5 and 2 samples), its
+    dense reference and a random vector."""
+    data = [(torch.randn(n, features, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (5, 2)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    H = HessianOperator(model, loss_fn, data)
+    return H, dense_hessian(model, loss_fn, data, H.params), _random_block(H.shape[0], 1)[:, 0]
+
+
 def test_hessian_reverse_over_forward_is_checked_against_double_backward():
     """A forward-mode rule that is silently wrong (as torch 2.13's layer_norm rule is when
-    differentiated): the one-time check catches the
-    disagreement and the operator multiplies by double backward, exactly."""
+    differentiated): the one-time check catches the disagreement and the operator multiplies
+    by double backward, exactly."""
 
     class Softsign(torch.autograd.Function):
         @staticmethod
@@ -133,13 +142,7 @@ def test_hessian_reverse_over_forward_is_checked_against_double_backward():
             return self.b(Softsign.apply(self.a(x)))
 
     torch.manual_seed(0)
-    model = Model()
-    data = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))),
-            (torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 3, (2,)))]
-    loss_fn = torch.nn.CrossEntropyLoss()
-    H = HessianOperator(model, loss_fn, data)
-    ref = dense_hessian(model, loss_fn, data, H.params)
-    v = _random_block(H.shape[0], 1)[:, 0]
+    H, ref, v = _hessian_with_reference(Model(), features=4)
     unchecked = torch.cat([o.reshape(-1) for o in H._reverse_over_forward_products(
         [t.view(1, *s) for t, s in zip(v.split(H.param_numels), H.param_shapes)], None)[0]])
     assert float((unchecked - ref @ v).norm()) > 1e-2 * float((ref @ v).norm())  # the defect is real
@@ -153,12 +156,7 @@ def test_hessian_layer_norm_model_falls_back_to_double_backward():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
                                 torch.nn.Linear(6, 3)).double()
-    data = [(torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))),
-            (torch.randn(2, 6, dtype=torch.float64), torch.randint(0, 3, (2,)))]
-    loss_fn = torch.nn.CrossEntropyLoss()
-    H = HessianOperator(model, loss_fn, data)
-    ref = dense_hessian(model, loss_fn, data, H.params)
-    v = _random_block(H.shape[0], 1)[:, 0]
+    H, ref, v = _hessian_with_reference(model, features=6)
     _close(H @ v, ref @ v)
     assert H._forward_mode_verdict is False
 
