@@ -220,6 +220,15 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- head
+def materialised_head(h, w, hd, wd, c):
+    """The head GGN product on whole (N, V) tensors: logits, tangent, CE-Hessian kernel, 2 products."""
+    z = h @ w.T
+    zd = torch.addmm(hd @ w.T, h, wd.T)
+    u = cross_entropy_hvp(z, zd, weight=c, reduction="sum")
+    del z, zd
+    return u @ w, u.T @ h
+
+
 def head(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     n, d, vocab = (1024, 64, 5000) if args.small else (16384, 768, 50304)
     dtype = torch.bfloat16
@@ -229,11 +238,7 @@ def head(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     c = torch.full((n,), 1.0 / n, device=device)
 
     def materialised():
-        z = h @ w.T
-        zd = torch.addmm(hd @ w.T, h, wd.T)
-        u = cross_entropy_hvp(z, zd, weight=c, reduction="sum")
-        del z, zd
-        return u @ w, u.T @ h
+        return materialised_head(h, w, hd, wd, c)
 
     # The materialised path computes no log-sum-exp: the like-for-like fused rows skip it too.
     variants = {

@@ -98,6 +98,7 @@ def _ce_hvp_kernel(
     u_ptr,
     out_ptr,
     c_ptr,
+    lse_ptr,
     stats_ptr,
     cnt_ptr,
     ticket_ptr,
@@ -115,6 +116,7 @@ def _ce_hvp_kernel(
     FB_BLOCK: tl.constexpr,
     USE_TICKET: tl.constexpr,
     FALLBACK: tl.constexpr,
+    WANT_LSE: tl.constexpr,
 ):
     if USE_TICKET:
         t = tl.atomic_add(ticket_ptr, 1)
@@ -136,7 +138,12 @@ def _ce_hvp_kernel(
     c = tl.load(c_ptr + row, mask=active, other=0.0)
     ks = tl.arange(0, CP2)
     kmask = ks < C
-    if c != 0:
+    # Ignored rows (c == 0) are skipped unless their log-sum-exp is asked for.
+    if WANT_LSE:
+        go = active
+    else:
+        go = c != 0
+    if go:
         z = tl.load(z_ptrs, mask=cmask, other=float("-inf")).to(c.dtype)
         uu = tl.load(u_ptrs, mask=cmask, other=0.0).to(c.dtype)
         m = tl.max(z, axis=0)
@@ -200,9 +207,16 @@ def _ce_hvp_kernel(
             big_l = l_own
             big_s = s_own
         dot = big_s / big_l
+        if WANT_LSE:
+            if chunk == 0:
+                tl.store(lse_ptr + row, (big_m + tl.log(big_l)).to(lse_ptr.dtype.element_ty))
         # p = exp(z - M) / L, reusing exp(z - m) of this chunk.
         p = e * (tl.exp(m - big_m) / big_l)
         res = (c * p) * (uu - dot)
+        if WANT_LSE:
+            # An ignored row is computed only for its log-sum-exp: its output stays
+            # exactly zero, whatever its tangent holds.
+            res = tl.where(c != 0, res, 0.0)
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=cmask)
     else:
         tl.store(o_ptrs, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=cmask)
@@ -234,12 +248,20 @@ def _plan(v: int, cfg: KernelConfig) -> Tuple[int, int]:
 
 
 def launch(
-    logits: Tensor, u: Tensor, coeff: Tensor, out: Tensor, cfg: KernelConfig, max_spin: Optional[int] = None
+    logits: Tensor,
+    u: Tensor,
+    coeff: Tensor,
+    out: Tensor,
+    cfg: KernelConfig,
+    max_spin: Optional[int] = None,
+    lse: Optional[Tensor] = None,
 ) -> Tensor:
     """Run one configuration into ``out`` (contiguous (N, V), dtype of ``u``).
 
     ``max_spin`` overrides the poll limit of fallback configurations (0: every
-    program but the last of its row reads the whole row).
+    program but the last of its row reads the whole row). ``lse`` (contiguous (N,)),
+    when given, receives each row's log-sum-exp. ``out`` may be ``u`` or ``logits``
+    only without the fallback: a fallback program reads its siblings' columns.
     """
     n, v = logits.shape
     interpret = _interpreting() and not logits.is_cuda
@@ -256,6 +278,7 @@ def launch(
         u,
         out,
         coeff,
+        coeff if lse is None else lse,
         stats,
         cnt,
         cnt[n:],
@@ -273,6 +296,7 @@ def launch(
         FB_BLOCK=max(16, block // 4),
         USE_TICKET=cfg.ticket and chunks > 1,
         FALLBACK=fallback and chunks > 1,
+        WANT_LSE=lse is not None,
         num_warps=cfg.num_warps,
     )
     return out
@@ -300,15 +324,26 @@ def _autotune(logits: Tensor, u: Tensor, coeff: Tensor, out: Tensor) -> KernelCo
     return best
 
 
-def ce_hvp_triton(logits: Tensor, u: Tensor, coeff: Tensor, config: Optional[KernelConfig] = None) -> Tensor:
+def ce_hvp_triton(
+    logits: Tensor,
+    u: Tensor,
+    coeff: Tensor,
+    config: Optional[KernelConfig] = None,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
+) -> Tensor:
     """Fused product; ``coeff`` is the (N,) row coefficient in the accumulation dtype.
 
     ``config=None`` picks one: autotuned over :data:`CONFIGS` for large CUDA
     calls (cached per V, dtypes, N bucket and device), :data:`DEFAULT_CONFIG`
-    otherwise.
+    otherwise. ``out``: a contiguous (N, V) tensor of ``u``'s dtype to write to,
+    which may be ``u`` or ``logits`` (in place); default a new tensor. ``lse``: a
+    contiguous (N,) tensor that receives the rows' log-sum-exp.
     """
     n, v = logits.shape
-    out = torch.empty((n, v), dtype=u.dtype, device=u.device)
+    target = out
+    if out is None:
+        out = torch.empty((n, v), dtype=u.dtype, device=u.device)
     if n == 0 or v == 0:
         return out
     if config is None:
@@ -316,6 +351,12 @@ def ce_hvp_triton(logits: Tensor, u: Tensor, coeff: Tensor, config: Optional[Ker
         if logits.is_cuda and n * v >= _AUTOTUNE_MIN_ELEMENTS:
             key = _tune_key(logits, u)
             if key not in _TUNED:
-                _TUNED[key] = _autotune(logits, u, coeff, out)
+                # Timing runs write their output: never into a caller's tensor that is an input.
+                _TUNED[key] = _autotune(logits, u, coeff, torch.empty_like(out))
             config = _TUNED[key]
-    return launch(logits, u, coeff, out, config)
+    aliased = target is not None and (target.data_ptr() in (u.data_ptr(), logits.data_ptr()))
+    if aliased and (config.fallback or (_interpreting() and not logits.is_cuda)) and _plan(v, config)[1] > 1:
+        # Fallback programs read their siblings' columns, which an in-place write may
+        # already have replaced: write elsewhere, then copy.
+        return out.copy_(launch(logits, u, coeff, torch.empty_like(out), config, lse=lse))
+    return launch(logits, u, coeff, out, config, lse=lse)

@@ -47,6 +47,8 @@ def cross_entropy_hvp(
     reduction: str = "mean",
     normalizer: Optional[Union[float, int, Tensor]] = None,
     backend: str = "auto",
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
 ) -> Tensor:
     """Multiply the cross-entropy Hessian w.r.t. the logits by ``u``, row by row.
 
@@ -90,11 +92,20 @@ def cross_entropy_hvp(
         CPU tensors runs the same kernel through the Triton interpreter and
         needs ``TRITON_INTERPRET=1`` in the environment before triton is first
         imported (triton decorates its library functions at import).
+    out : Tensor of shape (N, V), optional
+        Contiguous tensor of ``u``'s dtype and device to write the result to; it
+        may be ``u`` itself (the product replaces the tangent: one (N, V) tensor
+        fewer). No other overlap with the inputs is allowed. Default: a new tensor.
+    lse_out : Tensor of shape (N,), optional
+        Contiguous floating tensor on the logits' device that receives
+        ``logsumexp(logits[n])`` for every row, ignored rows included (the loss
+        value follows from it). The Triton kernel computes it on the way, at no
+        extra pass over the logits; the other backends spend one.
 
     Returns
     -------
     Tensor, shape (N, V)
-        Contiguous, dtype of ``u``. Arithmetic is done in float32 (float64 when
+        ``out`` when given; otherwise a new contiguous tensor. Dtype of ``u``. Arithmetic is done in float32 (float64 when
         either input is float64) whatever the input dtype.
 
     Raises
@@ -127,15 +138,55 @@ def cross_entropy_hvp(
     in that dtype, plus the output when its dtype differs.
     """
     _check_inputs(logits, u, target, weight, reduction, backend)
+    _check_outputs(logits, u, out, lse_out)
     coeff = _row_coefficients(logits, u, target, ignore_index, weight, reduction, normalizer)
     chosen = _resolve_backend(backend, logits)
-    if chosen == "eager":
-        return _eager(logits, u, coeff)
-    if chosen == "compile":
-        return _compiled()(logits, u, coeff)
-    from curvops.kernels import _ce_hvp_triton  # lazy: keeps `import curvops` triton-free
+    if chosen == "triton":
+        from curvops.kernels import _ce_hvp_triton  # lazy: keeps `import curvops` triton-free
 
-    return _ce_hvp_triton.ce_hvp_triton(logits, u, coeff)
+        return _ce_hvp_triton.ce_hvp_triton(logits, u, coeff, out=out, lse=lse_out)
+    if lse_out is not None:
+        # Before the product: ``out`` may be ``u``, never ``logits``, so the logits survive.
+        lse_out.copy_(torch.logsumexp(logits.to(coeff.dtype), dim=-1))
+    result = _eager(logits, u, coeff) if chosen == "eager" else _compiled()(logits, u, coeff)
+    return result if out is None else out.copy_(result)
+
+
+def _check_outputs(logits: Tensor, u: Tensor, out: Optional[Tensor], lse_out: Optional[Tensor]) -> None:
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != u.shape or out.dtype != u.dtype or out.device != u.device or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous tensor of shape {tuple(u.shape)}, dtype {u.dtype} on {u.device}, "
+                f"got shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}"
+                f"{'' if out.is_contiguous() else ', not contiguous'}"
+            )
+        same_u = out.data_ptr() == u.data_ptr() and out.stride() == u.stride()
+        if not same_u and (_overlaps(out, u) or _overlaps(out, logits)):
+            raise ValueError("out may be u itself but must not otherwise overlap logits or u")
+    if lse_out is not None:
+        if not isinstance(lse_out, Tensor):
+            raise TypeError(f"lse_out must be a torch.Tensor or None, got {type(lse_out).__name__}")
+        n = logits.shape[0]
+        if lse_out.shape != (n,) or not lse_out.dtype.is_floating_point or lse_out.device != logits.device \
+                or not lse_out.is_contiguous():
+            raise ValueError(
+                f"lse_out must be a contiguous floating tensor of shape ({n},) on {logits.device}, got shape "
+                f"{tuple(lse_out.shape)}, dtype {lse_out.dtype} on {lse_out.device}"
+            )
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect (conservative: spans, not elements)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    def span(t: Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+        return start, start + extent * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _acc_dtype(logits: Tensor, u: Tensor) -> torch.dtype:

@@ -47,6 +47,10 @@ def _reference(z, u, target=None, ignore_index=-100, weight=None, reduction="mea
     return hv * c[:, None]
 
 
+def _lse_reference(z):
+    return torch.logsumexp(z.double(), dim=-1)
+
+
 def _double_backward(z, u, target, **ce_kwargs):
     """H u through autograd of F.cross_entropy, float64."""
     z = z.detach().double().requires_grad_(True)
@@ -208,6 +212,22 @@ def test_compile_backend_cpu():
     assert _rel(out, _reference(z, u, t)) < _tol(torch.float32)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_out_and_lse_out_eager(in_place):
+    z, u, t = _inputs(6, 40, torch.float32)
+    t[1] = -100
+    ref = _reference(z, u, t)
+    z_before = z.clone()
+    out = u if in_place else torch.full_like(u, float("nan"))
+    lse = torch.full((6,), float("nan"), dtype=torch.float64)
+    res = cross_entropy_hvp(z, u, target=t, out=out, lse_out=lse)
+    assert res is out
+    assert _rel(out, ref) < _tol(torch.float32)
+    assert torch.equal(z, z_before)
+    # Every row's log-sum-exp, the ignored one included (float32 arithmetic, then float64 storage).
+    assert torch.allclose(lse, _lse_reference(z), rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- Triton interpreter
 
 
@@ -252,6 +272,34 @@ def test_triton_interpreter_split_rows(interpret, block):
         assert _rel(out, _reference(z, u, t, reduction="sum")) < _tol(torch.float32)
 
 
+@pytest.mark.parametrize("block", [16, 128])  # 7 chunks a row (fallback, copy path), 1 chunk (in place)
+def test_triton_interpreter_in_place_and_lse(interpret, block):
+    from curvops.kernels import _ce_hvp_triton as K
+    from curvops.kernels.cross_entropy_hvp import _row_coefficients
+
+    z, u, t = _inputs(6, 100)
+    t[2] = -100
+    ref = _reference(z, u, t, reduction="sum")
+    u[2, 5] = float("inf")  # an ignored row's output stays zero even though it is computed for its lse
+    coeff = _row_coefficients(z, u, t, -100, None, "sum", None)
+    lse = torch.full((6,), float("nan"))
+    out = K.ce_hvp_triton(z, u, coeff, config=K.KernelConfig(block, 4), out=u, lse=lse)
+    assert out is u
+    assert (u[2] == 0).all()
+    assert _rel(u, ref) < _tol(torch.float32)
+    assert torch.allclose(lse.double(), _lse_reference(z), rtol=1e-6, atol=0)
+
+
+def test_triton_interpreter_public_out_and_lse(interpret):
+    z, u, t = _inputs(5, 300, torch.bfloat16)
+    t[0] = -100
+    ref = _reference(z, u, t)
+    lse = torch.empty(5)
+    out = cross_entropy_hvp(z, u, target=t, backend="triton", out=u, lse_out=lse)
+    assert out is u and _rel(u, ref) < _tol(torch.bfloat16)
+    assert torch.allclose(lse.double(), _lse_reference(z), rtol=1e-6, atol=0)
+
+
 def test_triton_interpreter_matches_double_backward(interpret):
     z, u, t = _inputs(3, 50, torch.float64)
     t[0] = -100
@@ -290,6 +338,31 @@ def test_bad_inputs():
         cross_entropy_hvp(z, u, reduction="none")
     with pytest.raises(ValueError, match="normalizer"):
         cross_entropy_hvp(z, u, normalizer=torch.ones(2))
+
+
+def test_bad_outputs():
+    z, u, t = _inputs(4, 10)
+    with pytest.raises(ValueError, match="out must be"):
+        cross_entropy_hvp(z, u, out=torch.empty(4, 9))
+    with pytest.raises(ValueError, match="out must be"):
+        cross_entropy_hvp(z, u, out=torch.empty(4, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        cross_entropy_hvp(z, u, out=torch.empty(10, 4).t())
+    with pytest.raises(ValueError, match="overlap"):
+        cross_entropy_hvp(z, u, out=z)
+    big = torch.randn(8, 10)
+    with pytest.raises(ValueError, match="overlap"):  # rows 2-5 of one buffer: half of them are the logits
+        cross_entropy_hvp(big[:4], u, out=big[2:6])
+    with pytest.raises(ValueError, match="overlap"):  # a shifted view of u is not u
+        cross_entropy_hvp(z, big[:4], out=big[1:5])
+    with pytest.raises(TypeError, match="out must be"):
+        cross_entropy_hvp(z, u, out=u.numpy())
+    with pytest.raises(ValueError, match="lse_out"):
+        cross_entropy_hvp(z, u, lse_out=torch.empty(3))
+    with pytest.raises(ValueError, match="lse_out"):
+        cross_entropy_hvp(z, u, lse_out=torch.empty(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="lse_out"):
+        cross_entropy_hvp(z, u, lse_out=[0.0] * 4)
 
 
 def test_import_does_not_import_triton():
@@ -355,6 +428,44 @@ def test_gpu_every_config_writes_everything_and_is_deterministic(v):
         assert _rel(outs[0].cpu(), ref) < _tol(torch.bfloat16), (cfg, spin)
         if spin is None:  # which partials combine, in which order, is fixed: bitwise repeatable
             assert torch.equal(outs[0], outs[1]), cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("v", [3001, 50257, 128000])
+def test_gpu_in_place_and_lse_every_config(v):
+    from curvops.kernels import _ce_hvp_triton as K
+    from curvops.kernels.cross_entropy_hvp import _row_coefficients
+
+    n = 37
+    z = torch.randn(n, v, device="cuda", dtype=torch.bfloat16) * 3
+    u0 = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), device="cuda")
+    t[5] = -100
+    coeff = _row_coefficients(z, u0, t, -100, None, "mean", None)
+    ref = _reference(z.cpu(), u0.cpu(), t.cpu())
+    lse_ref = _lse_reference(z.cpu())
+    for cfg in K.CONFIGS + [K.KernelConfig(2048, 4, fallback=True), K.KernelConfig(4096, 8, ticket=False)]:
+        u = u0.clone()
+        lse = torch.full((n,), float("nan"), device="cuda")
+        K.ce_hvp_triton(z, u, coeff, config=cfg, out=u, lse=lse)
+        torch.cuda.synchronize()
+        assert _rel(u.cpu(), ref) < _tol(torch.bfloat16), cfg
+        assert torch.allclose(lse.cpu().double(), lse_ref, rtol=1e-6, atol=0), cfg
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_in_place_keeps_the_input_until_the_product():
+    # The first large call autotunes: the timing launches must not write into u.
+    from curvops.kernels import _ce_hvp_triton as K
+
+    K._TUNED.clear()
+    z = torch.randn(600, 50304, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn_like(z)
+    ref = _reference(z[:50].cpu(), u[:50].cpu(), normalizer=600)
+    lse = torch.empty(600, device="cuda")
+    cross_entropy_hvp(z, u, out=u, lse_out=lse)
+    assert _rel(u[:50].cpu(), ref) < _tol(torch.bfloat16)
+    assert torch.allclose(lse.cpu().double(), _lse_reference(z.cpu()), rtol=1e-6, atol=0)
 
 
 @pytest.mark.gpu
