@@ -79,8 +79,8 @@ class HessianOperator(CurvatureOperator):
     #: keeps the graph of the output ``z`` and of its tangent ``J v``, then one backward
     #: pass (fewer matrix products than double backward: it never forms the gradient's
     #: weight products). Measured faster and no larger than double backward: 2-core CPU,
-    #: MLP 784-256-256-10 2.27 vs 2.53 gradients, small CNN 1.95 vs 2.62; H200, MLP
-    #: 784-2048-2048-10 2.29 vs 2.86, CNN 2.0 vs 3.7 at 658 vs 818 MiB peak
+    #: MLP 784-256-256-10 2.13 vs 2.52 gradients, small CNN 1.86 vs 2.69; H200, MLP
+    #: 784-2048-2048-10 2.27 vs 2.86, CNN 1.99 vs 3.73 at 642 vs 818 MiB peak
     #: (``benchmarks/results/matvec_*``, ``reverse_over_forward_*``). False: double
     #: backward. Blocks (k > 1) always use double backward: one differentiable gradient per
     #: batch serves all k columns.
