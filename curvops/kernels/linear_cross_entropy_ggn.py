@@ -205,6 +205,8 @@ def _add_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     if a.is_cuda and _ADDMM_OUT_DTYPE is not False:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a real failure, not a missing overload
         except (TypeError, RuntimeError, NotImplementedError):
             _ADDMM_OUT_DTYPE = False
         else:
