@@ -105,8 +105,9 @@ def cross_entropy_hvp(
     Returns
     -------
     Tensor, shape (N, V)
-        ``out`` when given; otherwise a new contiguous tensor. Dtype of ``u``. Arithmetic is done in float32 (float64 when
-        either input is float64) whatever the input dtype.
+        ``out`` when given; otherwise a new contiguous tensor. Dtype of ``u``.
+        Arithmetic is done in float32 (float64 when either input is float64)
+        whatever the input dtype.
 
     Raises
     ------
@@ -181,6 +182,7 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
     """Whether the memory spans of two tensors intersect (conservative: spans, not elements)."""
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
+
     def span(t: Tensor) -> tuple[int, int]:
         start = t.data_ptr()
         extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
