@@ -263,13 +263,16 @@ def launch(
 
     ``max_spin`` overrides the poll limit of fallback configurations (0: every
     program but the last of its row reads the whole row). ``lse`` (contiguous (N,)),
-    when given, receives each row's log-sum-exp. ``out`` may be ``u`` or ``logits``
-    only without the fallback: a fallback program reads its siblings' columns.
+    when given, receives each row's log-sum-exp. ``out`` may be ``u`` (in place).
     """
     n, v = logits.shape
     interpret = _interpreting() and not logits.is_cuda
     block, chunks = _plan(v, cfg)
     fallback = cfg.fallback or interpret
+    if fallback and chunks > 1 and out.data_ptr() == u.data_ptr():
+        # Fallback programs read their siblings' columns of u, which an in-place write may
+        # already have replaced: write elsewhere, then copy.
+        return out.copy_(launch(logits, u, coeff, torch.empty_like(out), cfg, max_spin, lse))
     if max_spin is None:
         # The interpreter runs programs one at a time: polling could never succeed.
         max_spin = 0 if interpret else _MAX_SPIN
@@ -340,11 +343,10 @@ def ce_hvp_triton(
     ``config=None`` picks one: autotuned over :data:`CONFIGS` for large CUDA
     calls (cached per V, dtypes, N bucket and device), :data:`DEFAULT_CONFIG`
     otherwise. ``out``: a contiguous (N, V) tensor of ``u``'s dtype to write to,
-    which may be ``u`` or ``logits`` (in place); default a new tensor. ``lse``: a
+    which may be ``u`` (in place); default a new tensor. ``lse``: a
     contiguous (N,) tensor that receives the rows' log-sum-exp.
     """
     n, v = logits.shape
-    target = out
     if out is None:
         out = torch.empty((n, v), dtype=u.dtype, device=u.device)
     if n == 0 or v == 0:
@@ -357,9 +359,4 @@ def ce_hvp_triton(
                 # Timing runs write their output: never into a caller's tensor that is an input.
                 _TUNED[key] = _autotune(logits, u, coeff, torch.empty_like(out))
             config = _TUNED[key]
-    aliased = target is not None and (target.data_ptr() in (u.data_ptr(), logits.data_ptr()))
-    if aliased and (config.fallback or (_interpreting() and not logits.is_cuda)) and _plan(v, config)[1] > 1:
-        # Fallback programs read their siblings' columns, which an in-place write may
-        # already have replaced: write elsewhere, then copy.
-        return out.copy_(launch(logits, u, coeff, torch.empty_like(out), config, lse=lse))
     return launch(logits, u, coeff, out, config, lse=lse)

@@ -97,7 +97,7 @@ class JacobianOperator(ModelOperator):
             for col in range(k):
                 for o, g in zip(out, self._vjp(output, cotangents[col], retain_graph=col < k - 1)):
                     o[col].add_(g)
-        result = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
+        result = self._as_flat_block(out, k).T.contiguous()
         if not all_finite(result):
             raise FloatingPointError("the transposed Jacobian product is NaN or Inf")
         return result
