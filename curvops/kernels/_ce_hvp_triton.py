@@ -77,9 +77,10 @@ class KernelConfig:
 
 
 # A small set: chunks that stay in registers (no spills on sm_90) and enough
-# programs to fill 132 SMs. On an H100, 4096 columns per 4 warps won in 4 of 5
-# benchmark shapes; on an H200, 8192 per 4 warps wins in bf16 (67-73% of the copy
-# floor against 65-70%; benchmarks/probe_ce_kernel.py, 2026-12-02).
+# programs to fill 132 SMs. 4096 columns per 4 warps wins in fp32 on both an H100
+# and an H200; 8192 per 4 warps wins in bf16 on both (H100: 83-92% of the copy
+# floor against 79-84%; H200: 67-73% against 65-70%; benchmarks/results/
+# ce_hvp_h100_2026-12-02.md, probe_ce_kernel.py).
 CONFIGS: List[KernelConfig] = [
     KernelConfig(2048, 4),
     KernelConfig(4096, 2),
