@@ -390,7 +390,12 @@ class TorchOperand(Operand):
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def _contiguous(self, piece: torch.Tensor) -> torch.Tensor:
-        # Contiguous pieces: no BLAS call sees a leading dimension of D (see WIDE_ELEMENTS).
+        # On an accelerator, contiguous pieces: no cuBLAS call sees a leading dimension of D
+        # (see WIDE_ELEMENTS). A CPU BLAS takes the strided piece as it is (leading dimension
+        # D < 2**31): the copy made a thick restart 1.8x slower (21 -> 12 rows, D = 269,322,
+        # float64: 9.2 vs 5.1 ms).
+        if self.device.type == "cpu" and piece.stride(0) < WIDE_ELEMENTS:
+            return piece
         return piece.contiguous()
 
     def _row_layout(self, rows: torch.Tensor) -> torch.Tensor:

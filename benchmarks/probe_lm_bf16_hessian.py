@@ -1,0 +1,130 @@
+"""Why is our bf16-autocast GPT-2 Hessian product slower than hessian-eigenthings'?
+
+In fp32 the two take the same time (H100 2026-12-02: 772.7 vs 776.2 ms); under bf16 autocast
+ours took 555.4 ms against its 484.8 (H200 earlier: 602.4 vs 520.8). This probe times, side by
+side under autocast, our Hessian product (loss through ``cross_entropy_sum``), ours with the
+loss through ``F.cross_entropy`` (a custom callable), and the peer's, then profiles one product
+of each and prints the CUDA kernels by self time plus a summary by kernel family.
+
+Run: ``python benchmarks/probe_lm_bf16_hessian.py [--small] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_lm import build_gpt2, eigenthings_operators  # noqa: E402
+from curvops import HessianOperator  # noqa: E402
+from curvops.lm import CausalLMLoss, causal_lm_data  # noqa: E402
+
+
+def _self(event) -> float:
+    """Self device time in microseconds (the attribute was renamed in torch 2.4)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    for key, label in (("gemm", "gemm"), ("cutlass", "gemm"), ("sm90", "gemm"), ("xmma", "gemm"),
+                       ("nvjet", "gemm"), ("softmax", "softmax"), ("_ce_hvp", "ce kernel"),
+                       ("reduce", "reduce"), ("copy", "copy/cast"), ("cast", "copy/cast"),
+                       ("layer_norm", "layer norm"), ("gelu", "gelu"), ("tanh", "gelu"),
+                       ("elementwise", "elementwise"), ("vectorized", "elementwise"), ("fill", "fill")):
+        if key in n:
+            return label
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda"
+    model, batches = build_gpt2(args.small, device)
+    data = causal_lm_data(batches)
+    loss = CausalLMLoss()
+
+    def torch_ce(logits, labels):
+        return torch.nn.functional.cross_entropy(loss.flat_output(logits), loss.flat_target(labels),
+                                                 reduction="sum")
+
+    torch_ce.reduction = "sum"
+    ops = {
+        "ours (cross_entropy_sum)": HessianOperator(model, loss, data, check_deterministic=False).__matmul__,
+        "ours (F.cross_entropy)": HessianOperator(model, torch_ce, data, check_deterministic=False).__matmul__,
+    }
+    peer = eigenthings_operators(model, batches)
+    if "eigenthings_hessian" in peer:
+        ops["hessian-eigenthings"] = peer["eigenthings_hessian"].matvec
+    num = sum(p.numel() for p in model.parameters())
+    v = torch.randn(num, device=device, generator=torch.Generator(device).manual_seed(0)) * 1e-3
+    lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", ""]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        results = {}
+        for name, apply in ops.items():
+            apply(v)  # warm-up (and the one-time forward-mode check)
+            torch.cuda.synchronize()
+        for _ in range(2):
+            for name, apply in ops.items():
+                times = []
+                for _ in range(args.repeats):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    start = time.perf_counter()
+                    out = apply(v)
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - start) * 1e3)
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+                    del out
+                ms = statistics.median(times)
+                if name not in results or ms < results[name][0]:
+                    results[name] = (ms, peak)
+        lines += ["| product (bf16 autocast) | ms | peak extra GiB |", "|---|---|---|"]
+        lines += [f"| {name} | {ms:.1f} | {peak:.2f} |" for name, (ms, peak) in results.items()]
+        a = ops["ours (cross_entropy_sum)"](v)
+        # The F.cross_entropy variant is a batch sum (a custom callable): its Hessian is the
+        # mean's times the number of counted targets.
+        tokens = sum(int(b["input_ids"][:, 1:].numel()) for b in batches)
+        for name, apply in ops.items():
+            b = apply(v) / (tokens if "F.cross_entropy" in name else 1)
+            lines.append(f"rel. difference to ours (cross_entropy_sum), {name}: "
+                         f"{float((a.float() - b.float()).norm() / a.float().norm()):.2e}")
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, apply in ops.items():
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as p:
+                apply(v)
+                torch.cuda.synchronize()
+            events = [e for e in p.key_averages() if _self(e) > 0]
+            total = sum(_self(e) for e in events) / 1e3
+            groups = collections.Counter()
+            for e in events:
+                groups[family(e.key)] += _self(e) / 1e3
+            lines += ["", f"## {name}: {total:.1f} ms of kernels",
+                      "families: " + ", ".join(f"{k} {t:.1f}" for k, t in groups.most_common())]
+            lines += ["| kernel | calls | ms |", "|---|---|---|"]
+            for e in sorted(events, key=lambda e: -_self(e))[:18]:
+                lines.append(f"| {e.key[:90]} | {e.count} | {_self(e) / 1e3:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe_lm_bf16_hessian.md"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
