@@ -71,6 +71,20 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- end to end
+def summed_torch_ce(loss: CausalLMLoss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss``'s shifted cross-entropy through ``F.cross_entropy``, as a batch-sum callable.
+
+    Its Hessian is that of ``loss`` times the number of counted targets (a sum, not a mean).
+    """
+
+    def torch_ce(logits, labels):
+        return torch.nn.functional.cross_entropy(loss.flat_output(logits), loss.flat_target(labels),
+                                                 reduction="sum")
+
+    torch_ce.reduction = "sum"
+    return torch_ce
+
+
 def build_gpt2(small: bool, device: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -144,11 +158,7 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     ops["hessian_db"]._reverse_over_forward = False  # single vectors by double backward
     # The pre-change Hessian path: the same objective through F.cross_entropy's own double
     # backward (a custom callable; its normaliser differs, the cost does not).
-    def torch_ce(logits, labels):
-        return torch.nn.functional.cross_entropy(loss.flat_output(logits), loss.flat_target(labels), reduction="sum")
-
-    torch_ce.reduction = "sum"
-    ops["hessian_torch_ce"] = HessianOperator(model, torch_ce, data, **kw)
+    ops["hessian_torch_ce"] = HessianOperator(model, summed_torch_ce(loss), data, **kw)
     ops.update(eigenthings_operators(model, batches))
     gen = torch.Generator(device).manual_seed(0)
     v = torch.randn(num_params, device=device, generator=gen) * 1e-3

@@ -1,10 +1,11 @@
-"""Why is our bf16-autocast GPT-2 Hessian product slower than hessian-eigenthings'?
+"""The bf16-autocast GPT-2 Hessian product: ours and hessian-eigenthings', timed and profiled.
 
-In fp32 the two take the same time (H100 2026-12-02: 772.7 vs 776.2 ms); under bf16 autocast
+Asked because in fp32 the two take the same time (H100 2026-12-02: 772.7 vs 776.2 ms); under bf16 autocast
 ours took 555.4 ms against its 484.8 (H200 earlier: 602.4 vs 520.8). This probe times, side by
 side under autocast, our Hessian product (loss through ``cross_entropy_sum``), ours with the
 loss through ``F.cross_entropy`` (a custom callable), and the peer's, then profiles one product
-of each and prints the CUDA kernels by self time plus a summary by kernel family.
+of each and prints the CUDA kernels by self time plus a summary by kernel family. Answer
+(H200): `benchmarks/results/lm_bf16_hessian_h200_2026-12-02.md`.
 
 Run: ``python benchmarks/probe_lm_bf16_hessian.py [--small] [--out DIR]``.
 """
@@ -14,22 +15,15 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_lm import build_gpt2, eigenthings_operators  # noqa: E402
+from bench_lm import build_gpt2, eigenthings_operators, measure, summed_torch_ce  # noqa: E402
 from curvops import HessianOperator  # noqa: E402
 from curvops.lm import CausalLMLoss, causal_lm_data  # noqa: E402
-
-
-def _self(event) -> float:
-    """Self device time in microseconds (the attribute was renamed in torch 2.4)."""
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
 def family(name: str) -> str:
@@ -54,15 +48,10 @@ def main() -> None:
     model, batches = build_gpt2(args.small, device)
     data = causal_lm_data(batches)
     loss = CausalLMLoss()
-
-    def torch_ce(logits, labels):
-        return torch.nn.functional.cross_entropy(loss.flat_output(logits), loss.flat_target(labels),
-                                                 reduction="sum")
-
-    torch_ce.reduction = "sum"
     ops = {
         "ours (cross_entropy_sum)": HessianOperator(model, loss, data, check_deterministic=False).__matmul__,
-        "ours (F.cross_entropy)": HessianOperator(model, torch_ce, data, check_deterministic=False).__matmul__,
+        "ours (F.cross_entropy)": HessianOperator(model, summed_torch_ce(loss), data,
+                                                  check_deterministic=False).__matmul__,
     }
     peer = eigenthings_operators(model, batches)
     if "eigenthings_hessian" in peer:
@@ -72,25 +61,11 @@ def main() -> None:
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", ""]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         results = {}
-        for name, apply in ops.items():
-            apply(v)  # warm-up (and the one-time forward-mode check)
-            torch.cuda.synchronize()
-        for _ in range(2):
+        for _ in range(2):  # two rounds; each product's faster one is kept
             for name, apply in ops.items():
-                times = []
-                for _ in range(args.repeats):
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    start = time.perf_counter()
-                    out = apply(v)
-                    torch.cuda.synchronize()
-                    times.append((time.perf_counter() - start) * 1e3)
-                    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-                    del out
-                ms = statistics.median(times)
-                if name not in results or ms < results[name][0]:
-                    results[name] = (ms, peak)
+                res = measure(lambda apply=apply: apply(v), args.repeats)
+                if name not in results or res["ms"] < results[name][0]:
+                    results[name] = (res["ms"], res["peak_gib"])
         lines += ["| product (bf16 autocast) | ms | peak extra GiB |", "|---|---|---|"]
         lines += [f"| {name} | {ms:.1f} | {peak:.2f} |" for name, (ms, peak) in results.items()]
         a = ops["ours (cross_entropy_sum)"](v)
@@ -108,16 +83,16 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as p:
                 apply(v)
                 torch.cuda.synchronize()
-            events = [e for e in p.key_averages() if _self(e) > 0]
-            total = sum(_self(e) for e in events) / 1e3
+            events = [e for e in p.key_averages() if e.self_device_time_total > 0]
+            total = sum(e.self_device_time_total for e in events) / 1e3
             groups = collections.Counter()
             for e in events:
-                groups[family(e.key)] += _self(e) / 1e3
+                groups[family(e.key)] += e.self_device_time_total / 1e3
             lines += ["", f"## {name}: {total:.1f} ms of kernels",
                       "families: " + ", ".join(f"{k} {t:.1f}" for k, t in groups.most_common())]
             lines += ["| kernel | calls | ms |", "|---|---|---|"]
-            for e in sorted(events, key=lambda e: -_self(e))[:18]:
-                lines.append(f"| {e.key[:90]} | {e.count} | {_self(e) / 1e3:.2f} |")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
+                lines.append(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
