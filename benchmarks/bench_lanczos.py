@@ -247,6 +247,16 @@ HEADER = (
 )
 
 
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -281,7 +291,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     date = datetime.date.today().isoformat()
-    machine = f"2-core CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, {args.threads} torch threads"
+    cores = os.cpu_count()
+    machine = f"{cores}-core CPU ({cpu_model()}), torch {torch.__version__}, {args.threads} torch threads"
     lines = [
         f"# lanczos benchmark: top {K} eigenpairs (LA) at residual tol {TOL:g}",
         "",
@@ -293,7 +304,7 @@ def main() -> None:
         "Ratios < 1 mean curvops used fewer matvecs.",
         "",
         f"Load average (1, 5, 15 min) at start {tuple(round(x, 1) for x in load_before)}, at end "
-        f"{tuple(round(x, 1) for x in load_after)} on 2 cores: in-run times include interference "
+        f"{tuple(round(x, 1) for x in load_after)} on {cores} cores: in-run times include interference "
         "from other processes; the isolated columns take minima over 5 repeats to filter it.",
         "",
         HEADER,
@@ -303,7 +314,7 @@ def main() -> None:
     if hessian_note:
         lines += [hessian_note, ""]
     output = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(__file__).parent / "results" / f"lanczos_cpu-2core_{date}.md"
+        pathlib.Path(__file__).parent / "results" / f"lanczos_cpu-{cores}core_{date}.md"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines))

@@ -74,22 +74,28 @@ class Operand:
     def _apply_vector(self, vector: Array) -> Array:
         return self._apply_block(vector[:, None])[:, 0]
 
-    def matmat(self, block: Array) -> Array:
-        """Return ``A @ block`` for a ``(D, b)`` block, as one block product where possible."""
+    def matmat(self, block: Array, check_finite: bool = True) -> Array:
+        """Return ``A @ block`` for a ``(D, b)`` block, as one block product where possible.
+
+        With ``check_finite=False`` the NaN/Inf check (one pass over the product) is left to
+        the caller, who must then call :meth:`require_finite_product` when a reduction of the
+        product comes out non-finite (NaN and Inf propagate into every inner product).
+        """
         num_columns = block.shape[1]
         if num_columns == 0:
             return self.zeros((self.local_dim, 0))
         result = self._apply_block(block)
         self.num_matvecs += num_columns
-        result = self._checked(result, (self.local_dim, num_columns))
+        result = self._checked(result, (self.local_dim, num_columns), check_finite)
         # The algorithms update products in place: never hand back the caller's own block
         # (an identity-like operator may return its input).
         return self._copy(result) if self._shares_memory(result, block) else result
 
-    def matmat_rows(self, rows: Array) -> Array:
+    def matmat_rows(self, rows: Array, check_finite: bool = True) -> Array:
         """Return ``(A @ rows.T).T`` for a ``(b, D)`` row stack, as a row stack that the
-        algorithms may update in place (see :meth:`_row_layout`)."""
-        return self._row_layout(self.matmat(rows.T).T)
+        algorithms may update in place (see :meth:`_row_layout`; ``check_finite`` as in
+        :meth:`matmat`)."""
+        return self._row_layout(self.matmat(rows.T, check_finite).T)
 
     def _row_layout(self, rows: Array) -> Array:
         return rows
@@ -100,7 +106,7 @@ class Operand:
         self.num_matvecs += 1
         return self._checked(result, (self.local_dim,))
 
-    def _checked(self, result: Array, shape: tuple[int, ...]) -> Array:
+    def _checked(self, result: Array, shape: tuple[int, ...], check_finite: bool = True) -> Array:
         result = self._coerce(result)
         if tuple(result.shape) != shape:
             if math.prod(result.shape) == math.prod(shape):
@@ -109,11 +115,16 @@ class Operand:
                 raise ValueError(
                     f"the operator returned an array of shape {tuple(result.shape)}, expected {shape}"
                 )
+        if check_finite:
+            self.require_finite_product(result)
+        return result
+
+    def require_finite_product(self, result: Array) -> None:
+        """Raise ``FloatingPointError`` if the product ``result`` holds NaN/Inf."""
         if not self._all_finite(result):
             raise FloatingPointError(
                 "the operator produced NaN/Inf in its output (matvec result is not finite)"
             )
-        return result
 
     # -- backend primitives (overridden) --------------------------------------
     def _coerce(self, array: Any) -> Array:
@@ -442,6 +453,10 @@ class TorchOperand(Operand):
         torch.mul(vector, factor, out=out)  # one pass, no temporary
 
     def _column_squares(self, block: torch.Tensor) -> torch.Tensor:
+        if block.shape[1] == 1:
+            # A dot product: 0.24 vs 0.39 ms for vector_norm (D = 269,322 float64, 2-core CPU);
+            # Lanczos takes one or two single-column norms per step.
+            return (block[:, 0] @ block[:, 0]).reshape(1)
         # A strided reduction: no (D, b) temporary of squares (its fresh pages cost as much as
         # the arithmetic on a CPU).
         return torch.linalg.vector_norm(block, dim=0).square()

@@ -191,7 +191,7 @@ def test_power_iteration_nonconvergence_warns(make_spectrum_matrix):
 
 def test_reorthogonalization_update_skipped_when_basis_already_orthogonal(make_spectrum_matrix, monkeypatch):
     """Most steps skip the update pass over the basis; the basis stays orthonormal to the
-    documented level, min(eps^(3/4), tol / 100), and the answer is the full-reorthogonalization one."""
+    documented level, min(sqrt(eps), tol / 100), and the answer is the full-reorthogonalization one."""
     from curvops.algorithms import _operand
 
     rng = np.random.default_rng(11)
@@ -211,7 +211,7 @@ def test_reorthogonalization_update_skipped_when_basis_already_orthogonal(make_s
     assert len(updates) < 1.5 * steps
     assert result.num_restarts > 0
     vectors = result.eigenvectors.numpy()
-    level = min(EPS**0.75, 1e-10)
+    level = min(np.sqrt(EPS), 1e-10)
     # Ritz vectors V s inherit the basis' orthogonality (up to sqrt(m) for the combination).
     assert np.abs(vectors.T @ vectors - np.eye(4)).max() <= 10 * level
     check_eigenpairs(matrix, result, 1e-8, "LA", 4)
@@ -283,7 +283,7 @@ def test_drift_estimate_skips_passes_without_losing_orthogonality(make_spectrum_
     assert result.num_restarts >= 5
     assert len(passes) < 0.9 * steps  # some steps skip the pass entirely
     vectors = result.eigenvectors.numpy()
-    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(EPS**0.75, 1e-12)
+    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), 1e-12)
     check_eigenpairs(matrix, result, 1e-10, "LA", 5)
 
 
@@ -308,5 +308,52 @@ def test_converged_pairs_are_locked_and_restarts_shrink(make_spectrum_matrix, mo
     assert result.num_restarts >= 3
     assert combined[0] == 12 and min(combined) <= 12 - 4  # the four outliers got locked
     vectors = result.eigenvectors.numpy()
-    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(EPS**0.75, 1e-12)
+    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), 1e-12)
     check_eigenpairs(matrix, result, 1e-10, "LA", 5)
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-10])
+def test_updates_come_in_consecutive_pairs_and_keep_the_level(tol, make_spectrum_matrix, monkeypatch):
+    """Partial reorthogonalization: a Gram-Schmidt update triggered by the drift estimate is
+    repeated at the next step over at least the same rows (otherwise the previous vector's drift,
+    about the level, re-enters the next one at once). The basis, hence the eigenvectors, stays
+    orthonormal to the documented level min(sqrt(eps), tol / 100); the pairs match eigh."""
+    import curvops.algorithms.eigen as eigen
+
+    rng = np.random.default_rng(13)
+    gaussian = rng.standard_normal((DIM, DIM))
+    values = np.linalg.eigvalsh((gaussian + gaussian.T) / np.sqrt(2 * DIM))
+    matrix, _ = make_spectrum_matrix(values, seed=13)
+    resets = []  # (step j, rows updated), in order
+    original_reset, original_begin = eigen._Drift.reset, eigen._Drift.begin
+    steps_seen = []
+
+    def begin(self, start):
+        steps_seen.append(("cycle", start))
+        return original_begin(self, start)
+
+    def reset(self, reach):
+        resets.append((len(steps_seen), reach))
+        return original_reset(self, reach)
+
+    original_reach = eigen._Drift.reach
+
+    def reach(self, j, predicted, level):
+        steps_seen.append(("step", j))
+        return original_reach(self, j, predicted, level)
+
+    monkeypatch.setattr(eigen._Drift, "begin", begin)
+    monkeypatch.setattr(eigen._Drift, "reset", reset)
+    monkeypatch.setattr(eigen._Drift, "reach", reach)
+    result = lanczos(torch.tensor(matrix), k=5, tol=tol, seed=0, max_basis_size=12)
+    assert result.num_restarts >= 3 and resets
+    updated = dict(resets)
+    for position, rows in resets:
+        kind, j = steps_seen[position - 1]
+        following = steps_seen[position] if position < len(steps_seen) else None
+        if following is None or following[0] != "step" or position - 1 in updated:
+            continue  # last step of a cycle, or itself the repeat of an update
+        assert updated.get(position + 1, 0) >= min(rows, following[1] + 1), (j, rows)
+    vectors = result.eigenvectors.numpy()
+    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), tol / 100)
+    check_eigenpairs(matrix, result, tol, "LA", 5)

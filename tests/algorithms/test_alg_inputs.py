@@ -219,3 +219,43 @@ def test_result_dataclasses_are_frozen(matrix):
     result = alg.hutchinson_trace(matrix, 3, seed=0)
     with pytest.raises(AttributeError):
         result.estimate = 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_lanczos_non_finite_product_mid_run(bad, block_size, backend, matrix):
+    """Lanczos checks its products through alpha = v^T A v instead of a separate pass: a
+    product that turns NaN/Inf in one entry at a later step still raises the clear error."""
+    calls = [0]
+
+    def apply(vector):
+        calls[0] += 1
+        out = matrix @ np.asarray(vector)
+        if calls[0] >= 7:
+            out = out.copy()
+            out[11] = bad
+        return torch.as_tensor(out) if backend == "torch" else out
+
+    if backend == "torch":
+        class Native:
+            shape = (DIM, DIM)
+            torch_dtype = torch.float64
+            device = torch.device("cpu")
+
+            def matmat_torch(self, block):
+                return torch.stack([apply(block[:, i].numpy()) for i in range(block.shape[1])], 1)
+
+        operator = Native()
+    else:
+        operator = scipy.sparse.linalg.LinearOperator((DIM, DIM), matvec=apply, dtype=np.float64)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        alg.lanczos(operator, k=3, block_size=block_size, seed=0, tol=1e-12)
+    assert calls[0] >= 7
+
+
+def test_lanczos_overflowing_alpha_is_reported(matrix):
+    """A finite product whose v^T A v overflows is not called a NaN/Inf product."""
+    # Entries near the float64 maximum: finite, but their sum over D = 50 entries is not.
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        alg.lanczos(lambda v: 1.5e308 * np.sign(v), k=2, seed=0, dim=DIM)
