@@ -32,10 +32,16 @@ Overhead per iteration = (wall time of ``lanczos`` - time inside the operator) /
 as a fraction of the time of one matvec: "in-run" from the compared run itself; "isolated" as
 the minimum over 5 repeats of lanczos on a diagonal operator of the same size (same k, tol and
 basis size), divided by the minimum of 5 timed matvecs of the real operator. The minima filter
-out interference from other processes on a shared machine.
+out interference from other processes on a shared machine. curvops' ``lanczos`` hands the
+operator a basis row to write its product into (``matmat_torch(X, out=...)``, which the curvops
+operators accept), as it does with any curvops operator; ARPACK and eigenthings take fresh
+products (their interfaces have no ``out``). The basis rows are first touched (page faults) by
+those products, so in the first Lanczos cycle that cost lands in the products' time. With
+``--device cuda`` the operator and every vector live on the GPU (ARPACK's vectors cross to the
+host per product) and the timers synchronize around each product.
 
 Run: ``python benchmarks/bench_lanczos.py [--threads 2] [--seeds 3] [--hessian-seeds 2]
-[--skip-hessian]``.
+[--skip-hessian] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ from curvops.algorithms import lanczos
 
 K = 10
 TOL = 1e-6
+#: Where operators and vectors live (``--device``); ARPACK's vectors cross to the host per product.
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class TimedOperator:
@@ -73,9 +86,11 @@ class TimedOperator:
         self.seconds = 0.0
         self.columns = 0
 
-    def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
+    def matmat_torch(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        synchronize()  # on a GPU: the product's time only, not queued work of the caller
         start = time.perf_counter()
-        result = self._apply_block(block)
+        result = self._apply_block(block, out=out)
+        synchronize()
         self.seconds += time.perf_counter() - start
         self.columns += block.shape[1]
         return result
@@ -92,10 +107,12 @@ def start_vector(dim: int, seed: int) -> np.ndarray:
 
 
 def run_curvops(apply_block, dim, dtype, seed):
-    operator = TimedOperator(apply_block, dim, dtype, torch.device("cpu"))
-    v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype)
+    operator = TimedOperator(apply_block, dim, dtype, DEVICE)
+    v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype, device=DEVICE)
+    synchronize()
     start = time.perf_counter()
     result = lanczos(operator, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
+    synchronize()
     wall = time.perf_counter() - start
     steps = result.num_matvecs - K
     per_matvec = operator.seconds / operator.columns
@@ -125,13 +142,14 @@ def run_arpack(apply_block, dim, dtype, seed, scale, kth_value):
 
         def matvec(vector):
             count[0] += 1
-            column = torch.as_tensor(np.asarray(vector, dtype=numpy_dtype)).reshape(-1, 1)
-            return apply_block(column)[:, 0].numpy()
+            column = torch.as_tensor(np.asarray(vector, dtype=numpy_dtype), device=DEVICE).reshape(-1, 1)
+            return apply_block(column)[:, 0].cpu().numpy()
 
         operator = sla.LinearOperator((dim, dim), matvec=matvec, dtype=numpy_dtype)
         values, vectors = sla.eigsh(operator, k=K, which="LA", tol=arpack_tol, v0=start_vector(dim, seed),
                                     ncv=max(2 * K + 1, 20))
-        residual = explicit_residual(apply_block, torch.as_tensor(vectors), torch.as_tensor(values))
+        residual = explicit_residual(apply_block, torch.as_tensor(vectors, device=DEVICE),
+                                     torch.as_tensor(values, device=DEVICE))
         record = {"matvecs": count[0], "residual": float(residual.max()) / scale, "tol": arpack_tol}
         record["ok"] = record["residual"] <= TOL
         if record["ok"]:
@@ -142,8 +160,8 @@ def run_arpack(apply_block, dim, dtype, seed, scale, kth_value):
 def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
     from hessian_eigenthings import LambdaOperator, lanczos_tridiagonal
 
-    operator = LambdaOperator(lambda v: apply_block(v.reshape(-1, 1))[:, 0], size=dim, dtype=dtype)
-    run = lanczos_tridiagonal(operator, torch.as_tensor(start_vector(dim, seed), dtype=dtype), max_steps,
+    operator = LambdaOperator(lambda v: apply_block(v.reshape(-1, 1))[:, 0], size=dim, device=DEVICE, dtype=dtype)
+    run = lanczos_tridiagonal(operator, torch.as_tensor(start_vector(dim, seed), dtype=dtype, device=DEVICE), max_steps,
                               reorthogonalize=True)
     alphas = run.alphas.double().numpy()
     betas = run.betas.double().numpy()
@@ -155,8 +173,8 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
         top = np.argsort(-theta)[:K]
         if np.max(np.abs(coupling * vectors[-1, top])) > TOL * scale:
             continue
-        ritz = basis[:, :steps] @ torch.as_tensor(vectors[:, top], dtype=dtype)
-        residual = explicit_residual(apply_block, ritz, torch.as_tensor(theta[top], dtype=dtype))
+        ritz = basis[:, :steps] @ torch.as_tensor(vectors[:, top], dtype=dtype, device=DEVICE)
+        residual = explicit_residual(apply_block, ritz, torch.as_tensor(theta[top], dtype=dtype, device=DEVICE))
         if residual.max() <= TOL * scale:
             return {"matvecs": steps, "residual": float(residual.max()) / scale, "ok": True}
     return {"matvecs": run.iterations, "residual": math.nan, "ok": False}
@@ -169,20 +187,25 @@ def isolated_overhead(apply_block, dim, dtype, repeats=5):
     over a bulk (same k, tol and basis size, so a similar restart pattern), whose products cost
     almost nothing; minima over repeats filter out interference from other processes.
     """
-    diagonal = torch.linspace(-1.0, 1.0, dim, dtype=dtype)
-    diagonal[:K] = torch.arange(K, 0, -1, dtype=dtype) + 1.0
+    diagonal = torch.linspace(-1.0, 1.0, dim, dtype=dtype, device=DEVICE)
+    diagonal[:K] = torch.arange(K, 0, -1, dtype=dtype, device=DEVICE) + 1.0
     overheads = []
     for _ in range(repeats):
-        operator = TimedOperator(lambda block: diagonal[:, None] * block, dim, dtype, torch.device("cpu"))
+        operator = TimedOperator(lambda block, out=None: torch.mul(diagonal[:, None], block, out=out), dim, dtype,
+                                 DEVICE)
+        synchronize()
         start = time.perf_counter()
         result = lanczos(operator, k=K, which="LA", tol=TOL, seed=0)
+        synchronize()
         wall = time.perf_counter() - start
         overheads.append((wall - operator.seconds) / (result.num_matvecs - K))
-    vector = torch.randn(dim, 1, dtype=dtype)
+    vector = torch.randn(dim, 1, dtype=dtype, device=DEVICE)
     matvecs = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         apply_block(vector)
+        synchronize()
         matvecs.append(time.perf_counter() - start)
     return min(overheads), min(matvecs)
 
@@ -190,8 +213,11 @@ def isolated_overhead(apply_block, dim, dtype, repeats=5):
 def random_problem(dim: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     gaussian = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
-    matrix = (gaussian + gaussian.T) / math.sqrt(2 * dim)
-    return (lambda block: matrix @ block), torch.float64
+    matrix = ((gaussian + gaussian.T) / math.sqrt(2 * dim)).to(DEVICE)
+    def apply_block(block, out=None):
+        return torch.matmul(matrix, block, out=out)
+
+    return apply_block, torch.float64
 
 
 def hessian_problem():
@@ -203,8 +229,9 @@ def hessian_problem():
     model = torch.nn.Sequential(
         torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
         torch.nn.Linear(256, 10),
-    ).double()
-    data = [(torch.randn(512, 784, dtype=torch.float64), torch.randint(0, 10, (512,))) for _ in range(4)]
+    ).double().to(DEVICE)
+    data = [(torch.randn(512, 784, dtype=torch.float64).to(DEVICE), torch.randint(0, 10, (512,)).to(DEVICE))
+            for _ in range(4)]
     operator = curvops.HessianOperator(model, torch.nn.CrossEntropyLoss(), data)
     return operator.matmat_torch, torch.float64, operator.shape[0]
 
@@ -265,7 +292,10 @@ def main() -> None:
     parser.add_argument("--hessian-seeds", type=int, default=2)
     parser.add_argument("--skip-hessian", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("error", RuntimeWarning)  # a non-converged curvops run must not pass silently
 
@@ -293,6 +323,11 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     cores = os.cpu_count()
     machine = f"{cores}-core CPU ({cpu_model()}), torch {torch.__version__}, {args.threads} torch threads"
+    label = f"cpu-{cores}core"
+    if DEVICE.type == "cuda":
+        gpu = torch.cuda.get_device_name(DEVICE)
+        machine = f"{gpu} (operators and vectors on the GPU; host: {machine})"
+        label = "cuda-" + gpu.split()[-1].lower()
     lines = [
         f"# lanczos benchmark: top {K} eigenpairs (LA) at residual tol {TOL:g}",
         "",
@@ -314,7 +349,7 @@ def main() -> None:
     if hessian_note:
         lines += [hessian_note, ""]
     output = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(__file__).parent / "results" / f"lanczos_cpu-{cores}core_{date}.md"
+        pathlib.Path(__file__).parent / "results" / f"lanczos_{label}_{date}.md"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines))

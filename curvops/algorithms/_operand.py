@@ -23,6 +23,7 @@ Conventions
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -96,6 +97,11 @@ class Operand:
         algorithms may update in place (see :meth:`_row_layout`; ``check_finite`` as in
         :meth:`matmat`)."""
         return self._row_layout(self.matmat(rows.T, check_finite).T)
+
+    def matmat_rows_into(self, rows: Array, out: Array, check_finite: bool = True) -> None:
+        """``out[...] = (A @ rows.T).T`` for ``(b, D)`` row stacks ``rows`` and ``out`` (which
+        must not overlap). Written in place by an operator that takes ``out=`` (no copy)."""
+        out[...] = self.matmat_rows(rows, check_finite)
 
     def _row_layout(self, rows: Array) -> Array:
         return rows
@@ -221,15 +227,26 @@ class Operand:
         """In place ``rows[:m] = coefficients @ rows[:n]`` for host ``coefficients`` ``(m, n)``, ``m <= n``.
 
         Done in pieces of columns (the same for every row, so each piece is read before it is
-        overwritten): no ``(m, D)`` temporary, and each piece stays in cache.
+        overwritten): no ``(m, D)`` temporary, and each piece stays in cache. Every piece's
+        product goes through one ``(m, step)`` buffer: a fresh temporary per piece cost about
+        2,000 page faults per restart on a CPU (``(8, 12)`` rows of D = 269,322 float64, 2-core
+        CPU: 7.5 vs 4.8 ms, median of 6 with a flushed cache).
         """
         m, n = coefficients.shape
         small = self.from_host(coefficients)
-        step = self._combine_columns(n)
-        whole = step >= rows.shape[1]
-        for start in range(0, rows.shape[1], step):
+        length = rows.shape[1]
+        step = min(self._combine_columns(n), length)
+        whole = step >= length
+        buffer = self.empty((m * step,))
+        for start in range(0, length, step):
             piece = rows[:n, start : start + step]
-            rows[:m, start : start + step] = small @ (piece if whole else self._contiguous(piece))
+            width = piece.shape[1]
+            out = buffer[: m * width].reshape(m, width)
+            self._matmul_into(small, piece if whole else self._contiguous(piece), out)
+            rows[:m, start : start + width] = out
+
+    def _matmul_into(self, left: Array, right: Array, out: Array) -> None:
+        np.matmul(left, right, out=out)
 
     def _combine_columns(self, n: int) -> int:
         # About 4 MiB of float64 per piece: in the cache of a CPU core, and few pieces.
@@ -376,15 +393,28 @@ class TorchOperand(Operand):
         dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        apply_block: Callable[[torch.Tensor], torch.Tensor],
+        apply_block: Callable[..., torch.Tensor],
+        takes_out: bool = False,
     ) -> None:
         super().__init__(dim, float(torch.finfo(dtype).eps))
         self.dtype = dtype
         self.device = torch.device(device)
         self._block_fn = apply_block
+        #: Whether ``apply_block(X, out=Y)`` writes the product into ``Y``.
+        self.takes_out = takes_out
 
     def _apply_block(self, block: torch.Tensor) -> torch.Tensor:
         return self._block_fn(block.contiguous())
+
+    def matmat_rows_into(self, rows: torch.Tensor, out: torch.Tensor, check_finite: bool = True) -> None:
+        if not self.takes_out:
+            return super().matmat_rows_into(rows, out, check_finite)
+        columns = out.T
+        result = self._block_fn(rows.T.contiguous(), out=columns)
+        self.num_matvecs += rows.shape[0]
+        result = self._checked(result, tuple(columns.shape), check_finite)
+        if result.data_ptr() != columns.data_ptr() or result.stride() != columns.stride():
+            columns.copy_(result)  # an operator that returned its product elsewhere
 
     def _coerce(self, array: Any) -> torch.Tensor:
         if not isinstance(array, torch.Tensor):
@@ -434,6 +464,9 @@ class TorchOperand(Operand):
                 return torch.stack([wide_matmul(a, b) for a, b in zip(left, right)])
             return left @ right
         return wide_matmul(left, right)
+
+    def _matmul_into(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+        torch.matmul(left, right, out=out)
 
     def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         q, r = tall_qr(block)
@@ -627,8 +660,8 @@ class ShardedTorchOperand(TorchOperand):
     """
 
     def __init__(self, layout: Any, dtype: torch.dtype, device: torch.device,
-                 apply_block: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__(layout.dim, dtype, device, apply_block)
+                 apply_block: Callable[..., torch.Tensor], takes_out: bool = False) -> None:
+        super().__init__(layout.dim, dtype, device, apply_block, takes_out)
         self.local_dim = layout.local_dim
         self.ranges = layout.ranges
         self.parallel = layout.parallel
@@ -746,16 +779,21 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
         if not dtype.is_floating_point:
             raise TypeError(f"torch-native operator must have a real floating dtype, got {dtype}")
         layout = getattr(operator, "sharding", None)
+        takes_out = _takes_out(operator.matmat_torch)
         if layout is not None:
-            operand: Operand = ShardedTorchOperand(layout, dtype, operator.device, operator.matmat_torch)
+            operand: Operand = ShardedTorchOperand(layout, dtype, operator.device, operator.matmat_torch, takes_out)
         else:
-            operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch)
+            operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch, takes_out)
     elif isinstance(operator, torch.Tensor):
         size = _square_dim(tuple(operator.shape))
         if not operator.dtype.is_floating_point or operator.dtype.is_complex:
             raise TypeError(f"dense torch operator must be real floating point, got {operator.dtype}")
         matrix = operator.detach()
-        operand = TorchOperand(size, matrix.dtype, matrix.device, lambda block: matrix @ block)
+
+        def dense_product(block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.matmul(matrix, block, out=out)
+
+        operand = TorchOperand(size, matrix.dtype, matrix.device, dense_product, takes_out=True)
     elif isinstance(operator, np.ndarray) or scipy.sparse.issparse(operator):
         size = _square_dim(operator.shape)
         dtype = _real_numpy_dtype(operator.dtype)
@@ -783,6 +821,15 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
     if dim is not None and dim != size:
         raise ValueError(f"dim={dim} does not match the operator dimension {size}")
     return operand
+
+
+def _takes_out(method: Callable[..., Any]) -> bool:
+    """Whether a torch-native ``matmat_torch`` accepts ``out=`` (optional in the protocol)."""
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "out" in parameters
 
 
 def check_int(value: Any, name: str, minimum: int) -> int:

@@ -137,6 +137,7 @@ def _start_block(operand: Operand, v0: Any, block_size: int, rng: Any) -> Array:
 def _extend_lanczos(
     operand: Operand,
     basis: Array,
+    scales: np.ndarray,
     projected: np.ndarray,
     start: int,
     stop: int,
@@ -149,11 +150,14 @@ def _extend_lanczos(
 ) -> tuple[np.ndarray, float, int]:
     """Run block Lanczos steps on the blocks ``[j, j + b)`` for ``j = start, start + b, ..., stop - b``.
 
-    On entry ``basis[:start + b]`` has orthonormal rows and ``projected[:start + b, :start + b]``
-    holds the known part of ``V^T A V`` (after a thick restart: ``diag(theta)`` plus the arrow
-    couplings to the block at ``start``). On exit ``basis[:stop + b]`` is orthonormal,
-    ``projected[:stop, :stop] = V^T A V`` (banded/arrow) and
-    ``A V = V H + basis[stop:stop + b]^T B E^T`` with ``E`` the last ``b`` unit columns.
+    The Lanczos vectors are ``v_i = scales[i] * basis[i]``: single-vector steps leave the new
+    row unnormalized and record ``1 / norm`` in ``scales`` (a pass over the vector saved per
+    step; every coefficient below is scaled instead). On entry ``v[:start + b]`` are
+    orthonormal and ``projected[:start + b, :start + b]`` holds the known part of ``V^T A V``
+    (after a thick restart: ``diag(theta)`` plus the arrow couplings to the block at
+    ``start``). On exit ``v[:stop + b]`` are orthonormal, ``projected[:stop, :stop] = V^T A V``
+    (banded/arrow) and ``A V = V H + v[stop:stop + b]^T B E^T`` with ``E`` the last ``b`` unit
+    columns.
 
     ``is_converged(new_stop, B, norm_estimate)`` is asked after every block; if it returns True
     the run ends early at ``new_stop`` (the relations above then hold with ``stop = new_stop``).
@@ -170,16 +174,19 @@ def _extend_lanczos(
     coupling = np.zeros((width, width))
     if drift is not None:
         drift.begin(start)
-    # Rows the previous step's update removed: removed again now whatever their estimate, so that
-    # two consecutive vectors are orthogonal to them to rounding and the drift regrows from
-    # there (Simon's partial reorthogonalization; after one update alone, the previous vector's
-    # drift, about the level, re-enters the next one through the recurrence within a step).
-    follow = 0
     for j in range(start, stop, width):
         block = slice(j, j + width)
-        # (b, D) rows, one block product. Its NaN/Inf check is alpha's: NaN and Inf propagate
-        # into every inner product with the block, and this saves a pass over the product.
-        images = operand.matmat_rows(basis[block], check_finite=False)
+        new = j + width
+        # Work in the units of the stored rows: the product of basis[block] is
+        # ``X = A basis[block] = A v[block] / scales[block]`` (row r), and a true coefficient c
+        # of v_m in ``A v_r`` is removed from X as ``c * scales[m] / scales[r]`` times basis[m].
+        own = scales[block].copy()
+        # (b, D) rows, one block product, written into the next basis rows (by the operator
+        # itself when it takes ``out=``): the residual is formed there, and no copy is made.
+        # Its NaN/Inf check is alpha's: NaN and Inf propagate into every inner product with the
+        # block, and this saves a pass over the product.
+        images = basis[new : new + width]
+        operand.matmat_rows_into(basis[block], images, check_finite=False)
         # Subtract the couplings already known (block three-term recurrence, or the arrow after a
         # restart) so that full reorthogonalization only removes rounding-level components.
         # alpha from the raw product (the current block is orthogonal to the earlier ones up to
@@ -188,25 +195,27 @@ def _extend_lanczos(
         if j == start:  # the arrow: only rows with a coupling (locked rows have none)
             coupled = np.flatnonzero(np.any(projected[:j, block] != 0.0, axis=1))
             previous = int(coupled[0]) if coupled.size else j
-        diagonal_block = operand.inner(basis[block].T, images.T)
+        diagonal_block = operand.inner(basis[block].T, images.T) * np.outer(own, own)
         if not np.all(np.isfinite(diagonal_block)):
             operand.require_finite_product(images)
             raise FloatingPointError("lanczos: A v overflowed in v^T A v (the product itself is finite)")
         known = np.hstack([projected[previous:j, block].T, diagonal_block.T])
-        operand.subtract_combination_(images, known, basis[previous : j + width])
-        norms_before = operand.column_norms(images.T)
+        known *= scales[previous:new][None, :] / own[:, None]
+        operand.subtract_combination_(images, known, basis[previous:new])
+        norms_before = operand.column_norms(images.T)  # in stored units: true norms are own * these
         norms_after = norms_before
         # Rows [0, reach) get a Gram-Schmidt pass: all of them, or (single-vector Lanczos) only
         # up to the last row whose estimated drift exceeds the tolerated level (see _Drift).
         reach = j + width
+        forced = False
         if drift is not None:
-            predicted = drift.predict(j, float(diagonal_block[0, 0]), float(norms_before[0]), norm_estimate)
-            reach = max(drift.reach(j, predicted, orthogonality), min(follow, j + 1))
-        forced, follow = follow > 0, 0
+            predicted = drift.predict(j, float(diagonal_block[0, 0]), float(own[0] * norms_before[0]), norm_estimate)
+            reach, forced = drift.reach(j, predicted, orthogonality)
         for repeat in range(2):
             if reach == 0:
                 break
-            coefficients = operand.inner(basis[:reach].T, images.T)
+            # coefficients[i, r] = v_i^T (A v_r) / own[r], relative to the norms in stored units.
+            coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
             if drift is not None and repeat == 0:
                 drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
             if not (forced and repeat == 0) and np.all(np.abs(coefficients) <= orthogonality * norms_before):
@@ -215,13 +224,11 @@ def _extend_lanczos(
                 # leaves the basis orthogonal to that level, far below what the Ritz values
                 # and residuals need (semi-orthogonality, sqrt(eps), suffices; Simon 1984).
                 break
-            operand.subtract_combination_(images, coefficients.T, basis[:reach])
+            operand.subtract_combination_(images, (coefficients * scales[:reach, None]).T, basis[:reach])
             if reach > j:
-                diagonal_block += coefficients[block]
+                diagonal_block += coefficients[block] * own[None, :]
             if drift is not None:
                 drift.reset(reach)
-                if not forced:
-                    follow = reach
             norms_after = operand.column_norms(images.T)
             # DGKS: a second pass only if the first removed a large part of some column.
             if np.all(norms_after >= _DGKS_ETA * norms_before):
@@ -231,9 +238,10 @@ def _extend_lanczos(
         projected[block, block] = diagonal_block
         norm_estimate = max(norm_estimate, float(np.abs(diagonal_block).sum(0).max()))
         # Orthonormalize the new block column by column (Gram-Schmidt within the block: the
-        # columns are already orthogonal to the basis). B is upper triangular.
+        # columns are already orthogonal to the basis). B is upper triangular. A single vector
+        # stays unnormalized (its scale is recorded); in a block (unit scales, see lanczos) each
+        # row is normalized in place before the next one is projected on it.
         coupling = np.zeros((width, width))
-        new = j + width
         for index in range(width):
             vector = images[index]
             if index:
@@ -241,23 +249,37 @@ def _extend_lanczos(
                     vector, removed = operand.project_out(basis[new : new + index], vector)
                     coupling[:index, index] += removed
             # Without in-block projections the norm is the one just computed.
-            norm = operand.norm(vector) if index else float(norms_after[0])
+            stored_norm = operand.norm(vector) if index else float(norms_after[0])
+            norm = float(own[index]) * stored_norm
             norm_estimate = max(norm_estimate, norm)
             if norm <= _BREAKDOWN_FACTOR * operand.eps * norm_estimate:
                 # Invariant subspace: continue in a fresh direction with zero coupling, which
                 # keeps the Lanczos relation exact.
+                _normalize_rows(operand, basis, scales, new + index)
                 basis[new + index] = _random_orthogonal(operand, basis[: new + index], rng)
+                scales[new + index] = 1.0
             else:
                 coupling[index, index] = norm
-                operand.scaled_copy_(basis[new + index], vector, 1.0 / norm)
+                if width == 1:
+                    scales[new] = 1.0 / stored_norm
+                else:
+                    operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
+                    scales[new + index] = 1.0
         if drift is not None:
-            drift.advance(predicted, float(coupling[0, 0]), float(norms_before[0]))
+            drift.advance(predicted, float(coupling[0, 0]), float(own[0] * norms_before[0]))
         if new < stop:
             projected[new : new + width, block] = coupling
             projected[block, new : new + width] = coupling.T
             if is_converged is not None and is_converged(new, coupling, norm_estimate):
                 return coupling, norm_estimate, new
     return coupling, norm_estimate, stop
+
+
+def _normalize_rows(operand: Operand, basis: Array, scales: np.ndarray, stop: int) -> None:
+    """Apply the recorded scales to ``basis[:stop]`` in place (before a generic Gram-Schmidt)."""
+    for index in np.flatnonzero(scales[:stop] != 1.0):
+        operand.scaled_copy_(basis[index], basis[index], float(scales[index]))
+        scales[index] = 1.0
 
 
 class _Drift:
@@ -292,6 +314,8 @@ class _Drift:
         self.previous = np.zeros(0)
         self.since_full = 0
         self._reset = 0  # rows [0, _reset) updated by this step's pass
+        self._follow = 0  # rows the next step must update again (the second of a pair)
+        self._forced = False  # this step is the second of a pair
         self._local = eps  # drift along v_j itself (alpha's rounding), set by predict
         self.locked_residuals = np.zeros(0)  # residual norms of the locked rows [0, L)
 
@@ -300,6 +324,7 @@ class _Drift:
         self.start = start
         self.previous = np.zeros(start)
         self.since_full = 0
+        self._follow = 0
 
     def restart(self, kept_vectors: np.ndarray) -> None:
         """Thick restart ``basis[:p] <- S^T basis[:m]``: the residual row moves to row ``p``
@@ -327,9 +352,24 @@ class _Drift:
         noise[:count] += self.locked_residuals[:count]
         return (image + np.where(image >= 0, noise, -noise)) / beta_next
 
-    def reach(self, j: int, predicted: np.ndarray, level: float) -> int:
-        """Rows ``[0, reach)`` to measure: all after ``FULL_EVERY`` steps, else up to the last
-        row above ``MARGIN * level`` (0: none)."""
+    def reach(self, j: int, predicted: np.ndarray, level: float) -> tuple[int, bool]:
+        """Rows ``[0, reach)`` to measure, and whether they must be updated whatever the
+        measurement says.
+
+        Measured: all rows after ``FULL_EVERY`` steps, else up to the last row above
+        ``MARGIN * level`` (0: none). Updated in any case: the rows the previous step updated
+        (Simon's partial reorthogonalization removes them from two consecutive vectors, so that
+        the drift regrows from rounding; after one update alone the previous vector's drift,
+        about the level, re-enters the next one through the recurrence within a step).
+        """
+        follow, self._follow = self._follow, 0
+        self._forced = follow > 0
+        reach = self._measured_reach(j, predicted, level)
+        if self._forced:
+            reach = max(reach, min(follow, j + 1))
+        return reach, self._forced
+
+    def _measured_reach(self, j: int, predicted: np.ndarray, level: float) -> int:
         self.since_full += 1
         if j == self.start or self.since_full >= self.FULL_EVERY or not np.all(np.isfinite(predicted)):
             self.since_full = 0
@@ -359,6 +399,7 @@ class _Drift:
         ``beta_before``; the new vector is that residual divided by ``beta_next``.
         """
         reach, self._reset = self._reset, 0
+        self._follow = 0 if self._forced else reach
         j = predicted.size
         row = np.empty(j + 2)
         if beta_next > 0 and beta_before > 0:
@@ -496,6 +537,8 @@ def lanczos(
 
     basis = operand.empty((basis_size + width, operand.local_dim))
     basis[:width] = _start_block(operand, v0, width, rng)
+    # Lanczos vector i is scales[i] * basis[i] (see _extend_lanczos; restarts reset to 1).
+    scales = np.ones(basis_size + width)
     projected = np.zeros((basis_size, basis_size))
     drift = _Drift(projected, operand.eps) if width == 1 else None
     start, restarts, norm_estimate = 0, 0, 0.0
@@ -536,7 +579,7 @@ def lanczos(
         num_blocks = min((basis_size - start) // width, (max_steps - operand.num_matvecs) // width)
         stop = start + width * num_blocks
         coupling, norm_estimate, stop = _extend_lanczos(
-            operand, basis, projected, start, stop, width, norm_estimate, rng, wanted_converged,
+            operand, basis, scales, projected, start, stop, width, norm_estimate, rng, wanted_converged,
             orthogonality, drift,
         )
         theta, vectors, residual_estimates = ritz(stop, coupling)
@@ -560,10 +603,12 @@ def lanczos(
         order = np.array(list(range(locked)) + [i for i in moving if lockable[i]]
                          + [i for i in moving if not lockable[i]], dtype=int)
         num_kept = order.size
-        operand.combine_rows_(basis[locked:stop], vectors[locked:stop, order[locked:]].T)
+        operand.combine_rows_(basis[locked:stop], vectors[locked:stop, order[locked:]].T * scales[locked:stop])
+        scales[locked:num_kept] = 1.0
         if drift is not None:
             drift.restart(vectors[:, order])
         basis[num_kept : num_kept + width] = basis[stop : stop + width]
+        scales[num_kept : num_kept + width] = scales[stop : stop + width]
         arrow = coupling @ vectors[stop - width : stop, order]
         newly = int(lockable[order[locked:]].sum())
         locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
@@ -579,7 +624,7 @@ def lanczos(
         restarts += 1
 
     eigenvalues = theta[wanted]
-    ritz_vectors = operand.matmul(basis[:stop].T, operand.from_host(vectors[:, wanted]))
+    ritz_vectors = operand.matmul(basis[:stop].T, operand.from_host(scales[:stop, None] * vectors[:, wanted]))
     if exact_residuals:
         residual_block = operand.matmat(ritz_vectors)
         operand.subtract_scaled_columns_(residual_block, ritz_vectors, eigenvalues)

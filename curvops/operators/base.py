@@ -82,19 +82,46 @@ class TorchLinearOperator(LinearOperator):
         """Whether the operator is known to be positive semi-definite (False: unknown or indefinite)."""
         return False
 
-    def matmat_torch(self, X: Tensor) -> Tensor:
+    def matmat_torch(self, X: Tensor, out: Tensor | None = None) -> Tensor:
         """Multiply a torch block ``X`` of shape (shape[1], k) on the operator's device and dtype.
+
+        Parameters
+        ----------
+        X : Tensor
+            (shape[1], k) block (under FSDP: this rank's rows).
+        out : Tensor, optional
+            (shape[0], k) tensor of the same dtype and device, not overlapping ``X``, to write
+            the product into (it is returned). The curvature operators then accumulate the
+            product there: no D-sized result is allocated (Lanczos passes a row of its basis).
 
         Returns
         -------
         Tensor
-            ``A @ X``, shape (shape[0], k), same device and dtype. Computed in one pass over
-            the data for the whole block.
+            ``A @ X``, shape (shape[0], k), same device and dtype (``out`` if given). Computed
+            in one pass over the data for the whole block.
         """
         X = self._check_torch(X)
         if X.dim() != 2:
             raise ValueError(f"matmat_torch expects a block of shape ({self._vector_rows()}, k), got {tuple(X.shape)}")
-        return self._apply(X)
+        if out is None:
+            return self._apply(X)
+        self._check_out(out, X)
+        return self._apply_into(X, out)
+
+    def _check_out(self, out: Tensor, X: Tensor) -> None:
+        rows = self.shape[0] if self.sharding is None else self.sharding.local_dim
+        if not isinstance(out, Tensor) or tuple(out.shape) != (rows, X.shape[1]):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"out must be a tensor of shape ({rows}, {X.shape[1]}), got {shape}")
+        if out.dtype != self.torch_dtype or out.device != self.device:
+            raise TypeError(f"out must have dtype {self.torch_dtype} on {self.device}, got {out.dtype} on {out.device}")
+        if _overlap(out, X):
+            raise ValueError("out must not overlap the input block")
+
+    def _apply_into(self, X: Tensor, out: Tensor) -> Tensor:
+        """``A @ X`` written into ``out``; operators that can accumulate there override this."""
+        out.copy_(self._apply(X))
+        return out
 
     def to_dense(self, max_dim: int = MAX_DENSE_DIM) -> Tensor:
         """The full matrix as a torch tensor on the operator's device.
@@ -222,6 +249,9 @@ class ModelOperator(TorchLinearOperator):
     output w.r.t. the selected parameters. Subclasses call :meth:`_set_model` and
     :meth:`_set_data_and_params`, then ``TorchLinearOperator.__init__`` with their shape.
     """
+
+    #: Rows of a caller's ``out`` for the next product's accumulators (see _zeros_like_block).
+    _destination: Tensor | None = None
 
     def _set_model(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
@@ -363,16 +393,23 @@ class ModelOperator(TorchLinearOperator):
         values per product (0.5 GB for a 124M-parameter model in float32). The peak
         memory of a product usually lies earlier, inside a batch: GPT-2's did not move.
         """
-        flat = torch.zeros(k, sum(self.param_numels), dtype=self.torch_dtype, device=self.device)
+        flat, self._destination = self._destination, None  # a caller's out rows: used once
+        if flat is not None and tuple(flat.shape) == (k, sum(self.param_numels)):
+            flat.zero_()
+        else:
+            flat = torch.zeros(k, sum(self.param_numels), dtype=self.torch_dtype, device=self.device)
         return [t.view(k, *s) for t, s in zip(flat.split(self.param_numels, dim=1), self.param_shapes)]
 
-    def _as_flat_block(self, out: list[Tensor], k: int) -> Tensor:
-        """The (k, D) block of per-parameter products: the views' buffer, or a concatenation."""
-        base = out[0]._base if out else None
+    def _as_flat_block(self, out: list[Tensor], k: int, buffer: Tensor | None = None) -> Tensor:
+        """The (k, D) block of per-parameter products: the views' buffer (``buffer``, a caller's
+        rows that :meth:`_zeros_like_block` may have handed out, or the views' own base), or a
+        concatenation."""
+        base = buffer if buffer is not None else (out[0]._base if out else None)
         if base is not None and base.shape == (k, sum(self.param_numels)):
+            root = base if base._base is None else base._base  # views know only their root
             offset, size = base.data_ptr(), base.element_size()
             for o, numel in zip(out, self.param_numels):
-                if o._base is not base or o.data_ptr() != offset:
+                if o._base is not root or o.data_ptr() != offset:
                     break
                 offset += numel * size
             else:
@@ -588,13 +625,30 @@ class CurvatureOperator(ModelOperator):
 
     def _apply(self, X: Tensor) -> Tensor:
         """``A @ X`` for a checked (D, k) torch block."""
+        return self._apply_into(X, None)
+
+    def _apply_into(self, X: Tensor, out: Tensor | None) -> Tensor:
+        """``A @ X`` for a checked (D, k) block, into ``out`` (checked (D, k); None: a new tensor)."""
         k = X.shape[1]
         if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
             self._check_replicated(X)
         Vt = X.T.contiguous()
         V = [t.view(k, *s) for t, s in zip(Vt.split(self.param_numels, dim=1), self.param_shapes)]
-        out, losses, loss_batches = self._products(V)
-        result = self._as_flat_block(out, k).T.contiguous()
+        # The product's accumulators are views into out's rows when those are contiguous (a
+        # basis row: no (k, D) buffer to allocate, zero-fill and copy); see _zeros_like_block.
+        rows = None if out is None else out.T
+        self._destination = rows if rows is not None and rows.is_contiguous() else None
+        try:
+            products, losses, loss_batches = self._products(V)
+        finally:
+            self._destination = None
+        flat = self._as_flat_block(products, k, rows)
+        if out is None:
+            result = flat.T.contiguous()
+        else:
+            if flat is not rows:
+                out.copy_(flat.T)
+            result = out
         if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
             self.parallel.all_reduce_(result)  # NCCL needs a contiguous tensor
         # Two agreements, in this order: a NaN loss on one rank spreads NaN into every rank's
@@ -1004,3 +1058,17 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share any memory (byte ranges on the same storage)."""
+    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+        return start, start + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -156,3 +156,46 @@ def test_combine_rows_in_place_by_pieces(monkeypatch, backend, step):
     operand.combine_rows_(array, coefficients)
     np.testing.assert_allclose(np.asarray(array[:3]), expected, rtol=1e-13, atol=1e-13)
     np.testing.assert_array_equal(np.asarray(array[3:]), rows[3:])
+
+
+class _Native:
+    """A torch-native operator; with ``takes_out`` its ``matmat_torch`` accepts ``out=``."""
+
+    def __init__(self, matrix: torch.Tensor, takes_out: bool, honour_out: bool = True) -> None:
+        self.shape, self.device, self.torch_dtype = tuple(matrix.shape), matrix.device, matrix.dtype
+        self.matrix, self.honour_out, self.outs = matrix, honour_out, []
+        if takes_out:
+            self.matmat_torch = self._with_out
+
+    def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ block
+
+    def _with_out(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        self.outs.append(out)
+        if out is None or not self.honour_out:
+            return self.matrix @ block  # allowed: the operand copies it into out
+        return torch.matmul(self.matrix, block, out=out)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_lanczos_writes_products_into_its_basis_through_out(block_size):
+    """An operator whose ``matmat_torch`` takes ``out=`` gets basis rows to write into (Lanczos
+    forms each residual there, with no copy); one that ignores ``out`` or has no such
+    parameter gives the same eigenpairs."""
+    generator = np.random.default_rng(4)
+    values = np.r_[np.linspace(10.0, 6.0, 6), generator.uniform(-1.0, 1.0, 194)]
+    basis, _ = np.linalg.qr(generator.standard_normal((200, 200)))
+    matrix = torch.tensor((basis * values) @ basis.T)
+    with_out = _Native(matrix, takes_out=True)
+    ignoring = _Native(matrix, takes_out=True, honour_out=False)
+    without = _Native(matrix, takes_out=False)
+    assert _operand.as_operand(with_out).takes_out and not _operand.as_operand(without).takes_out
+    results = [alg.lanczos(op, k=4, tol=1e-10, seed=1, block_size=block_size) for op in (with_out, ignoring, without)]
+    # Every Lanczos step writes into the basis; only the final residual block (k columns) does not.
+    steps = [out for out in with_out.outs if out is not None]
+    assert all(out.shape == (200, block_size) for out in steps)
+    assert len(steps) * block_size == results[0].num_matvecs - 4 and len(with_out.outs) == len(steps) + 1
+    for result in results:
+        np.testing.assert_allclose(result.eigenvalues.numpy(), values[:4], rtol=1e-12)
+        assert result.num_matvecs == results[0].num_matvecs
+    np.testing.assert_allclose(results[1].eigenvalues.numpy(), results[2].eigenvalues.numpy(), rtol=0, atol=1e-13)

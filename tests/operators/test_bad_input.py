@@ -49,6 +49,27 @@ def test_wrong_dtype(op):
         op @ torch.zeros(op.shape[0], dtype=torch.float32)
 
 
+def test_bad_out_tensor(op):
+    """``matmat_torch(X, out=...)``: a wrong shape, dtype or device, or an ``out`` that overlaps
+    ``X`` (the product would overwrite its own input), is an error."""
+    dim = op.shape[0]
+    X = torch.ones(dim, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shape"):
+        op.matmat_torch(X, out=torch.empty(dim, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        op.matmat_torch(X, out=np.empty((dim, 2)))
+    with pytest.raises(TypeError, match="dtype"):
+        op.matmat_torch(X, out=torch.empty(dim, 2, dtype=torch.float32))
+    with pytest.raises(TypeError, match="meta"):
+        op.matmat_torch(X, out=torch.empty(dim, 2, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match="overlap"):
+        op.matmat_torch(X, out=X)
+    buffer = torch.ones(3, dim, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overlap"):
+        op.matmat_torch(buffer[:2].T, out=buffer[1:].T)
+    op.matmat_torch(buffer[:1].T, out=buffer[1:2].T)  # neighbouring rows do not overlap
+
+
 def test_complex_numpy_rejected(op):
     with pytest.raises(TypeError, match="complex"):
         op.matmat(np.zeros((op.shape[0], 1), dtype=complex))

@@ -358,6 +358,49 @@ def test_block_equals_columns():
             _close(block[:, i], op @ V[:, i], rtol=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_matmat_torch_out_accumulates_in_place(k, monkeypatch):
+    """``matmat_torch(X, out=rows.T)`` for rows of a larger buffer (a Lanczos basis): the product
+    equals ``A @ X``, is ``out`` itself, touches no other row, and the curvature operators
+    accumulate it there (their accumulators are views into ``out``: no D-sized allocation)."""
+    from curvops import KFACOperator
+
+    model, loss_fn, data = get_case("mlp_tanh-ce_mean").make()
+    operators = [HessianOperator(model, loss_fn, data),
+                 HessianOperator(model, loss_fn, data, method="finite_difference"),
+                 GGNOperator(model, loss_fn, data), FisherOperator(model, loss_fn, data, kind="empirical")]
+    handed = []
+    for op in operators:
+        original = type(op)._zeros_like_block
+
+        def spy(self, width, original=original):
+            views = original(self, width)
+            handed.append(views[0].data_ptr())
+            return views
+
+        monkeypatch.setattr(type(op), "_zeros_like_block", spy)
+    operators.append(KFACOperator(model, loss_fn, data))  # no accumulators: copied into out
+    for op in operators:
+        dim = op.shape[0]
+        V = _random_block(dim, k, seed=8)
+        expected = op @ V
+        buffer = torch.full((k + 2, dim), float("nan"), dtype=torch.float64)
+        out = buffer[1 : 1 + k].T
+        handed.clear()
+        result = op.matmat_torch(V, out=out)
+        assert result is out
+        _close(out, expected, rtol=1e-12)
+        assert torch.isnan(buffer[0]).all() and torch.isnan(buffer[-1]).all()
+        if not isinstance(op, KFACOperator):
+            assert handed and handed[-1] == out.data_ptr(), type(op).__name__
+    # A column-major (D, k) ``out`` (rows not contiguous) gets the product copied in.
+    op = operators[0]
+    out = torch.empty(op.shape[0], 3, dtype=torch.float64)
+    V = _random_block(op.shape[0], 3, seed=9)
+    assert op.matmat_torch(V, out=out) is out
+    _close(out, op @ V, rtol=1e-12)
+
+
 @pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"])
 @pytest.mark.parametrize("batched_vjp", [True, False])
 @pytest.mark.parametrize("keep_graph", [True, False])
