@@ -754,7 +754,10 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
     ----------
     operator
         * a torch-native operator: any object with ``shape``, ``device``,
-          ``torch_dtype`` and ``matmat_torch(X)`` (curvops operators) -> torch path;
+          ``torch_dtype`` and ``matmat_torch(X)`` (curvops operators) -> torch path. If
+          ``matmat_torch`` takes an ``out`` keyword (``matmat_torch(X, out=Y)`` writes
+          ``A @ X`` into the ``(D, k)`` tensor ``Y`` and returns it), Lanczos passes rows of
+          its basis there and forms each new vector in place;
         * a dense 2-D ``torch.Tensor`` -> torch path on its device/dtype;
         * a ``scipy.sparse.linalg.LinearOperator``, scipy sparse matrix or dense
           numpy array -> numpy path;

@@ -626,9 +626,13 @@ def lanczos(
     eigenvalues = theta[wanted]
     ritz_vectors = operand.matmul(basis[:stop].T, operand.from_host(scales[:stop, None] * vectors[:, wanted]))
     if exact_residuals:
-        residual_block = operand.matmat(ritz_vectors)
+        # NaN/Inf in the product propagate into the norms: their check replaces a pass.
+        residual_block = operand.matmat(ritz_vectors, check_finite=False)
         operand.subtract_scaled_columns_(residual_block, ritz_vectors, eigenvalues)
         residual_norms = operand.column_norms(residual_block)
+        if not np.all(np.isfinite(residual_norms)):
+            operand.require_finite_product(residual_block)
+            raise FloatingPointError("lanczos: the final residuals overflowed (the product itself is finite)")
     else:
         residual_norms = residual_estimates[wanted]
     converged = residual_norms <= threshold

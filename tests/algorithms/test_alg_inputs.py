@@ -259,3 +259,23 @@ def test_lanczos_overflowing_alpha_is_reported(matrix):
     # Entries near the float64 maximum: finite, but their sum over D = 50 entries is not.
     with pytest.raises(FloatingPointError, match="overflowed"):
         alg.lanczos(lambda v: 1.5e308 * np.sign(v), k=2, seed=0, dim=DIM)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_lanczos_non_finite_final_residual_product(bad, matrix):
+    """The final (D, k) product of the explicit residuals is checked through the residual norms
+    (no separate pass): NaN/Inf there still raises the clear error."""
+
+    class Native:
+        shape = (DIM, DIM)
+        torch_dtype = torch.float64
+        device = torch.device("cpu")
+
+        def matmat_torch(self, block):
+            out = torch.as_tensor(matrix) @ block
+            if block.shape[1] == 3:  # only the final residual block has k = 3 columns
+                out[5, 1] = bad
+            return out
+
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        alg.lanczos(Native(), k=3, seed=0, tol=1e-10)
