@@ -85,9 +85,7 @@ class Operand:
         num_columns = block.shape[1]
         if num_columns == 0:
             return self.zeros((self.local_dim, 0))
-        result = self._apply_block(block)
-        self.num_matvecs += num_columns
-        result = self._checked(result, (self.local_dim, num_columns), check_finite)
+        result = self._counted(self._apply_block(block), (self.local_dim, num_columns), check_finite)
         # The algorithms update products in place: never hand back the caller's own block
         # (an identity-like operator may return its input).
         return self._copy(result) if self._shares_memory(result, block) else result
@@ -111,6 +109,11 @@ class Operand:
         result = self._apply_vector(vector)
         self.num_matvecs += 1
         return self._checked(result, (self.local_dim,))
+
+    def _counted(self, result: Array, shape: tuple[int, int], check_finite: bool) -> Array:
+        """A fresh ``(D, b)`` block product: counted as ``b`` matvecs, then :meth:`_checked`."""
+        self.num_matvecs += shape[1]
+        return self._checked(result, shape, check_finite)
 
     def _checked(self, result: Array, shape: tuple[int, ...], check_finite: bool = True) -> Array:
         result = self._coerce(result)
@@ -410,9 +413,7 @@ class TorchOperand(Operand):
         if not self.takes_out:
             return super().matmat_rows_into(rows, out, check_finite)
         columns = out.T
-        result = self._block_fn(rows.T.contiguous(), out=columns)
-        self.num_matvecs += rows.shape[0]
-        result = self._checked(result, tuple(columns.shape), check_finite)
+        result = self._counted(self._block_fn(rows.T.contiguous(), out=columns), tuple(columns.shape), check_finite)
         if result.data_ptr() != columns.data_ptr() or result.stride() != columns.stride():
             columns.copy_(result)  # an operator that returned its product elsewhere
 

@@ -637,12 +637,13 @@ class CurvatureOperator(ModelOperator):
         # The product's accumulators are views into out's rows when those are contiguous (a
         # basis row: no (k, D) buffer to allocate, zero-fill and copy); see _zeros_like_block.
         rows = None if out is None else out.T
-        self._destination = rows if rows is not None and rows.is_contiguous() else None
+        offered = rows if rows is not None and rows.is_contiguous() else None
+        self._destination = offered
         try:
             products, losses, loss_batches = self._products(V)
         finally:
             self._destination = None
-        flat = self._as_flat_block(products, k, rows)
+        flat = self._as_flat_block(products, k, offered)
         if out is None:
             result = flat.T.contiguous()
         else:

@@ -393,11 +393,22 @@ def test_matmat_torch_out_accumulates_in_place(k, monkeypatch):
         assert torch.isnan(buffer[0]).all() and torch.isnan(buffer[-1]).all()
         if not isinstance(op, KFACOperator):
             assert handed and handed[-1] == out.data_ptr(), type(op).__name__
-    # A column-major (D, k) ``out`` (rows not contiguous) gets the product copied in.
+    # A column-major (D, k) ``out`` (rows not contiguous) gets the product copied in, from the
+    # accumulators' own buffer (not from a concatenation of them: one D-sized copy, not two).
     op = operators[0]
+    flats = []
+    original_flat = type(op)._as_flat_block
+
+    def flat_spy(self, products, width, buffer=None):
+        flat = original_flat(self, products, width, buffer)
+        flats.append(flat.data_ptr() == products[0].data_ptr())
+        return flat
+
+    monkeypatch.setattr(type(op), "_as_flat_block", flat_spy)
     out = torch.empty(op.shape[0], 3, dtype=torch.float64)
     V = _random_block(op.shape[0], 3, seed=9)
     assert op.matmat_torch(V, out=out) is out
+    assert flats == [True]
     _close(out, op @ V, rtol=1e-12)
 
 
