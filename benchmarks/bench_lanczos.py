@@ -30,9 +30,11 @@ matvec count of any one method moves by +-10 with the start vector alone (seeds 
 
 Overhead per iteration = (wall time of ``lanczos`` - time inside the operator) / Lanczos steps,
 as a fraction of the time of one matvec: "in-run" from the compared run itself; "isolated" as
-the minimum over 5 repeats of lanczos on a diagonal operator of the same size (same k, tol and
-basis size), divided by the minimum of 5 timed matvecs of the real operator. The minima filter
-out interference from other processes on a shared machine. curvops' ``lanczos`` hands the
+the minimum over 5 replays of the same run (an untimed run records the operator's products, a
+replay hands them back in order, one copy each, timed as the product: the same steps and
+restarts), divided by the minimum of 5 timed matvecs of the real operator. The minima filter
+out interference from other processes on a shared machine; the replay leaves out what a real
+product does to the caches (the in-run column keeps it). curvops' ``lanczos`` hands the
 operator a basis row to write its product into (``matmat_torch(X, out=...)``, which the curvops
 operators accept), as it does with any curvops operator; ARPACK and eigenthings take fresh
 products (their interfaces have no ``out``). The basis rows are first touched (page faults) by
@@ -209,25 +211,62 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
     return {"matvecs": run.iterations, "residual": math.nan, "ok": False, "overhead_ms": math.nan}
 
 
-def isolated_overhead(apply_block, dim, dtype, repeats=5):
+class Recorder:
+    """Operator protocol that records every product of ``apply_block`` (for :class:`Replay`)."""
+
+    def __init__(self, apply_block, dim: int, dtype: torch.dtype) -> None:
+        self.shape = (dim, dim)
+        self.torch_dtype = dtype
+        self.device = DEVICE
+        self._apply_block = apply_block
+        self.products: list[torch.Tensor] = []
+
+    def matmat_torch(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        result = self._apply_block(block, out=out)
+        self.products.append(result.clone())
+        return result
+
+
+class Replay(TimedOperator):
+    """The recorded products again, in order, each copied into ``out``: the same Lanczos run
+    (its arithmetic is deterministic), with products that cost one copy."""
+
+    def __init__(self, products: list[torch.Tensor], dim: int, dtype: torch.dtype) -> None:
+        self._products = products
+        self._next = 0
+        super().__init__(self._recorded, dim, dtype, DEVICE)
+
+    def _recorded(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        product = self._products[self._next]
+        self._next += 1
+        if product.shape != block.shape:
+            raise RuntimeError("the replayed run departed from the recorded one")
+        return product.clone() if out is None else out.copy_(product)
+
+
+def isolated_overhead(apply_block, dim, dtype, seed, repeats=5):
     """Per-step overhead of lanczos and one matvec of ``apply_block``, each the minimum of repeats.
 
-    The overhead is measured on a diagonal operator of the same size and dtype with 10 outliers
-    over a bulk (same k, tol and basis size, so a similar restart pattern), whose products cost
-    almost nothing; minima over repeats filter out interference from other processes.
+    The overhead is that of the very run being compared (same start vector, so the same steps
+    and restarts): one untimed run records the products, and each repeat replays them (a copy
+    per product, timed as the product). The matvec is timed on its own. Minima over repeats
+    filter out interference from other processes.
     """
-    diagonal = torch.linspace(-1.0, 1.0, dim, dtype=dtype, device=DEVICE)
-    diagonal[:K] = torch.arange(K, 0, -1, dtype=dtype, device=DEVICE) + 1.0
+    recorder = Recorder(apply_block, dim, dtype)
+    v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype, device=DEVICE)
+    recorded = lanczos(recorder, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
     overheads = []
     for _ in range(repeats):
-        operator = TimedOperator(lambda block, out=None: torch.mul(diagonal[:, None], block, out=out), dim, dtype,
-                                 DEVICE)
+        operator = Replay(recorder.products, dim, dtype)
         synchronize()
         start = time.perf_counter()
-        result = lanczos(operator, k=K, which="LA", tol=TOL, seed=0)
+        result = lanczos(operator, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
         synchronize()
         wall = time.perf_counter() - start
+        if result.num_matvecs != recorded.num_matvecs or operator._next != len(recorder.products):
+            raise RuntimeError("the replayed run departed from the recorded one")
         overheads.append((wall - operator.seconds) / (result.num_matvecs - K))
+    del recorder
     vector = torch.randn(dim, 1, dtype=dtype, device=DEVICE)
     matvecs = []
     for _ in range(repeats):
@@ -265,7 +304,8 @@ def hessian_problem():
     return operator.matmat_torch, torch.float64, operator.shape[0]
 
 
-def compare(name, apply_block, dim, dtype, seed, max_steps, isolated):
+def compare(name, apply_block, dim, dtype, seed, max_steps):
+    isolated = isolated_overhead(apply_block, dim, dtype, seed)
     ours = run_curvops(apply_block, dim, dtype, seed)
     ours["isolated_overhead_ms"] = isolated[0] * 1e3
     ours["isolated_matvec_ms"] = isolated[1] * 1e3
@@ -334,9 +374,8 @@ def main() -> None:
     print(HEADER)
     rows = []
     apply_block, dtype = random_problem(args.dim, 0)
-    isolated = isolated_overhead(apply_block, args.dim, dtype)
     for seed in range(args.seeds):
-        rows.append(compare("random symmetric (GOE)", apply_block, args.dim, dtype, seed, 600, isolated))
+        rows.append(compare("random symmetric (GOE)", apply_block, args.dim, dtype, seed, 600))
 
     hessian_note = ""
     problem = None if args.skip_hessian else hessian_problem()
@@ -345,10 +384,9 @@ def main() -> None:
         print(hessian_note)
     else:
         apply_block, dtype, dim = problem
-        isolated = isolated_overhead(apply_block, dim, dtype)
         for seed in range(args.hessian_seeds):
             rows.append(compare("MLP 784-256-256-10 Hessian, CE, 4x512 (float64)", apply_block, dim,
-                                dtype, seed, 150, isolated))
+                                dtype, seed, 150))
     load_after = os.getloadavg()
 
     date = datetime.date.today().isoformat()
