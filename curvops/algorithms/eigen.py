@@ -195,11 +195,13 @@ def _extend_lanczos(
         if j == start:  # the arrow: only rows with a coupling (locked rows have none)
             coupled = np.flatnonzero(np.any(projected[:j, block] != 0.0, axis=1))
             previous = int(coupled[0]) if coupled.size else j
-        diagonal_block = operand.inner(basis[block].T, images.T) * np.outer(own, own)
-        if not np.all(np.isfinite(diagonal_block)):
+        diagonal_block = operand.inner(basis[block].T, images.T) * (own[:, None] * own[None, :])
+        # Array methods, not np.all/np.hstack: their wrappers cost as much as the arithmetic on
+        # these (b, b) arrays, and the host side of a step is its overhead on a GPU.
+        if not np.isfinite(diagonal_block).all():
             operand.require_finite_product(images)
             raise FloatingPointError("lanczos: A v overflowed in v^T A v (the product itself is finite)")
-        known = np.hstack([projected[previous:j, block].T, diagonal_block.T])
+        known = np.concatenate((projected[previous:j, block].T, diagonal_block.T), axis=1)
         known *= scales[previous:new][None, :] / own[:, None]
         operand.subtract_combination_(images, known, basis[previous:new])
         norms_before = operand.column_norms(images.T)  # in stored units: true norms are own * these
@@ -218,7 +220,7 @@ def _extend_lanczos(
             coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
             if drift is not None and repeat == 0:
                 drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
-            if not (forced and repeat == 0) and np.all(np.abs(coefficients) <= orthogonality * norms_before):
+            if not (forced and repeat == 0) and (np.abs(coefficients) <= orthogonality * norms_before).all():
                 # Already orthogonal to the basis to ``orthogonality`` (relative): the update
                 # pass over the basis would change the block by less than that. Skipping it
                 # leaves the basis orthogonal to that level, far below what the Ritz values
@@ -231,7 +233,7 @@ def _extend_lanczos(
                 drift.reset(reach)
             norms_after = operand.column_norms(images.T)
             # DGKS: a second pass only if the first removed a large part of some column.
-            if np.all(norms_after >= _DGKS_ETA * norms_before):
+            if (norms_after >= _DGKS_ETA * norms_before).all():
                 break
             norms_before = norms_after
         diagonal_block = (diagonal_block + diagonal_block.T) / 2
@@ -371,7 +373,7 @@ class _Drift:
 
     def _measured_reach(self, j: int, predicted: np.ndarray, level: float) -> int:
         self.since_full += 1
-        if j == self.start or self.since_full >= self.FULL_EVERY or not np.all(np.isfinite(predicted)):
+        if j == self.start or self.since_full >= self.FULL_EVERY or not np.isfinite(predicted).all():
             self.since_full = 0
             return j + 1
         hot = np.flatnonzero(np.abs(predicted) > self.MARGIN * level)
@@ -569,7 +571,14 @@ def lanczos(
         # lucky start does not end the run before the basis has explored the spectrum.
         if restarts == 0 and stop < min(2 * k, basis_size):
             return False
-        theta, _, residuals = ritz(stop, coupling)
+        # Only eigenvalues and the last rows of the eigenvectors enter here: no (m, m) assembly
+        # as in ritz (on a GPU the host side of a step is the overhead; this check ran every step).
+        theta, vectors = np.linalg.eigh(projected[locked:stop, locked:stop])
+        last = coupling @ vectors[-width:]
+        residuals = np.abs(last[0]) if width == 1 else np.sqrt(np.square(last).sum(0))
+        if locked:
+            theta = np.concatenate([np.diag(projected)[:locked], theta])
+            residuals = np.concatenate([locked_residuals, residuals])
         threshold = active_threshold(tol * max(norm_bound, float(np.abs(theta).max())))
         return bool(np.all(residuals[_select(theta, which, min(k, stop))] <= threshold)) and stop >= k
 
