@@ -211,22 +211,6 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
     return {"matvecs": run.iterations, "residual": math.nan, "ok": False, "overhead_ms": math.nan}
 
 
-class Recorder:
-    """Operator protocol that records every product of ``apply_block`` (for :class:`Replay`)."""
-
-    def __init__(self, apply_block, dim: int, dtype: torch.dtype) -> None:
-        self.shape = (dim, dim)
-        self.torch_dtype = dtype
-        self.device = DEVICE
-        self._apply_block = apply_block
-        self.products: list[torch.Tensor] = []
-
-    def matmat_torch(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        result = self._apply_block(block, out=out)
-        self.products.append(result.clone())
-        return result
-
-
 class Replay(TimedOperator):
     """The recorded products again, in order, each copied into ``out``: the same Lanczos run
     (its arithmetic is deterministic), with products that cost one copy."""
@@ -248,25 +232,31 @@ def isolated_overhead(apply_block, dim, dtype, seed, repeats=5):
     """Per-step overhead of lanczos and one matvec of ``apply_block``, each the minimum of repeats.
 
     The overhead is that of the very run being compared (same start vector, so the same steps
-    and restarts): one untimed run records the products, and each repeat replays them (a copy
+    and restarts): one run records the products (its times unused), and each repeat replays them (a copy
     per product, timed as the product). The matvec is timed on its own. Minima over repeats
     filter out interference from other processes.
     """
-    recorder = Recorder(apply_block, dim, dtype)
+    products = []
+
+    def recording(block, out=None):
+        result = apply_block(block, out=out)
+        products.append(result.clone())
+        return result
+
     v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype, device=DEVICE)
-    recorded = lanczos(recorder, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
+    recorded = lanczos(TimedOperator(recording, dim, dtype, DEVICE), k=K, which="LA", tol=TOL, v0=v0, seed=seed)
     overheads = []
     for _ in range(repeats):
-        operator = Replay(recorder.products, dim, dtype)
+        operator = Replay(products, dim, dtype)
         synchronize()
         start = time.perf_counter()
         result = lanczos(operator, k=K, which="LA", tol=TOL, v0=v0, seed=seed)
         synchronize()
         wall = time.perf_counter() - start
-        if result.num_matvecs != recorded.num_matvecs or operator._next != len(recorder.products):
+        if result.num_matvecs != recorded.num_matvecs or operator._next != len(products):
             raise RuntimeError("the replayed run departed from the recorded one")
         overheads.append((wall - operator.seconds) / (result.num_matvecs - K))
-    del recorder
+    del products
     vector = torch.randn(dim, 1, dtype=dtype, device=DEVICE)
     matvecs = []
     for _ in range(repeats):

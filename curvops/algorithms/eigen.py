@@ -553,15 +553,23 @@ def lanczos(
     def active_threshold(threshold: float) -> float:
         return threshold - (float(locked_residuals.max()) if locked else 0.0)
 
+    def active_ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values and residual estimates of rows ``[0, stop)`` (locked rows first), and the
+        eigenvectors of the active block ``[locked, stop)``: all the per-step check needs."""
+        theta, active = np.linalg.eigh(projected[locked:stop, locked:stop])
+        last = coupling @ active[-width:]
+        residuals = np.abs(last[0]) if width == 1 else np.sqrt(np.square(last).sum(0))
+        if locked:
+            theta = np.concatenate([np.diag(projected)[:locked], theta])
+            residuals = np.concatenate([locked_residuals, residuals])
+        return theta, active, residuals
+
     def ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values, vectors (in the basis) and residual estimates of rows ``[0, stop)``."""
-        theta = np.empty(stop)
+        theta, active, residuals = active_ritz(stop, coupling)
         vectors = np.zeros((stop, stop))
-        theta[:locked] = np.diag(projected)[:locked]
         vectors[np.arange(locked), np.arange(locked)] = 1.0
-        theta[locked:], vectors[locked:, locked:] = np.linalg.eigh(projected[locked:stop, locked:stop])
-        residuals = np.linalg.norm(coupling @ vectors[stop - width : stop], axis=0)
-        residuals[:locked] = locked_residuals
+        vectors[locked:, locked:] = active
         return theta, vectors, residuals
 
     def wanted_converged(stop: int, coupling: np.ndarray, norm_bound: float) -> bool:
@@ -571,14 +579,8 @@ def lanczos(
         # lucky start does not end the run before the basis has explored the spectrum.
         if restarts == 0 and stop < min(2 * k, basis_size):
             return False
-        # Only eigenvalues and the last rows of the eigenvectors enter here: no (m, m) assembly
-        # as in ritz (on a GPU the host side of a step is the overhead; this check ran every step).
-        theta, vectors = np.linalg.eigh(projected[locked:stop, locked:stop])
-        last = coupling @ vectors[-width:]
-        residuals = np.abs(last[0]) if width == 1 else np.sqrt(np.square(last).sum(0))
-        if locked:
-            theta = np.concatenate([np.diag(projected)[:locked], theta])
-            residuals = np.concatenate([locked_residuals, residuals])
+        # No (m, m) assembly of the vectors: on a GPU the host side of a step is its overhead.
+        theta, _, residuals = active_ritz(stop, coupling)
         threshold = active_threshold(tol * max(norm_bound, float(np.abs(theta).max())))
         return bool(np.all(residuals[_select(theta, which, min(k, stop))] <= threshold)) and stop >= k
 

@@ -644,14 +644,14 @@ class CurvatureOperator(ModelOperator):
         finally:
             self._destination = None
         flat = self._as_flat_block(products, k, offered)
+        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
+            self.parallel.all_reduce_(flat)  # the (k, D) rows: contiguous, as NCCL needs (out may not be)
         if out is None:
             result = flat.T.contiguous()
         else:
             if flat is not rows:
                 out.copy_(flat.T)
             result = out
-        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
-            self.parallel.all_reduce_(result)  # NCCL needs a contiguous tensor
         # Two agreements, in this order: a NaN loss on one rank spreads NaN into every rank's
         # (reduced) product, and the message must name the rank whose loss caused it.
         self._agree(self._nonfinite_loss_error(losses, loss_batches, what="loss"))

@@ -87,12 +87,20 @@ def test_layout(products):
     assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # disjoint, no gap
 
 
-@pytest.mark.parametrize("name", ["hessian_product", "hessian_vector", "gradient", "ggn",
+@pytest.mark.parametrize("name", ["hessian_product", "hessian_vector", "hessian_product_into", "gradient", "ggn",
                                   "fisher_empirical", "diagonal", "xdiag", "parameter_subset"])
 def test_products_equal_single_process(products, name):
     kind, ranks = products
     for r in ranks:
         assert r[name] < PRODUCT_TOLERANCE[kind], (kind, name, r[name])
+
+
+def test_out_rows_reduced_as_contiguous_tensors(products):
+    """A product into a column-major ``out`` (rows of a Lanczos basis) all-reduces only
+    contiguous tensors, as NCCL requires."""
+    kind, ranks = products
+    for r in ranks:
+        assert r["into_reduces_contiguous"], kind
 
 
 def test_loss_and_state_untouched(products):

@@ -127,6 +127,24 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
         p.grad = g
     results["hessian_product"] = relative_error(hessian @ X, local_rows(hessian, reference_h @ full))
     results["hessian_vector"] = relative_error(hessian @ X[:, 0], local_rows(hessian, reference_h @ full[:, 0]))
+    # Into rows of a larger buffer (as Lanczos' basis): a column-major (D, 2) ``out``.
+    # NCCL all-reduces only contiguous tensors (gloo takes any): record what is reduced.
+    buffer = torch.full((4, X.shape[0]), float("nan"), dtype=torch.float64)
+    reduced: list[bool] = []
+    parallel = hessian.parallel
+    original_reduce = parallel.all_reduce_
+
+    def reduce_spy(tensor: torch.Tensor) -> torch.Tensor:
+        reduced.append(tensor.is_contiguous())
+        return original_reduce(tensor)
+
+    parallel.all_reduce_ = reduce_spy
+    try:
+        into = hessian.matmat_torch(X, out=buffer[1:3].T)
+    finally:
+        del parallel.all_reduce_
+    results["into_reduces_contiguous"] = all(reduced)
+    results["hessian_product_into"] = relative_error(into, local_rows(hessian, reference_h @ full))
     results["params_restored"] = all(
         torch.equal(a, curvops.operators._parallel.local_tensor(p).detach())
         for a, p in zip(params_before, hessian.params))
