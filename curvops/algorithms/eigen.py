@@ -82,19 +82,20 @@ def _check_tol(tol: float | None, operand: Operand) -> float:
 
 def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:
     """Indices of the ``count`` Ritz values preferred by ``which``, in output order."""
+    # Array methods, not the np.argsort wrapper: this runs after every Lanczos step.
     if which == "LA":
-        order = np.argsort(-theta, kind="stable")
+        order = (-theta).argsort(kind="stable")
     elif which == "SA":
-        order = np.argsort(theta, kind="stable")
+        order = theta.argsort(kind="stable")
     elif which == "LM":
-        order = np.argsort(-np.abs(theta), kind="stable")
+        order = (-np.abs(theta)).argsort(kind="stable")
     else:  # BE: ceil(count/2) from the top, floor(count/2) from the bottom (as ARPACK)
-        ascending = np.argsort(theta, kind="stable")
+        ascending = theta.argsort(kind="stable")
         num_top = (count + 1) // 2
         top = ascending[::-1][:num_top]
         bottom = ascending[: count - num_top]
         chosen = np.concatenate([top, bottom])
-        return chosen[np.argsort(-theta[chosen], kind="stable")]
+        return chosen[(-theta[chosen]).argsort(kind="stable")]
     return order[:count]
 
 
@@ -164,8 +165,8 @@ def _extend_lanczos(
     A reorthogonalization update is skipped when every coefficient it would remove is at most
     ``orthogonality`` times its column's norm (0: never skipped), so the basis is then
     orthonormal to about that level instead of to rounding. With a ``drift`` estimator
-    (single-vector Lanczos) the inner products are only formed for the rows whose estimated
-    drift approaches that level (none, on many steps).
+    (single-vector Lanczos, ``b = 1``; see :func:`_single_step`) the inner products are only
+    formed for the rows whose estimated drift approaches that level (none, on many steps).
 
     Returns ``B`` (the ``(b, b)`` coupling to the next block), the updated ``||A||`` estimate and
     the actual ``stop``.
@@ -175,106 +176,237 @@ def _extend_lanczos(
     if drift is not None:
         drift.begin(start)
     for j in range(start, stop, width):
-        block = slice(j, j + width)
         new = j + width
-        # Work in the units of the stored rows: the product of basis[block] is
-        # ``X = A basis[block] = A v[block] / scales[block]`` (row r), and a true coefficient c
-        # of v_m in ``A v_r`` is removed from X as ``c * scales[m] / scales[r]`` times basis[m].
-        own = scales[block].copy()
-        # (b, D) rows, one block product, written into the next basis rows (by the operator
-        # itself when it takes ``out=``): the residual is formed there, and no copy is made.
-        # Its NaN/Inf check is alpha's: NaN and Inf propagate into every inner product with the
-        # block, and this saves a pass over the product.
-        images = basis[new : new + width]
-        operand.matmat_rows_into(basis[block], images, check_finite=False)
-        # Subtract the couplings already known (block three-term recurrence, or the arrow after a
-        # restart) so that full reorthogonalization only removes rounding-level components.
-        # alpha from the raw product (the current block is orthogonal to the earlier ones up to
-        # rounding, which the full pass below corrects), so that one update removes both.
-        previous = j - width
-        if j == start:  # the arrow: only rows with a coupling (locked rows have none)
-            coupled = np.flatnonzero(np.any(projected[:j, block] != 0.0, axis=1))
-            previous = int(coupled[0]) if coupled.size else j
-        diagonal_block = operand.inner(basis[block].T, images.T) * (own[:, None] * own[None, :])
-        # Array methods, not np.all/np.hstack: their wrappers cost as much as the arithmetic on
-        # these (b, b) arrays, and the host side of a step is its overhead on a GPU.
-        if not np.isfinite(diagonal_block).all():
-            operand.require_finite_product(images)
-            raise FloatingPointError("lanczos: A v overflowed in v^T A v (the product itself is finite)")
-        known = np.concatenate((projected[previous:j, block].T, diagonal_block.T), axis=1)
-        known *= scales[previous:new][None, :] / own[:, None]
-        operand.subtract_combination_(images, known, basis[previous:new])
-        norms_before = operand.column_norms(images.T)  # in stored units: true norms are own * these
-        norms_after = norms_before
-        # Rows [0, reach) get a Gram-Schmidt pass: all of them, or (single-vector Lanczos) only
-        # up to the last row whose estimated drift exceeds the tolerated level (see _Drift).
-        reach = j + width
-        forced = False
         if drift is not None:
-            predicted = drift.predict(j, float(diagonal_block[0, 0]), float(own[0] * norms_before[0]), norm_estimate)
-            reach, forced = drift.reach(j, predicted, orthogonality)
-        for repeat in range(2):
-            if reach == 0:
-                break
-            # coefficients[i, r] = v_i^T (A v_r) / own[r], relative to the norms in stored units.
-            coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
-            if drift is not None and repeat == 0:
-                drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
-            if not (forced and repeat == 0) and (np.abs(coefficients) <= orthogonality * norms_before).all():
-                # Already orthogonal to the basis to ``orthogonality`` (relative): the update
-                # pass over the basis would change the block by less than that. Skipping it
-                # leaves the basis orthogonal to that level, far below what the Ritz values
-                # and residuals need (semi-orthogonality, sqrt(eps), suffices; Simon 1984).
-                break
-            operand.subtract_combination_(images, (coefficients * scales[:reach, None]).T, basis[:reach])
-            if reach > j:
-                diagonal_block += coefficients[block] * own[None, :]
-            if drift is not None:
-                drift.reset(reach)
-            norms_after = operand.column_norms(images.T)
-            # DGKS: a second pass only if the first removed a large part of some column.
-            if (norms_after >= _DGKS_ETA * norms_before).all():
-                break
-            norms_before = norms_after
-        diagonal_block = (diagonal_block + diagonal_block.T) / 2
-        projected[block, block] = diagonal_block
-        norm_estimate = max(norm_estimate, float(np.abs(diagonal_block).sum(0).max()))
-        # Orthonormalize the new block column by column (Gram-Schmidt within the block: the
-        # columns are already orthogonal to the basis). B is upper triangular. A single vector
-        # stays unnormalized (its scale is recorded); in a block (unit scales, see lanczos) each
-        # row is normalized in place before the next one is projected on it.
-        coupling = np.zeros((width, width))
-        for index in range(width):
-            vector = images[index]
-            if index:
-                for _ in range(2):
-                    vector, removed = operand.project_out(basis[new : new + index], vector)
-                    coupling[:index, index] += removed
-            # Without in-block projections the norm is the one just computed.
-            stored_norm = operand.norm(vector) if index else float(norms_after[0])
-            norm = float(own[index]) * stored_norm
-            norm_estimate = max(norm_estimate, norm)
-            if norm <= _BREAKDOWN_FACTOR * operand.eps * norm_estimate:
-                # Invariant subspace: continue in a fresh direction with zero coupling, which
-                # keeps the Lanczos relation exact.
-                _normalize_rows(operand, basis, scales, new + index)
-                basis[new + index] = _random_orthogonal(operand, basis[: new + index], rng)
-                scales[new + index] = 1.0
-            else:
-                coupling[index, index] = norm
-                if width == 1:
-                    scales[new] = 1.0 / stored_norm
-                else:
-                    operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
-                    scales[new + index] = 1.0
-        if drift is not None:
-            drift.advance(predicted, float(coupling[0, 0]), float(own[0] * norms_before[0]))
+            beta, norm_estimate = _single_step(
+                operand, basis, scales, projected, j, start, norm_estimate, rng, orthogonality, drift
+            )
+            coupling = np.array([[beta]])
+        else:
+            coupling, norm_estimate = _block_step(
+                operand, basis, scales, projected, j, start, width, norm_estimate, rng, orthogonality
+            )
         if new < stop:
-            projected[new : new + width, block] = coupling
-            projected[block, new : new + width] = coupling.T
+            projected[new : new + width, j:new] = coupling
+            projected[j:new, new : new + width] = coupling.T
             if is_converged is not None and is_converged(new, coupling, norm_estimate):
                 return coupling, norm_estimate, new
     return coupling, norm_estimate, stop
+
+
+def _first_coupled(projected: np.ndarray, j: int, width: int, start: int) -> int:
+    """First row with a known coupling to the block at ``j``: the previous block, or after a
+    thick restart (``j == start``) the first kept row of the arrow (locked rows have none)."""
+    if j != start:
+        return j - width
+    coupled = np.flatnonzero(np.any(projected[:j, j : j + width] != 0.0, axis=1))
+    return int(coupled[0]) if coupled.size else j
+
+
+def _block_step(
+    operand: Operand,
+    basis: Array,
+    scales: np.ndarray,
+    projected: np.ndarray,
+    j: int,
+    start: int,
+    width: int,
+    norm_estimate: float,
+    rng: Any,
+    orthogonality: float,
+) -> tuple[np.ndarray, float]:
+    """One block Lanczos step (see :func:`_extend_lanczos`): ``basis[j + b : j + 2b]`` <- the
+    next orthonormal block, ``projected[block, block]`` <- its diagonal block. Returns the
+    ``(b, b)`` coupling ``B`` and the updated ``||A||`` estimate."""
+    block = slice(j, j + width)
+    new = j + width
+    # Work in the units of the stored rows: the product of basis[block] is
+    # ``X = A basis[block] = A v[block] / scales[block]`` (row r), and a true coefficient c
+    # of v_m in ``A v_r`` is removed from X as ``c * scales[m] / scales[r]`` times basis[m].
+    own = scales[block].copy()
+    # (b, D) rows, one block product, written into the next basis rows (by the operator
+    # itself when it takes ``out=``): the residual is formed there, and no copy is made.
+    # Its NaN/Inf check is alpha's: NaN and Inf propagate into every inner product with the
+    # block, and this saves a pass over the product.
+    images = basis[new : new + width]
+    operand.matmat_rows_into(basis[block], images, check_finite=False)
+    # Subtract the couplings already known (block three-term recurrence, or the arrow after a
+    # restart) so that full reorthogonalization only removes rounding-level components.
+    # alpha from the raw product (the current block is orthogonal to the earlier ones up to
+    # rounding, which the full pass below corrects), so that one update removes both.
+    previous = _first_coupled(projected, j, width, start)
+    diagonal_block = operand.inner(basis[block].T, images.T) * (own[:, None] * own[None, :])
+    if not np.isfinite(diagonal_block).all():
+        operand.require_finite_product(images)
+        raise FloatingPointError("lanczos: A v overflowed in v^T A v (the product itself is finite)")
+    known = np.concatenate((projected[previous:j, block].T, diagonal_block.T), axis=1)
+    known *= scales[previous:new][None, :] / own[:, None]
+    operand.subtract_combination_(images, known, basis[previous:new])
+    norms_before = operand.column_norms(images.T)  # in stored units: true norms are own * these
+    norms_after = _reorthogonalize(
+        operand, basis, scales, images, j + width, norms_before, orthogonality, block, own, diagonal_block
+    )
+    diagonal_block = (diagonal_block + diagonal_block.T) / 2
+    projected[block, block] = diagonal_block
+    norm_estimate = max(norm_estimate, float(np.abs(diagonal_block).sum(0).max()))
+    # Orthonormalize the new block column by column (Gram-Schmidt within the block: the
+    # columns are already orthogonal to the basis). B is upper triangular; each row is
+    # normalized in place before the next one is projected on it (block rows have unit scales).
+    coupling = np.zeros((width, width))
+    for index in range(width):
+        vector = images[index]
+        if index:
+            for _ in range(2):
+                vector, removed = operand.project_out(basis[new : new + index], vector)
+                coupling[:index, index] += removed
+        # Without in-block projections the norm is the one just computed.
+        stored_norm = operand.norm(vector) if index else float(norms_after[0])
+        norm = float(own[index]) * stored_norm
+        norm_estimate = max(norm_estimate, norm)
+        if _broke_down(operand, basis, scales, new + index, norm, norm_estimate, rng):
+            continue
+        coupling[index, index] = norm
+        if width == 1:
+            scales[new] = 1.0 / stored_norm
+        else:
+            operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
+            scales[new + index] = 1.0
+    return coupling, norm_estimate
+
+
+def _single_step(
+    operand: Operand,
+    basis: Array,
+    scales: np.ndarray,
+    projected: np.ndarray,
+    j: int,
+    start: int,
+    norm_estimate: float,
+    rng: Any,
+    orthogonality: float,
+    drift: "_Drift",
+) -> tuple[float, float]:
+    """One single-vector Lanczos step (``b = 1``, see :func:`_extend_lanczos`) in host scalars.
+
+    ``basis[j + 1]`` <- the new residual, unnormalized (its scale recorded), and
+    ``projected[j, j]`` <- alpha. The inner products of the raw product ``w`` with the previous
+    vector, the current one and itself come from one pass and one device-to-host read; the
+    residual's norm then follows from the three-term recurrence,
+    ``||w - alpha v - beta u||^2 = ||w||^2 - alpha^2 - 2 beta u^T w + beta^2`` (true units),
+    whenever its rounding error (``~ sqrt(D) eps max(||w||^2, ||A||^2)``) is below 1% of the
+    kept orthogonality level relative to the result, and is measured otherwise. On a GPU the
+    host side of a step is its overhead: this saves a kernel and a synchronizing read per step
+    (and a pass over the vector on a CPU). Returns ``(beta_next, norm_estimate)``.
+    """
+    new = j + 1
+    own = float(scales[j])
+    image = basis[new]
+    operand.matmat_rows_into(basis[j:new], basis[new : new + 1], check_finite=False)
+    previous = _first_coupled(projected, j, 1, start)
+    # [u^T w,] v^T w, w^T w: stored units. Their NaN/Inf check is the product's (NaN and Inf
+    # propagate into every inner product with it, and the product is still untouched here).
+    first = j - 1 if previous == j - 1 else j
+    moments = operand.inner(basis[first : new + 1].T, image)
+    if not np.isfinite(moments).all():
+        operand.require_finite_product(image)
+        raise FloatingPointError("lanczos: A v overflowed in v^T A v or ||A v||^2 (the product itself is finite)")
+    alpha = own * own * float(moments[-2])
+    # Known couplings of rows [previous, j], in stored units (see _block_step).
+    known = np.empty(new - previous)
+    known[:-1] = projected[previous:j, j] * scales[previous:j] / own
+    known[-1] = alpha
+    operand.subtract_combination_(basis[new : new + 1], known[None, :], basis[previous:new])
+    # True units: ||A v - alpha v - beta u||^2 = ||A v||^2 - alpha^2 + beta^2 - 2 beta u^T A v.
+    product_squared = own * own * float(moments[-1])
+    squared = product_squared - alpha * alpha
+    if previous == j - 1:
+        beta = float(projected[j - 1, j])
+        squared += beta * beta - 2.0 * beta * own * float(scales[j - 1]) * float(moments[0])
+    rounding = 4.0 * math.sqrt(operand.dim) * operand.eps * max(product_squared, norm_estimate**2)
+    if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding:
+        norm_before = math.sqrt(squared) / own  # stored units
+    else:  # the arrow after a restart, or cancellation too deep for the level kept
+        norm_before = operand.norm(image)
+    # Rows [0, reach) get a Gram-Schmidt pass: only up to the last row whose estimated drift
+    # exceeds the tolerated level (see _Drift); often none.
+    predicted = drift.predict(j, alpha, own * norm_before, norm_estimate)
+    reach, forced = drift.reach(j, predicted, orthogonality)
+    diagonal = np.array([[alpha]])
+    norm_after = float(_reorthogonalize(
+        operand, basis, scales, basis[new : new + 1], reach, np.array([norm_before]), orthogonality,
+        slice(j, new), np.array([own]), diagonal, drift, predicted, forced,
+    )[0])
+    alpha = float(diagonal[0, 0])
+    projected[j, j] = alpha
+    norm = own * norm_after
+    norm_estimate = max(norm_estimate, abs(alpha), norm)
+    if _broke_down(operand, basis, scales, new, norm, norm_estimate, rng):
+        norm = 0.0
+    else:
+        scales[new] = 1.0 / norm_after
+    drift.advance(predicted, norm, own * norm_before)
+    return norm, norm_estimate
+
+
+def _reorthogonalize(
+    operand: Operand,
+    basis: Array,
+    scales: np.ndarray,
+    images: Array,
+    reach: int,
+    norms_before: np.ndarray,
+    orthogonality: float,
+    block: slice,
+    own: np.ndarray,
+    diagonal_block: np.ndarray,
+    drift: "_Drift | None" = None,
+    predicted: np.ndarray | None = None,
+    forced: bool = False,
+) -> np.ndarray:
+    """Classical Gram-Schmidt of the new rows ``images`` against ``basis[:reach]``, a second
+    pass only if the first removed a large part of some row (DGKS). The part removed along
+    the current block (when ``reach`` covers it) is added to ``diagonal_block`` in place.
+    With a ``drift`` estimator the first pass's inner products replace its estimates, and a
+    ``forced`` update is applied whatever they say. Returns the rows' norms after (stored units).
+    """
+    norms_after = norms_before
+    for repeat in range(2):
+        if reach == 0:
+            break
+        # coefficients[i, r] = v_i^T (A v_r) / own[r], relative to the norms in stored units.
+        coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
+        if drift is not None and repeat == 0:
+            drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
+        if not (forced and repeat == 0) and (np.abs(coefficients) <= orthogonality * norms_before).all():
+            # Already orthogonal to the basis to ``orthogonality`` (relative): the update
+            # pass over the basis would change the block by less than that. Skipping it
+            # leaves the basis orthogonal to that level, far below what the Ritz values
+            # and residuals need (semi-orthogonality, sqrt(eps), suffices; Simon 1984).
+            break
+        operand.subtract_combination_(images, (coefficients * scales[:reach, None]).T, basis[:reach])
+        if reach > block.start:
+            diagonal_block += coefficients[block] * own[None, :]
+        if drift is not None:
+            drift.reset(reach)
+        norms_after = operand.column_norms(images.T)
+        if (norms_after >= _DGKS_ETA * norms_before).all():
+            break
+        norms_before = norms_after
+    return norms_after
+
+
+def _broke_down(
+    operand: Operand, basis: Array, scales: np.ndarray, row: int, norm: float, norm_estimate: float, rng: Any
+) -> bool:
+    """If the new row's true ``norm`` is at rounding level (an invariant subspace), replace it by
+    a fresh random unit direction orthogonal to the basis (with zero coupling, which keeps the
+    Lanczos relation exact) and return True."""
+    if norm > _BREAKDOWN_FACTOR * operand.eps * norm_estimate:
+        return False
+    _normalize_rows(operand, basis, scales, row)
+    basis[row] = _random_orthogonal(operand, basis[:row], rng)
+    scales[row] = 1.0
+    return True
 
 
 def _normalize_rows(operand: Operand, basis: Array, scales: np.ndarray, stop: int) -> None:
@@ -347,12 +479,18 @@ class _Drift:
         image -= alpha * self.current[:j]
         beta = self.projected[j, j - 1]
         image -= beta * self.previous[:j]
-        noise = np.full(j, self.NOISE * self.eps * norm)
-        self._local = noise[0] / beta_next if j else self.eps
+        # Ufuncs and array methods only: numpy's Python-level helpers (np.full, np.where) cost
+        # several times the arithmetic on these short rows, and a step's host time is its
+        # overhead on a GPU.
+        noise = self.NOISE * self.eps * norm
+        self._local = noise / beta_next
+        image += np.copysign(noise, image)
         # A locked row is an eigenvector only up to its residual r_i: v_j^T r_i adds |r_i|.
         count = min(j, self.locked_residuals.size)
-        noise[:count] += self.locked_residuals[:count]
-        return (image + np.where(image >= 0, noise, -noise)) / beta_next
+        if count:
+            image[:count] += np.copysign(self.locked_residuals[:count], image[:count])
+        image /= beta_next
+        return image
 
     def reach(self, j: int, predicted: np.ndarray, level: float) -> tuple[int, bool]:
         """Rows ``[0, reach)`` to measure, and whether they must be updated whatever the
@@ -373,13 +511,18 @@ class _Drift:
 
     def _measured_reach(self, j: int, predicted: np.ndarray, level: float) -> int:
         self.since_full += 1
-        if j == self.start or self.since_full >= self.FULL_EVERY or not np.isfinite(predicted).all():
+        if j == self.start or self.since_full >= self.FULL_EVERY:
             self.since_full = 0
             return j + 1
-        hot = np.flatnonzero(np.abs(predicted) > self.MARGIN * level)
-        if hot.size == 0:
+        magnitude = np.abs(predicted)
+        largest = magnitude.max()
+        if not largest < np.inf:  # Inf or NaN
+            self.since_full = 0
+            return j + 1
+        if largest <= self.MARGIN * level:
             return 0
-        reach = int(hot[-1]) + 1
+        # One past the last row above the level.
+        reach = j - int((magnitude[::-1] > self.MARGIN * level).argmax())
         if reach >= j:
             self.since_full = 0
             return j + 1
@@ -405,7 +548,9 @@ class _Drift:
         j = predicted.size
         row = np.empty(j + 2)
         if beta_next > 0 and beta_before > 0:
-            row[:j] = np.where(np.isfinite(predicted), predicted, 0.0) * (beta_before / beta_next)
+            # Finite: a non-finite estimate (a cycle's first step) forces a full measurement,
+            # which replaces every entry; were one left, the next step would measure all rows.
+            np.multiply(predicted, beta_before / beta_next, out=row[:j])
             row[:reach] = self.eps
             row[j] = self.eps if reach > j else self._local
         else:  # breakdown: a fresh random direction, orthogonalized twice against every row
@@ -556,12 +701,17 @@ def lanczos(
     def active_ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values and residual estimates of rows ``[0, stop)`` (locked rows first), and the
         eigenvectors of the active block ``[locked, stop)``: all the per-step check needs."""
-        theta, active = np.linalg.eigh(projected[locked:stop, locked:stop])
+        values, active = np.linalg.eigh(projected[locked:stop, locked:stop])
         last = coupling @ active[-width:]
-        residuals = np.abs(last[0]) if width == 1 else np.sqrt(np.square(last).sum(0))
-        if locked:
-            theta = np.concatenate([np.diag(projected)[:locked], theta])
-            residuals = np.concatenate([locked_residuals, residuals])
+        # Filled in place: np.concatenate/np.diag wrappers cost more than the copies.
+        theta, residuals = np.empty(stop), np.empty(stop)
+        theta[:locked] = projected.diagonal()[:locked]
+        theta[locked:] = values
+        residuals[:locked] = locked_residuals
+        if width == 1:
+            np.abs(last[0], out=residuals[locked:])
+        else:
+            residuals[locked:] = np.sqrt(np.square(last).sum(0))
         return theta, active, residuals
 
     def ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -582,7 +732,7 @@ def lanczos(
         # No (m, m) assembly of the vectors: on a GPU the host side of a step is its overhead.
         theta, _, residuals = active_ritz(stop, coupling)
         threshold = active_threshold(tol * max(norm_bound, float(np.abs(theta).max())))
-        return bool(np.all(residuals[_select(theta, which, min(k, stop))] <= threshold)) and stop >= k
+        return bool((residuals[_select(theta, which, min(k, stop))] <= threshold).all()) and stop >= k
 
     while True:
         # At least one block fits: start <= basis_size - width after a restart, and the loop

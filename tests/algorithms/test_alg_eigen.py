@@ -284,23 +284,35 @@ def test_lanczos_on_cuda_writes_products_into_its_basis(block_size):
 
 def test_drift_estimate_skips_passes_without_losing_orthogonality(make_spectrum_matrix, monkeypatch):
     """Single-vector Lanczos measures only the rows whose estimated drift nears the level: many
-    steps form no inner products with the stored basis at all. On a semicircle spectrum (top
-    eigenvalues packed at the edge, many restarts) the pairs still match eigh and stay orthonormal."""
-    from curvops.algorithms import _operand
+    steps form no inner products with the stored basis beyond the three-term recurrence's. On a
+    semicircle spectrum (top eigenvalues packed at the edge, many restarts) the pairs still
+    match eigh and stay orthonormal."""
+    import curvops.algorithms.eigen as eigen
 
     rng = np.random.default_rng(13)
     gaussian = rng.standard_normal((DIM, DIM))
     values = np.linalg.eigvalsh((gaussian + gaussian.T) / np.sqrt(2 * DIM))
     matrix, _ = make_spectrum_matrix(values, seed=13)
     passes = []
-    original = _operand.Operand.inner
+    original = eigen.Operand.inner
 
     def counting(self, left, right):
-        if left.ndim == 2 and left.shape[1] > 1:  # rows of the stored basis, not alpha's dot
+        if left.ndim == 2 and left.shape[1] > 1:  # rows of the stored basis, not a norm's dot
             passes.append(left.shape[1])
         return original(self, left, right)
 
-    monkeypatch.setattr(_operand.Operand, "inner", counting)
+    monkeypatch.setattr(eigen.Operand, "inner", counting)
+    # Only the Gram-Schmidt passes: the recurrence's inner products (u, v and w against the
+    # product w, one call per step) are not a pass over the stored basis.
+    recurrence = eigen._single_step
+
+    def step(*args):
+        before = len(passes)
+        result = recurrence(*args)
+        del passes[before]
+        return result
+
+    monkeypatch.setattr(eigen, "_single_step", step)
     result = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=0, max_basis_size=12)
     steps = result.num_matvecs - 5
     assert result.num_restarts >= 5
@@ -381,3 +393,58 @@ def test_updates_come_in_consecutive_pairs_and_keep_the_level(tol, make_spectrum
     vectors = result.eigenvectors.numpy()
     assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), tol / 100)
     check_eigenpairs(matrix, result, tol, "LA", 5)
+
+
+def _spy_single_steps(monkeypatch):
+    """Wrap single-vector Lanczos steps: per step, whether it measured the new vector's norm
+    explicitly (Operand.norm) and that vector's true norm afterwards (should be 1)."""
+    import curvops.algorithms.eigen as eigen
+
+    records = []
+    explicit = [0]
+    original_norm, original_step = eigen.Operand.norm, eigen._single_step
+
+    def norm(self, vector):
+        explicit[0] += 1
+        return original_norm(self, vector)
+
+    def step(operand, basis, scales, projected, j, *rest):
+        before = explicit[0]
+        result = original_step(operand, basis, scales, projected, j, *rest)
+        new = np.asarray(basis[j + 1], dtype=np.float64)
+        records.append((explicit[0] > before, float(np.linalg.norm(new) * scales[j + 1])))
+        return result
+
+    monkeypatch.setattr(eigen.Operand, "norm", norm)
+    monkeypatch.setattr(eigen, "_single_step", step)
+    return records
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_recurrence_norm_is_exact_where_used(backend, make_spectrum_matrix, monkeypatch):
+    """Where its rounding allows (tol = 1e-6: orthogonality level 1e-8), a step's residual norm
+    comes from the three-term recurrence instead of a pass over the vector: on most steps here,
+    and every new Lanczos vector still has unit norm to far below the level (the recurrence's
+    error bound is 1% of it). The pairs match eigh to the tolerance."""
+    rng = np.random.default_rng(21)
+    values = np.r_[10.0, 8.0, 6.0, 4.0, 3.0, rng.uniform(-1.0, 2.0, DIM - 5)]
+    matrix, _ = make_spectrum_matrix(values, seed=21)
+    records = _spy_single_steps(monkeypatch)
+    operator = torch.tensor(matrix) if backend == "torch" else matrix
+    result = lanczos(operator, k=5, tol=1e-6, seed=0, max_basis_size=12)
+    from_recurrence = [unit for measured, unit in records if not measured]
+    assert len(from_recurrence) > 0.5 * len(records)
+    np.testing.assert_allclose(from_recurrence, 1.0, rtol=0, atol=0.01 * 1e-8)
+    check_eigenpairs(matrix, result, 1e-6, "LA", 5)
+
+
+def test_recurrence_norm_not_used_when_rounding_dominates(make_spectrum_matrix, monkeypatch):
+    """At tol = 1e-10 (orthogonality level 1e-12) the recurrence's rounding would exceed the
+    level: every step measures the norm, and the vectors are unit to rounding."""
+    values = np.r_[10.0, 8.0, 6.0, np.linspace(-1.0, 2.0, DIM - 3)]
+    matrix, _ = make_spectrum_matrix(values, seed=22)
+    records = _spy_single_steps(monkeypatch)
+    result = lanczos(torch.tensor(matrix), k=3, tol=1e-10, seed=0)
+    assert records and all(measured for measured, _ in records)
+    np.testing.assert_allclose([unit for _, unit in records], 1.0, rtol=0, atol=100 * EPS)
+    check_eigenpairs(matrix, result, 1e-10, "LA", 3)

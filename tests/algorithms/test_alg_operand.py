@@ -42,7 +42,8 @@ def recorded(tensor: torch.Tensor) -> torch.Tensor:
 
 # (left shape, right shape): D as the output rows, the reduction, the output columns; vectors.
 SHAPES = [((200, 3), (3, 2)), ((3, 200), (200, 2)), ((3, 5), (5, 200)),
-          ((200, 3), (3,)), ((200,), (200, 3)), ((4, 200), (200,)), ((2, 3), (3, 4))]
+          ((200, 3), (3,)), ((200,), (200, 3)), ((4, 200), (200,)), ((2, 3), (3, 4)),
+          ((1, 200), (200, 1))]
 
 
 @pytest.mark.parametrize("left_shape, right_shape", SHAPES)
@@ -60,6 +61,46 @@ def test_wide_matmul_equals_matmul(small_thresholds, left_shape, right_shape):
         assert RecordingTensor.sizes and max(RecordingTensor.sizes) <= CHUNK
     else:
         assert RecordingTensor.sizes == [max(left.numel(), right.numel())]
+
+
+def test_row_times_column_is_a_dot_product():
+    """A (1, D) row times a (D, 1) column (single-vector Lanczos' alpha) is one dot product
+    with the matrix product's value and (1, 1) shape."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 200, generator=generator, dtype=torch.float64)
+    left, right = rows[1:2], rows[2:3].T  # a row view and a strided column view
+    result = _operand.wide_matmul(left, right)
+    assert result.shape == (1, 1)
+    torch.testing.assert_close(result, left @ right, rtol=4 * 200 * torch.finfo(torch.float64).eps, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3,), (2, 2)])
+def test_to_host_keeps_shape_and_value(shape):
+    """Small reductions come back as float64 numpy arrays of their own shape (scalars through
+    item(), larger arrays through a host tensor)."""
+    operand = _operand.TorchOperand(4, torch.float32, torch.device("cpu"), lambda block: block)
+    array = torch.arange(1, 1 + int(np.prod(shape)), dtype=torch.float32).reshape(shape) / 3
+    host = operand.to_host(array)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float64 and host.shape == shape
+    np.testing.assert_array_equal(host, array.double().numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("columns", [1, 2, 3])
+def test_subtract_combination_on_cuda_equals_cpu(columns):
+    """On an accelerator the three-term update of one row (1-2 coefficients) runs as scalar
+    kernels instead of an addmm with copied coefficients; the result is the same."""
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(columns, 500, generator=generator, dtype=torch.float64)
+    target = torch.randn(1, 500, generator=generator, dtype=torch.float64)
+    coefficients = np.random.default_rng(2).standard_normal((1, columns))
+    results = []
+    for device in ("cpu", "cuda"):
+        operand = _operand.TorchOperand(500, torch.float64, torch.device(device), lambda block: block)
+        moved = target.to(device, copy=True)
+        operand.subtract_combination_(moved, coefficients, rows.to(device))
+        results.append(moved.cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=10 * columns * torch.finfo(torch.float64).eps * 5)
 
 
 def test_wide_matmul_of_transposed_view(small_thresholds):
