@@ -216,8 +216,8 @@ def _block_step(
     orthogonality: float,
 ) -> tuple[np.ndarray, float]:
     """One block Lanczos step (see :func:`_extend_lanczos`): ``basis[j + b : j + 2b]`` <- the
-    next orthonormal block, ``projected[block, block]`` <- its diagonal block. Returns the
-    ``(b, b)`` coupling ``B`` and the updated ``||A||`` estimate."""
+    next block, orthonormal with unit scales, ``projected[block, block]`` <- its diagonal block.
+    Returns the ``(b, b)`` coupling ``B`` and the updated ``||A||`` estimate."""
     block = slice(j, j + width)
     new = j + width
     # Work in the units of the stored rows: the product of basis[block] is
@@ -266,11 +266,8 @@ def _block_step(
         if _broke_down(operand, basis, scales, new + index, norm, norm_estimate, rng):
             continue
         coupling[index, index] = norm
-        if width == 1:
-            scales[new] = 1.0 / stored_norm
-        else:
-            operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
-            scales[new + index] = 1.0
+        operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
+        scales[new + index] = 1.0
     return coupling, norm_estimate
 
 
