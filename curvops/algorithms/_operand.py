@@ -413,7 +413,13 @@ class TorchOperand(Operand):
         if not self.takes_out:
             return super().matmat_rows_into(rows, out, check_finite)
         columns = out.T
-        result = self._counted(self._block_fn(rows.T.contiguous(), out=columns), tuple(columns.shape), check_finite)
+        result = self._block_fn(rows.T.contiguous(), out=columns)
+        if result is columns and not check_finite:
+            # Written into our own buffer: its shape, dtype and device are ours, so there is
+            # nothing to coerce or check (a Lanczos step's host time is its overhead on a GPU).
+            self.num_matvecs += columns.shape[1]
+            return
+        result = self._counted(result, tuple(columns.shape), check_finite)
         if result.data_ptr() != columns.data_ptr() or result.stride() != columns.stride():
             columns.copy_(result)  # an operator that returned its product elsewhere
 
@@ -480,14 +486,15 @@ class TorchOperand(Operand):
     def subtract_combination_(
         self, target: torch.Tensor, coefficients: np.ndarray, rows: torch.Tensor
     ) -> None:
-        if _is_wide(rows):
-            target -= wide_matmul(self.from_host(coefficients), rows)
-        elif target.shape[0] == 1 and coefficients.shape[1] <= 2 and self.device.type != "cpu":
+        if target.shape[0] == 1 and coefficients.shape[1] <= 2 and self.device.type != "cpu":
             # The three-term recurrence of every Lanczos step: on an accelerator, one kernel per
             # row with the coefficient as its scalar argument, instead of a host-to-device copy
             # of the coefficients before the addmm (on a CPU the one fused pass is cheaper).
-            for index in range(coefficients.shape[1]):
-                target[0].add_(rows[index], alpha=-float(coefficients[0, index]))
+            # Elementwise kernels index in 64 bits: no size limit applies.
+            for index, value in enumerate(coefficients[0].tolist()):
+                target[0].add_(rows[index], alpha=-value)
+        elif _is_wide(rows):
+            target -= wide_matmul(self.from_host(coefficients), rows)
         else:
             # One fused pass into the target: no (b, D) temporary, whose fresh pages cost
             # about as much as the product itself on a CPU (this runs three times per step).
@@ -548,18 +555,20 @@ def wide_matmul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     columns) is cut into pieces whose operands each have at most ``CHUNK_ELEMENTS``
     entries; each piece is made contiguous, so no BLAS call sees a large leading dimension.
     """
-    if left.ndim == 2 and right.ndim == 2 and left.shape[0] == 1 and right.shape[1] == 1 \
-            and left.numel() < WIDE_ELEMENTS:
-        # A (1, D) row times a (D, 1) column (an inner product of single columns): as a
-        # matrix product it costs 10-12 us of host time, as a dot product 3 (D = 2000, CPU).
-        return torch.dot(left[0], right[:, 0]).reshape(1, 1)
+    # Shapes as (m, n) @ (n, k), read without making views: Lanczos calls this a few times per
+    # step, and on a GPU a step's host time is its overhead.
     squeeze_left, squeeze_right = left.ndim == 1, right.ndim == 1
+    m = 1 if squeeze_left else left.shape[0]
+    n = right.shape[0]
+    k = 1 if squeeze_right else right.shape[1]
+    if m * n < WIDE_ELEMENTS and n * k < WIDE_ELEMENTS and m * k < WIDE_ELEMENTS:
+        if m == 1 and k == 1 and not (squeeze_left or squeeze_right):
+            # A (1, D) row times a (D, 1) column (an inner product of single columns): as a
+            # matrix product it costs 10-12 us of host time, as a dot product 3 (D = 2000, CPU).
+            return torch.dot(left[0], right[:, 0]).reshape(1, 1)
+        return left @ right
     a = left[None, :] if squeeze_left else left
     b = right[:, None] if squeeze_right else right
-    m, n = a.shape
-    k = b.shape[1]
-    if m * n < WIDE_ELEMENTS and n * k < WIDE_ELEMENTS and m * k < WIDE_ELEMENTS:
-        return left @ right
     longest = max(m, n, k)
     if longest == n:  # reduction over D: sum the pieces' partial products
         step = max(1, CHUNK_ELEMENTS // max(m, k))

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
+import scipy.linalg
 
 from curvops.algorithms._operand import Array, Operand, as_operand, check_int, check_seed
 
@@ -187,8 +188,11 @@ def _extend_lanczos(
                 operand, basis, scales, projected, j, start, width, norm_estimate, rng, orthogonality
             )
         if new < stop:
-            projected[new : new + width, j:new] = coupling
-            projected[j:new, new : new + width] = coupling.T
+            if drift is not None:
+                projected[new, j] = projected[j, new] = beta  # scalars: no slice assignments
+            else:
+                projected[new : new + width, j:new] = coupling
+                projected[j:new, new : new + width] = coupling.T
             if is_converged is not None and is_converged(new, coupling, norm_estimate):
                 return coupling, norm_estimate, new
     return coupling, norm_estimate, stop
@@ -297,29 +301,35 @@ def _single_step(
     """
     new = j + 1
     own = float(scales[j])
-    image = basis[new]
-    operand.matmat_rows_into(basis[j:new], basis[new : new + 1], check_finite=False)
-    previous = _first_coupled(projected, j, 1, start)
+    rows = basis[new : new + 1]
+    operand.matmat_rows_into(basis[j:new], rows, check_finite=False)
+    image = rows[0]
+    # Python floats, not numpy scalars, from here on: each numpy call costs microseconds of host
+    # time, several times the arithmetic on one number.
+    previous = j - 1 if j != start else _first_coupled(projected, j, 1, start)
+    recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
     # [u^T w,] v^T w, w^T w: stored units. Their NaN/Inf check is the product's (NaN and Inf
     # propagate into every inner product with it, and the product is still untouched here).
-    first = j - 1 if previous == j - 1 else j
-    moments = operand.inner(basis[first : new + 1].T, image)
-    if not np.isfinite(moments).all():
+    moments = operand.inner(basis[j - 1 if recurrence else j : new + 1].T, image).tolist()
+    if not all(map(math.isfinite, moments)):
         operand.require_finite_product(image)
         raise FloatingPointError("lanczos: A v overflowed in v^T A v or ||A v||^2 (the product itself is finite)")
-    alpha = own * own * float(moments[-2])
-    # Known couplings of rows [previous, j], in stored units (see _block_step).
-    known = np.empty(new - previous)
-    known[:-1] = projected[previous:j, j] * scales[previous:j] / own
-    known[-1] = alpha
-    operand.subtract_combination_(basis[new : new + 1], known[None, :], basis[previous:new])
+    alpha = own * own * moments[-2]
+    product_squared = own * own * moments[-1]
     # True units: ||A v - alpha v - beta u||^2 = ||A v||^2 - alpha^2 + beta^2 - 2 beta u^T A v.
-    product_squared = own * own * float(moments[-1])
     squared = product_squared - alpha * alpha
-    if previous == j - 1:
+    # Known couplings of rows [previous, j], in stored units (see _block_step).
+    if recurrence:
         beta = float(projected[j - 1, j])
-        squared += beta * beta - 2.0 * beta * own * float(scales[j - 1]) * float(moments[0])
-    rounding = 4.0 * math.sqrt(operand.dim) * operand.eps * max(product_squared, norm_estimate**2)
+        scale = float(scales[j - 1])
+        known = np.array([[beta * scale / own, alpha]])
+        squared += beta * beta - 2.0 * beta * own * scale * moments[0]
+    else:
+        known = np.empty((1, new - previous))
+        known[0, :-1] = projected[previous:j, j] * scales[previous:j] / own
+        known[0, -1] = alpha
+    operand.subtract_combination_(rows, known, basis[previous:new])
+    rounding = 4.0 * math.sqrt(operand.dim) * operand.eps * max(product_squared, norm_estimate * norm_estimate)
     if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding:
         norm_before = math.sqrt(squared) / own  # stored units
     else:  # the arrow after a restart, or cancellation too deep for the level kept
@@ -328,12 +338,14 @@ def _single_step(
     # exceeds the tolerated level (see _Drift); often none.
     predicted = drift.predict(j, alpha, own * norm_before, norm_estimate)
     reach, forced = drift.reach(j, predicted, orthogonality)
-    diagonal = np.array([[alpha]])
-    norm_after = float(_reorthogonalize(
-        operand, basis, scales, basis[new : new + 1], reach, np.array([norm_before]), orthogonality,
-        slice(j, new), np.array([own]), diagonal, drift, predicted, forced,
-    )[0])
-    alpha = float(diagonal[0, 0])
+    norm_after = norm_before
+    if reach:
+        diagonal = np.array([[alpha]])
+        norm_after = float(_reorthogonalize(
+            operand, basis, scales, rows, reach, np.array([norm_before]), orthogonality,
+            slice(j, new), np.array([own]), diagonal, drift, predicted, forced,
+        )[0])
+        alpha = float(diagonal[0, 0])
     projected[j, j] = alpha
     norm = own * norm_after
     norm_estimate = max(norm_estimate, abs(alpha), norm)
@@ -385,11 +397,37 @@ def _reorthogonalize(
             diagonal_block += coefficients[block] * own[None, :]
         if drift is not None:
             drift.reset(reach)
-        norms_after = operand.column_norms(images.T)
+        norms_after = _norms_after_update(operand, coefficients, norms_before, reach, orthogonality)
+        if norms_after is None:
+            norms_after = operand.column_norms(images.T)
         if (norms_after >= _DGKS_ETA * norms_before).all():
             break
         norms_before = norms_after
     return norms_after
+
+
+def _norms_after_update(
+    operand: Operand, coefficients: np.ndarray, norms_before: np.ndarray, reach: int, orthogonality: float
+) -> np.ndarray | None:
+    """Norms of the rows after removing ``coefficients`` (their components along ``reach``
+    basis vectors), ``sqrt(||x||^2 - ||c||^2)``, or None where that is not accurate enough.
+
+    Exact for an orthonormal basis; the basis' departure from it (``orthogonality``) adds at
+    most ``reach * orthogonality * ||c||^2``, and the update's rounding about
+    ``4 sqrt(D) eps (||x||^2 + ||c||_1 ||x||)``. The formula is used when their sum is below 1%
+    of ``orthogonality`` relative to the result (the accuracy the recurrence norm is held to)
+    and at most half the norm was removed (no DGKS re-pass): that saves a pass over the rows
+    and a device-to-host read.
+    """
+    before_squared = np.square(norms_before)
+    removed = np.square(coefficients).sum(0)
+    after_squared = before_squared - removed
+    bound = reach * orthogonality * removed + 4.0 * math.sqrt(operand.dim) * operand.eps * (
+        before_squared + np.abs(coefficients).sum(0) * norms_before
+    )
+    if (removed <= 0.5 * before_squared).all() and (bound <= 0.01 * orthogonality * after_squared).all():
+        return np.sqrt(after_squared)
+    return None
 
 
 def _broke_down(
@@ -497,14 +535,20 @@ class _Drift:
         ``MARGIN * level`` (0: none). Updated in any case: the rows the previous step updated
         (Simon's partial reorthogonalization removes them from two consecutive vectors, so that
         the drift regrows from rounding; after one update alone the previous vector's drift,
-        about the level, re-enters the next one through the recurrence within a step).
+        about the level, re-enters the next one through the recurrence within a step), and at
+        the first step of a cycle, whose arrow makes it measure every row anyway. That pair
+        resets the drift to rounding, from where it regrows by about 10x per step on the
+        benchmark's Hessian, so the rest of a cycle usually passes without a measurement
+        (otherwise a cycle made 1-3 more passes over part of the basis there: partial
+        measurements, then a pair of updates; on a GPU a pass costs as much host time as a quiet
+        step).
         """
         follow, self._follow = self._follow, 0
         self._forced = follow > 0
         reach = self._measured_reach(j, predicted, level)
         if self._forced:
             reach = max(reach, min(follow, j + 1))
-        return reach, self._forced
+        return reach, self._forced or j == self.start
 
     def _measured_reach(self, j: int, predicted: np.ndarray, level: float) -> int:
         self.since_full += 1
@@ -570,6 +614,38 @@ def _num_kept(k: int, basis_size: int, num_converged: int) -> int:
     return min(k + min(num_converged, free // 2), basis_size - 1)
 
 
+def _tridiagonal_head(projected: np.ndarray, first: int, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tridiagonal form of the kept block ``[first, start)`` of a thick-restart arrow.
+
+    After a restart ``projected`` holds ``diag(theta)`` on the kept rows and their couplings
+    ``sigma`` to row ``start``. An orthogonal ``G`` (Householder, ``p = start - first`` rows)
+    with ``G^T diag(theta) G`` tridiagonal and ``G^T sigma = c e_p`` makes the whole active
+    matrix tridiagonal: rows from ``start`` on are untouched, so Ritz values and the last
+    components of Ritz vectors (the residual estimates) are those of the original matrix.
+    Returns ``G`` ``(p, p)``, the diagonal ``(p,)`` and the off-diagonal ``(p,)``, whose last
+    entry is ``c``, the coupling of the block to row ``start``.
+    """
+    p = start - first
+    if p == 0:  # every kept row locked
+        return np.zeros((0, 0)), np.zeros(0), np.zeros(0)
+    arrow = np.zeros((p + 1, p + 1))
+    arrow[1:, 0] = arrow[0, 1:] = projected[start, first:start]
+    arrow[np.arange(1, p + 1), np.arange(1, p + 1)] = projected.diagonal()[first:start]
+    # Householder reflections on rows 1..p only (Q e_1 = e_1): the coupling column becomes c e_1.
+    # LAPACK directly: scipy.linalg.hessenberg's checks and workspace query cost 3x the
+    # factorization (13 vs 39 us, p = 15), once per restart.
+    reduced, reflectors, info = scipy.linalg.lapack.dgehrd(arrow, lwork=32 * (p + 1))
+    if info == 0:
+        rotation, info = scipy.linalg.lapack.dorghr(reduced, reflectors, lwork=32 * (p + 1))
+    if info != 0:
+        raise np.linalg.LinAlgError(f"lanczos: the Householder reduction of the restart block failed (info={info})")
+    diagonal = reduced.diagonal()[1:][::-1].copy()
+    off = np.empty(p)
+    off[:-1] = reduced.diagonal(-1)[1:][::-1]
+    off[-1] = reduced[1, 0]
+    return rotation[1:, 1:][:, ::-1].copy(), diagonal, off
+
+
 def lanczos(
     A: Any,
     k: int = 6,
@@ -592,8 +668,10 @@ def lanczos(
     to rounding (Simon 1984); the returned eigenvectors are orthonormal to about that level.
     For ``block_size = 1`` the drift of each new vector from every stored one is estimated by
     Simon's recurrence (generalised to thick restarts) and only the rows near that level are
-    measured and removed, from two consecutive vectors (partial reorthogonalization), so most
-    steps read none of the stored basis. Thick restarts
+    measured and removed, from two consecutive vectors (partial reorthogonalization; also the
+    first two of each cycle after a restart, which resets the drift), so most steps read none
+    of the stored basis. The per-step convergence check solves the tridiagonal projected
+    problem (the kept block of a restart is reduced to tridiagonal form once). Thick restarts
     (Wu and Simon 2000): the basis never holds more than ``max_basis_size + block_size``
     vectors of length ``D``; at a restart the wanted Ritz vectors and some of their neighbours
     are kept and the recurrence continues from the residual block. Wanted pairs converged to
@@ -690,15 +768,44 @@ def lanczos(
     # recombine, and the projected eigenproblem covers, only the rows after them. The lock level
     # keeps the dropped couplings rounding-sized (each enters the drift estimates of its row).
     locked, locked_residuals = 0, np.zeros(0)
+    # The restart's kept block in tridiagonal form (single-vector Lanczos; none kept at first).
+    head = (np.zeros((0, 0)), np.zeros(0), np.zeros(0))
     lock_threshold = min(_LOCK * tol, 1e3 * operand.eps)
 
     def active_threshold(threshold: float) -> float:
         return threshold - (float(locked_residuals.max()) if locked else 0.0)
 
-    def active_ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def active_eigh(stop: int, vectors: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (ascending) and eigenvectors of the active block ``[locked, stop)``; with
+        ``vectors=False`` only the last ``width`` rows of the eigenvectors are exact."""
+        if width == 1 and stop - locked > 1:  # (LAPACK's wrapper rejects n = 1)
+            # Single-vector Lanczos: the active block is tridiagonal once the restart's kept
+            # block is (see _tridiagonal_head). A tridiagonal eigensolver costs half of a dense
+            # one in-run, where a product has just evicted LAPACK from the caches (n = 21: 117
+            # vs 237 us on the H200's host, 106-127 vs 280-350 us on a 2-core VM), and this
+            # runs after every step.
+            rotation, head_diagonal, head_off = head
+            kept = head_diagonal.size
+            diagonal = np.empty(stop - locked)
+            off = np.empty(stop - locked - 1)
+            diagonal[:kept] = head_diagonal
+            off[:kept] = head_off
+            diagonal[kept:] = projected.diagonal()[start:stop]
+            off[kept:] = projected.diagonal(1)[start : stop - 1]
+            values, active, info = scipy.linalg.lapack.dstev(diagonal, off, compute_v=1)
+            if info == 0:
+                if vectors and kept:
+                    active[:kept] = rotation @ active[:kept]
+                return values, active
+        return np.linalg.eigh(projected[locked:stop, locked:stop])
+
+    def active_ritz(
+        stop: int, coupling: np.ndarray, vectors: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values and residual estimates of rows ``[0, stop)`` (locked rows first), and the
-        eigenvectors of the active block ``[locked, stop)``: all the per-step check needs."""
-        values, active = np.linalg.eigh(projected[locked:stop, locked:stop])
+        eigenvectors of the active block ``[locked, stop)`` (only their last rows exact unless
+        ``vectors``): all the per-step check needs."""
+        values, active = active_eigh(stop, vectors)
         last = coupling @ active[-width:]
         # Filled in place: np.concatenate/np.diag wrappers cost more than the copies.
         theta, residuals = np.empty(stop), np.empty(stop)
@@ -713,7 +820,7 @@ def lanczos(
 
     def ritz(stop: int, coupling: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values, vectors (in the basis) and residual estimates of rows ``[0, stop)``."""
-        theta, active, residuals = active_ritz(stop, coupling)
+        theta, active, residuals = active_ritz(stop, coupling, vectors=True)
         vectors = np.zeros((stop, stop))
         vectors[np.arange(locked), np.arange(locked)] = 1.0
         vectors[locked:, locked:] = active
@@ -757,9 +864,9 @@ def lanczos(
         lockable = np.zeros(stop, dtype=bool)
         if width == 1:
             lockable[wanted] = residual_estimates[wanted] <= lock_threshold * norm_estimate
-        moving = [i for i in kept if i >= locked][: max(num_kept - locked, 0)]
-        order = np.array(list(range(locked)) + [i for i in moving if lockable[i]]
-                         + [i for i in moving if not lockable[i]], dtype=int)
+        moving = kept[kept >= locked][: max(num_kept - locked, 0)]
+        # Array operations: list comprehensions over numpy integers cost ~0.15 ms per restart.
+        order = np.concatenate((np.arange(locked), moving[lockable[moving]], moving[~lockable[moving]]))
         num_kept = order.size
         operand.combine_rows_(basis[locked:stop], vectors[locked:stop, order[locked:]].T * scales[locked:stop])
         scales[locked:num_kept] = 1.0
@@ -779,6 +886,8 @@ def lanczos(
         projected[num_kept : num_kept + width, :num_kept] = arrow
         projected[:num_kept, num_kept : num_kept + width] = arrow.T
         start = num_kept
+        if width == 1:
+            head = _tridiagonal_head(projected, locked, start)
         restarts += 1
 
     eigenvalues = theta[wanted]

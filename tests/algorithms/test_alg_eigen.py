@@ -380,16 +380,23 @@ def test_updates_come_in_consecutive_pairs_and_keep_the_level(tol, make_spectrum
     monkeypatch.setattr(eigen._Drift, "reset", reset)
     result = lanczos(torch.tensor(matrix), k=5, tol=tol, seed=0, max_basis_size=12)
     assert result.num_restarts >= 3
-    pairs = 0
-    for current, following in zip(steps, steps[1:]):
-        if current is None or following is None:
-            continue  # the last step of a cycle has no successor in it
-        _, _, forced, updated = current
-        if updated and not forced:
-            next_j, _, next_forced, next_updated = following
-            assert next_forced and next_updated >= min(updated, next_j + 1), (current, following)
+    pairs, cycles, follow = 0, 0, None
+    for index, step in enumerate(steps):
+        if step is None:
+            follow = None  # the last step of a cycle has no successor in it
+            continue
+        j, rows, forced, updated = step
+        if steps[index - 1] is None and index > 1:
+            # After a restart the cycle's first step updates every row (the arrow touches them all).
+            assert forced and updated == j + 1, step
+            cycles += 1
+        if follow is not None:  # the second of a pair
+            assert forced and updated >= min(follow, j + 1), (steps[index - 1], step)
             pairs += 1
-    assert pairs > 0
+            follow = None
+        elif updated:
+            follow = updated
+    assert cycles >= 3 and pairs >= cycles
     vectors = result.eigenvectors.numpy()
     assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), tol / 100)
     check_eigenpairs(matrix, result, tol, "LA", 5)
@@ -448,3 +455,86 @@ def test_recurrence_norm_not_used_when_rounding_dominates(make_spectrum_matrix, 
     assert records and all(measured for measured, _ in records)
     np.testing.assert_allclose([unit for _, unit in records], 1.0, rtol=0, atol=100 * EPS)
     check_eigenpairs(matrix, result, 1e-10, "LA", 3)
+
+
+def test_tridiagonal_head_reduces_the_restart_arrow():
+    """After a thick restart the kept block ``diag(theta)`` with couplings ``sigma`` to the start
+    row is reduced by an orthogonal ``G``: ``G^T diag(theta) G`` tridiagonal and ``G^T sigma =
+    c e_p``. Householder reduction is backward stable: errors of a few ``p eps ||M||``."""
+    import curvops.algorithms.eigen as eigen
+
+    rng = np.random.default_rng(5)
+    projected = np.zeros((14, 14))
+    locked, start = 2, 11
+    projected[np.arange(start), np.arange(start)] = np.sort(rng.standard_normal(start))[::-1] * 4
+    sigma = rng.standard_normal(start - locked) * np.logspace(-12, 0, start - locked)  # converged to not
+    projected[start, locked:start] = projected[locked:start, start] = sigma
+    rotation, diagonal, off = eigen._tridiagonal_head(projected, locked, start)
+    p = start - locked
+    theta = np.diag(projected.diagonal()[locked:start])
+    scale = np.abs(theta).max() + np.linalg.norm(sigma)
+    tol = 10 * (p + 1) * EPS * scale
+    assert np.abs(rotation.T @ rotation - np.eye(p)).max() <= 10 * (p + 1) * EPS
+    tridiagonal = np.diag(diagonal) + np.diag(off[:-1], 1) + np.diag(off[:-1], -1)
+    assert np.abs(rotation.T @ theta @ rotation - tridiagonal).max() <= tol
+    expected = np.zeros(p)
+    expected[-1] = off[-1]
+    assert np.abs(rotation.T @ sigma - expected).max() <= tol
+    assert abs(abs(off[-1]) - np.linalg.norm(sigma)) <= tol
+    # Every kept row locked: nothing to reduce.
+    assert [part.size for part in eigen._tridiagonal_head(projected, start, start)] == [0, 0, 0]
+
+
+def test_tridiagonal_check_equals_the_dense_eigensolver(monkeypatch, make_spectrum_matrix):
+    """Single-vector Lanczos checks convergence (and restarts) with the tridiagonal eigensolver;
+    where that reports a failure it falls back to the dense one. Both give the same run: equal
+    matvec counts and restarts, eigenpairs equal to rounding."""
+    import scipy.linalg.lapack
+
+    matrix, _ = make_spectrum_matrix(np.r_[np.linspace(9.0, 5.0, 8), np.linspace(-3.0, 3.0, DIM - 8)], seed=6)
+    original = scipy.linalg.lapack.dstev
+    calls = [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    def failing(diagonal, off, compute_v=1):
+        return np.zeros(diagonal.size), np.zeros((diagonal.size, diagonal.size)), 1
+
+    monkeypatch.setattr(scipy.linalg.lapack, "dstev", counting)
+    tridiagonal = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=2, max_basis_size=12)
+    assert calls[0] > tridiagonal.num_restarts > 2  # every step's check, and every restart
+    monkeypatch.setattr(scipy.linalg.lapack, "dstev", failing)
+    dense = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=2, max_basis_size=12)
+    assert (dense.num_matvecs, dense.num_restarts) == (tridiagonal.num_matvecs, tridiagonal.num_restarts)
+    np.testing.assert_allclose(dense.eigenvalues.numpy(), tridiagonal.eigenvalues.numpy(), rtol=0, atol=100 * EPS * 9)
+    overlaps = np.abs(np.sum(dense.eigenvectors.numpy() * tridiagonal.eigenvectors.numpy(), axis=0))
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-8)
+    check_eigenpairs(matrix, tridiagonal, 1e-10, "LA", 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norm_after_a_small_update_comes_from_the_removed_coefficients(dtype):
+    """After Gram-Schmidt removes components ``c`` along orthonormal rows, the norm is
+    ``sqrt(||x||^2 - ||c||^2)`` up to the update's rounding: used where that is within 1% of
+    the orthogonality level, measured (None) where the bound is larger (float32 at a tight
+    level) or more than half the norm was removed (a DGKS re-pass follows)."""
+    import curvops.algorithms.eigen as eigen
+    from curvops.algorithms import _operand
+
+    dim, reach, level = 3000, 6, 1e-8
+    rng = np.random.default_rng(8)
+    rows, _ = np.linalg.qr(rng.standard_normal((dim, reach)))
+    residual = rng.standard_normal(dim)
+    residual -= rows @ (rows.T @ residual)
+    operand = _operand.TorchOperand(dim, dtype, torch.device("cpu"), lambda block: block)
+    for size, usable in ((1e-8, dtype == torch.float64), (0.9, False)):
+        vector = residual + rows @ (size * np.linalg.norm(residual) * rng.standard_normal(reach))
+        coefficients = (rows.T @ vector)[:, None]
+        norms = eigen._norms_after_update(operand, coefficients, np.array([np.linalg.norm(vector)]), reach, level)
+        if not usable:
+            assert norms is None
+            continue
+        measured = np.linalg.norm(vector - rows @ coefficients[:, 0])
+        assert abs(norms[0] - measured) <= 0.01 * level * measured

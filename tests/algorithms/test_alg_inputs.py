@@ -279,3 +279,27 @@ def test_lanczos_non_finite_final_residual_product(bad, matrix):
 
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
         alg.lanczos(Native(), k=3, seed=0, tol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_lanczos_non_finite_product_written_into_out(bad, matrix):
+    """A torch-native operator that writes its product into the basis row Lanczos hands it
+    (``out=``) skips the operand's own checks (the buffer is Lanczos'); NaN/Inf written there
+    mid-run still raises the clear error, through the step's inner products."""
+
+    class Native:
+        shape = (DIM, DIM)
+        torch_dtype = torch.float64
+        device = torch.device("cpu")
+        calls = 0
+
+        def matmat_torch(self, block, out=None):
+            Native.calls += 1
+            result = torch.matmul(torch.as_tensor(matrix), block, out=out)
+            if Native.calls >= 6:
+                result[7, 0] = bad
+            return result
+
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        alg.lanczos(Native(), k=3, seed=0, tol=1e-12)
+    assert Native.calls >= 6
