@@ -306,7 +306,7 @@ def _single_step(
     image = rows[0]
     # Python floats, not numpy scalars, from here on: each numpy call costs microseconds of host
     # time, several times the arithmetic on one number.
-    previous = j - 1 if j != start else _first_coupled(projected, j, 1, start)
+    previous = _first_coupled(projected, j, 1, start)
     recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
     # [u^T w,] v^T w, w^T w: stored units. Their NaN/Inf check is the product's (NaN and Inf
     # propagate into every inner product with it, and the product is still untouched here).
@@ -329,7 +329,7 @@ def _single_step(
         known[0, :-1] = projected[previous:j, j] * scales[previous:j] / own
         known[0, -1] = alpha
     operand.subtract_combination_(rows, known, basis[previous:new])
-    rounding = 4.0 * math.sqrt(operand.dim) * operand.eps * max(product_squared, norm_estimate * norm_estimate)
+    rounding = _pass_rounding(operand) * max(product_squared, norm_estimate * norm_estimate)
     if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding:
         norm_before = math.sqrt(squared) / own  # stored units
     else:  # the arrow after a restart, or cancellation too deep for the level kept
@@ -406,6 +406,13 @@ def _reorthogonalize(
     return norms_after
 
 
+def _pass_rounding(operand: Operand) -> float:
+    """Relative rounding bound of a squared norm formed from one pass over ``D`` entries
+    (``4 sqrt(D) eps``, a probabilistic summation bound with a safety factor); both norm
+    formulas of a step (the recurrence's and :func:`_norms_after_update`) are held to it."""
+    return 4.0 * math.sqrt(operand.dim) * operand.eps
+
+
 def _norms_after_update(
     operand: Operand, coefficients: np.ndarray, norms_before: np.ndarray, reach: int, orthogonality: float
 ) -> np.ndarray | None:
@@ -422,7 +429,7 @@ def _norms_after_update(
     before_squared = np.square(norms_before)
     removed = np.square(coefficients).sum(0)
     after_squared = before_squared - removed
-    bound = reach * orthogonality * removed + 4.0 * math.sqrt(operand.dim) * operand.eps * (
+    bound = reach * orthogonality * removed + _pass_rounding(operand) * (
         before_squared + np.abs(coefficients).sum(0) * norms_before
     )
     if (removed <= 0.5 * before_squared).all() and (bound <= 0.01 * orthogonality * after_squared).all():
@@ -634,11 +641,9 @@ def _tridiagonal_head(projected: np.ndarray, first: int, start: int) -> tuple[np
     # Householder reflections on rows 1..p only (Q e_1 = e_1): the coupling column becomes c e_1.
     # LAPACK directly: scipy.linalg.hessenberg's checks and workspace query cost 3x the
     # factorization (13 vs 39 us, p = 15), once per restart.
-    reduced, reflectors, info = scipy.linalg.lapack.dgehrd(arrow, lwork=32 * (p + 1))
-    if info == 0:
-        rotation, info = scipy.linalg.lapack.dorghr(reduced, reflectors, lwork=32 * (p + 1))
-    if info != 0:
-        raise np.linalg.LinAlgError(f"lanczos: the Householder reduction of the restart block failed (info={info})")
+    # (Both report only illegal arguments through info, which these calls cannot pass.)
+    reduced, reflectors, _ = scipy.linalg.lapack.dgehrd(arrow, lwork=32 * (p + 1))
+    rotation, _ = scipy.linalg.lapack.dorghr(reduced, reflectors, lwork=32 * (p + 1))
     diagonal = reduced.diagonal()[1:][::-1].copy()
     off = np.empty(p)
     off[:-1] = reduced.diagonal(-1)[1:][::-1]
