@@ -55,17 +55,23 @@ class Operand:
         Operator-vector products applied so far (a block of ``b`` columns counts ``b``).
     eps : float
         Unit roundoff of the working dtype.
+    scale_limit : float
+        ``2 ** (e / 8)`` for the dtype's largest binary exponent ``e`` (2**128 in float64,
+        2**16 in float32): vectors kept unnormalized (with a recorded scale) are renormalized
+        once their norm leaves ``[1 / scale_limit, scale_limit]``, far from over- and underflow
+        of their squares and of the operator's products.
     backend : str
         ``"torch"`` or ``"numpy"``.
     """
 
     backend: str = ""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, max_exponent: int = 1024) -> None:
         self.dim = dim
         #: Rows of the arrays this process holds (``dim``, or the local shard's length).
         self.local_dim = dim
         self.eps = eps
+        self.scale_limit = 2.0 ** (max_exponent // 8)
         self.num_matvecs = 0
 
     # -- operator application -------------------------------------------------
@@ -340,7 +346,7 @@ class NumpyOperand(Operand):
         apply_block: Callable[[np.ndarray], Any],
         apply_vector: Callable[[np.ndarray], Any] | None = None,
     ) -> None:
-        super().__init__(dim, float(np.finfo(dtype).eps))
+        super().__init__(dim, float(np.finfo(dtype).eps), int(np.finfo(dtype).maxexp))
         self.dtype = np.dtype(dtype)
         self._block_fn = apply_block
         self._vector_fn = apply_vector
@@ -399,7 +405,7 @@ class TorchOperand(Operand):
         apply_block: Callable[..., torch.Tensor],
         takes_out: bool = False,
     ) -> None:
-        super().__init__(dim, float(torch.finfo(dtype).eps))
+        super().__init__(dim, float(torch.finfo(dtype).eps), math.frexp(torch.finfo(dtype).max)[1])
         self.dtype = dtype
         self.device = torch.device(device)
         self._block_fn = apply_block

@@ -352,9 +352,23 @@ def _single_step(
     if _broke_down(operand, basis, scales, new, norm, norm_estimate, rng):
         norm = 0.0
     else:
-        scales[new] = 1.0 / norm_after
+        _record_scale(operand, image, scales, new, norm_after)
     drift.advance(predicted, norm, own * norm_before)
     return norm, norm_estimate
+
+
+def _record_scale(operand: Operand, row: Array, scales: np.ndarray, index: int, stored_norm: float) -> None:
+    """Make ``scales[index] * basis[index]`` (``row``) a unit vector: record ``1 / stored_norm``
+    (no pass over the row), or normalize the row in place once its norm has left
+    ``[1 / scale_limit, scale_limit]``. Stored norms multiply by about ``beta`` per step, so an
+    operator with ``||A||`` far from 1 would otherwise drive them to over- or underflow within a
+    run (``||A|| = 300``: 1e-170 after 70 steps)."""
+    limit = operand.scale_limit
+    if 1.0 / limit <= stored_norm <= limit:
+        scales[index] = 1.0 / stored_norm
+    else:
+        operand.scaled_copy_(row, row, 1.0 / stored_norm)
+        scales[index] = 1.0
 
 
 def _reorthogonalize(
@@ -873,12 +887,15 @@ def lanczos(
         # Array operations: list comprehensions over numpy integers cost ~0.15 ms per restart.
         order = np.concatenate((np.arange(locked), moving[lockable[moving]], moving[~lockable[moving]]))
         num_kept = order.size
-        operand.combine_rows_(basis[locked:stop], vectors[locked:stop, order[locked:]].T * scales[locked:stop])
-        scales[locked:num_kept] = 1.0
+        # One recombination gives the kept Ritz vectors and moves the residual block after them,
+        # normalized (its recorded scale applied: carried over restarts, it would drift).
+        combination = np.zeros((num_kept - locked + width, stop - locked + width))
+        combination[: num_kept - locked, : stop - locked] = vectors[locked:stop, order[locked:]].T * scales[locked:stop]
+        combination[num_kept - locked :, stop - locked :] = np.diag(scales[stop : stop + width])
+        operand.combine_rows_(basis[locked : stop + width], combination)
+        scales[locked : num_kept + width] = 1.0
         if drift is not None:
             drift.restart(vectors[:, order])
-        basis[num_kept : num_kept + width] = basis[stop : stop + width]
-        scales[num_kept : num_kept + width] = scales[stop : stop + width]
         arrow = coupling @ vectors[stop - width : stop, order]
         newly = int(lockable[order[locked:]].sum())
         locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
