@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -202,6 +202,16 @@ class Operand:
         """``left.T @ right`` for ``(D,)`` or ``(D, b)`` operands, as a float64 host array."""
         return self.to_host(self.matmul(left if left.ndim == 1 else left.T, right))
 
+    def dots(self, rows: Array, vector: Array) -> list[float]:
+        """``rows @ vector`` for a small ``(n, D)`` row stack, as Python floats: one pass and one
+        device-to-host read."""
+        return self.inner(rows.T, vector).tolist()
+
+    def gram(self, rows: Array) -> list[list[float]]:
+        """``rows @ rows.T`` for a small ``(n, D)`` row stack, as nested Python floats: one pass
+        and one device-to-host read (the inner products of a Lanczos step's vectors)."""
+        return self.inner(rows.T, rows.T).tolist()
+
     def column_dots(self, left: Array, right: Array) -> np.ndarray:
         """``(b,)`` column-wise inner products of two ``(D, b)`` blocks."""
         if left.shape[1] == 1:  # a dot product, without the (D, 1) temporary
@@ -268,6 +278,14 @@ class Operand:
         """In place ``target -= coefficients @ rows`` for ``target`` ``(b, D)``, host
         ``coefficients`` ``(b, n)`` and ``rows`` ``(n, D)`` (no reduction over D)."""
         target -= self.matmul(self.from_host(coefficients), rows)
+
+    def subtract_rows_(
+        self, target: Array, coefficients: Sequence[float], rows: Array, vectors: Sequence[Array]
+    ) -> None:
+        """In place ``target -= sum_i coefficients[i] * rows[i]`` for a vector ``target`` ``(D,)``
+        and a few rows, given both as the ``(n, D)`` stack ``rows`` and as the vectors
+        ``vectors`` (views a caller made once: the three-term recurrence of every Lanczos step)."""
+        self.subtract_combination_(target[None], np.array([coefficients], dtype=np.float64), rows)
 
     def scaled_copy_(self, out: Array, vector: Array, factor: float) -> None:
         """``out[...] = factor * vector`` without a temporary."""
@@ -489,16 +507,39 @@ class TorchOperand(Operand):
         q, r = tall_qr(block)
         return q, self.to_host(r)
 
+    def dots(self, rows: torch.Tensor, vector: torch.Tensor) -> list[float]:
+        # One matmul and tolist (its one read): no host tensor, dtype conversion or numpy array
+        # on the way, each microseconds of host time in-run.
+        return self._summed(wide_matmul(rows, vector)).tolist()
+
+    def gram(self, rows: torch.Tensor) -> list[list[float]]:
+        return self._summed(wide_matmul(rows, rows.T)).tolist()
+
+    def _summed(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of a reduction's partial results over the shards (itself when not sharded)."""
+        return partial
+
+    def subtract_rows_(
+        self, target: torch.Tensor, coefficients: Sequence[float], rows: torch.Tensor,
+        vectors: Sequence[torch.Tensor],
+    ) -> None:
+        if self.device.type == "cpu":
+            if _is_wide(rows):
+                super().subtract_rows_(target, coefficients, rows, vectors)
+            else:  # one fused pass into the target (see subtract_combination_)
+                target[None].addmm_(torch.tensor([coefficients], dtype=self.dtype), rows, alpha=-1.0)
+            return
+        # On an accelerator, one kernel per row with the coefficient as its scalar argument,
+        # instead of a host-to-device copy of the coefficients before an addmm (on a CPU the
+        # one fused pass is cheaper). Elementwise kernels index in 64 bits: no size limit.
+        for value, vector in zip(coefficients, vectors):
+            target.add_(vector, alpha=-value)
+
     def subtract_combination_(
         self, target: torch.Tensor, coefficients: np.ndarray, rows: torch.Tensor
     ) -> None:
         if target.shape[0] == 1 and coefficients.shape[1] <= 2 and self.device.type != "cpu":
-            # The three-term recurrence of every Lanczos step: on an accelerator, one kernel per
-            # row with the coefficient as its scalar argument, instead of a host-to-device copy
-            # of the coefficients before the addmm (on a CPU the one fused pass is cheaper).
-            # Elementwise kernels index in 64 bits: no size limit applies.
-            for index, value in enumerate(coefficients[0].tolist()):
-                target[0].add_(rows[index], alpha=-value)
+            self.subtract_rows_(target[0], coefficients[0].tolist(), rows, rows.unbind(0))
         elif _is_wide(rows):
             target -= wide_matmul(self.from_host(coefficients), rows)
         else:

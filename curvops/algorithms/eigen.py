@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -81,22 +82,24 @@ def _check_tol(tol: float | None, operand: Operand) -> float:
     return tol
 
 
-def _select(theta: np.ndarray, which: str, count: int) -> np.ndarray:
-    """Indices of the ``count`` Ritz values preferred by ``which``, in output order."""
-    # Array methods, not the np.argsort wrapper: this runs after every Lanczos step.
+def _select(theta: Any, which: str, count: int) -> list[int]:
+    """Indices of the ``count`` Ritz values preferred by ``which``, in output order (a stable
+    ordering: ties keep index order). ``theta`` is a sequence or a numpy array of floats."""
+    # Python's sort on host floats: this runs after every Lanczos step, where numpy's per-call
+    # overhead (several microseconds in-run, after a product) costs more than sorting ~20 floats.
+    values = theta.tolist() if isinstance(theta, np.ndarray) else theta
+    indices = range(len(values))
     if which == "LA":
-        order = (-theta).argsort(kind="stable")
+        order = sorted(indices, key=values.__getitem__, reverse=True)  # reverse keeps ties in order
     elif which == "SA":
-        order = theta.argsort(kind="stable")
+        order = sorted(indices, key=values.__getitem__)
     elif which == "LM":
-        order = (-np.abs(theta)).argsort(kind="stable")
+        order = sorted(indices, key=lambda index: abs(values[index]), reverse=True)
     else:  # BE: ceil(count/2) from the top, floor(count/2) from the bottom (as ARPACK)
-        ascending = theta.argsort(kind="stable")
+        ascending = sorted(indices, key=values.__getitem__)
         num_top = (count + 1) // 2
-        top = ascending[::-1][:num_top]
-        bottom = ascending[: count - num_top]
-        chosen = np.concatenate([top, bottom])
-        return chosen[(-theta[chosen]).argsort(kind="stable")]
+        chosen = ascending[::-1][:num_top] + ascending[: count - num_top]
+        return sorted(chosen, key=values.__getitem__, reverse=True)
     return order[:count]
 
 
@@ -148,54 +151,130 @@ def _extend_lanczos(
     rng: Any,
     is_converged: Callable[[int, np.ndarray, float], bool] | None = None,
     orthogonality: float = 0.0,
-    drift: "_Drift | None" = None,
 ) -> tuple[np.ndarray, float, int]:
     """Run block Lanczos steps on the blocks ``[j, j + b)`` for ``j = start, start + b, ..., stop - b``.
 
-    The Lanczos vectors are ``v_i = scales[i] * basis[i]``: single-vector steps leave the new
-    row unnormalized and record ``1 / norm`` in ``scales`` (a pass over the vector saved per
-    step; every coefficient below is scaled instead). On entry ``v[:start + b]`` are
-    orthonormal and ``projected[:start + b, :start + b]`` holds the known part of ``V^T A V``
-    (after a thick restart: ``diag(theta)`` plus the arrow couplings to the block at
-    ``start``). On exit ``v[:stop + b]`` are orthonormal, ``projected[:stop, :stop] = V^T A V``
-    (banded/arrow) and ``A V = V H + v[stop:stop + b]^T B E^T`` with ``E`` the last ``b`` unit
-    columns.
+    The Lanczos vectors are ``v_i = scales[i] * basis[i]`` (block steps normalize their rows;
+    single-vector steps, :func:`_extend_single`, record the scale instead). On entry
+    ``v[:start + b]`` are orthonormal and ``projected[:start + b, :start + b]`` holds the known
+    part of ``V^T A V`` (after a thick restart: ``diag(theta)`` plus the arrow couplings to the
+    block at ``start``). On exit ``v[:stop + b]`` are orthonormal, ``projected[:stop, :stop] =
+    V^T A V`` (banded/arrow) and ``A V = V H + v[stop:stop + b]^T B E^T`` with ``E`` the last
+    ``b`` unit columns.
 
     ``is_converged(new_stop, B, norm_estimate)`` is asked after every block; if it returns True
     the run ends early at ``new_stop`` (the relations above then hold with ``stop = new_stop``).
     A reorthogonalization update is skipped when every coefficient it would remove is at most
     ``orthogonality`` times its column's norm (0: never skipped), so the basis is then
-    orthonormal to about that level instead of to rounding. With a ``drift`` estimator
-    (single-vector Lanczos, ``b = 1``; see :func:`_single_step`) the inner products are only
-    formed for the rows whose estimated drift approaches that level (none, on many steps).
+    orthonormal to about that level instead of to rounding.
 
     Returns ``B`` (the ``(b, b)`` coupling to the next block), the updated ``||A||`` estimate and
     the actual ``stop``.
     """
     width = block_size
     coupling = np.zeros((width, width))
-    if drift is not None:
-        drift.begin(start)
     for j in range(start, stop, width):
         new = j + width
-        if drift is not None:
-            beta, norm_estimate = _single_step(
-                operand, basis, scales, projected, j, start, norm_estimate, rng, orthogonality, drift
-            )
-            coupling = np.array([[beta]])
-        else:
-            coupling, norm_estimate = _block_step(
-                operand, basis, scales, projected, j, start, width, norm_estimate, rng, orthogonality
-            )
+        coupling, norm_estimate = _block_step(
+            operand, basis, scales, projected, j, start, width, norm_estimate, rng, orthogonality
+        )
         if new < stop:
-            if drift is not None:
-                projected[new, j] = projected[j, new] = beta  # scalars: no slice assignments
-            else:
-                projected[new : new + width, j:new] = coupling
-                projected[j:new, new : new + width] = coupling.T
+            projected[new : new + width, j:new] = coupling
+            projected[j:new, new : new + width] = coupling.T
             if is_converged is not None and is_converged(new, coupling, norm_estimate):
                 return coupling, norm_estimate, new
     return coupling, norm_estimate, stop
+
+
+def _extend_single(
+    operand: Operand,
+    views: "_RowViews",
+    scales: np.ndarray,
+    projection: "_Projection",
+    start: int,
+    stop: int,
+    norm_estimate: float,
+    rng: Any,
+    is_converged: Callable[[int, float, float], bool],
+    orthogonality: float,
+    drift: "_Drift",
+) -> tuple[float, float, int]:
+    """Single-vector Lanczos steps ``j = start, ..., stop - 1``: :func:`_extend_lanczos` with
+    ``b = 1``, the coupling a float, and :func:`_single_step` for each step (the drift of each
+    new vector is estimated and only the rows near ``orthogonality`` are measured).
+    ``is_converged(new_stop, beta, norm_estimate)`` is asked after every step."""
+    beta = 0.0
+    drift.begin(start)
+    for j in range(start, stop):
+        beta, norm_estimate = _single_step(
+            operand, views, scales, projection, j, start, norm_estimate, rng, orthogonality, drift
+        )
+        new = j + 1
+        if new < stop:
+            projection.set_coupling(new, beta)
+            if is_converged(new, beta, norm_estimate):
+                return beta, norm_estimate, new
+    return beta, norm_estimate, stop
+
+
+class _RowViews:
+    """Views of a Krylov basis' rows, made once per run: single-vector Lanczos takes about six
+    per step, and each slice of a tensor costs microseconds of host time in-run (a product
+    has just evicted the host's caches), the overhead of a step on a GPU."""
+
+    def __init__(self, basis: Array) -> None:
+        count = basis.shape[0]
+        self.basis = basis
+        self.rows = [basis[i : i + 1] for i in range(count)]  # (1, D)
+        self.vectors = [basis[i] for i in range(count)]  # (D,)
+        self.pairs = [basis[i : i + 2] for i in range(count - 1)]  # (2, D)
+        self.triples = [basis[i : i + 3] for i in range(count - 2)]  # (3, D)
+
+
+class _Projection:
+    """Single-vector Lanczos' projected matrix ``T = V^T A V`` in Python floats, kept beside
+    (and written with) the dense ``projected`` array that restarts and Ritz vectors use.
+
+    A step reads about ``3 j`` entries (the drift estimate) and the check a tridiagonal: on
+    host floats these cost a fraction of numpy's per-call overhead. After a thick restart ``T``
+    is ``diag(theta)`` on the kept rows ``[0, start)`` with couplings ``arrow`` to row
+    ``start`` (none for locked rows), tridiagonal from ``start`` on; ``head`` is the kept block
+    reduced to tridiagonal form (:func:`_tridiagonal_head`) for the per-step check.
+    """
+
+    def __init__(self, projected: np.ndarray) -> None:
+        self.projected = projected
+        self.load(0, 0, (np.zeros((0, 0)), np.zeros(0), np.zeros(0)))
+
+    def load(self, locked: int, start: int, head: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Take ``T`` from ``projected`` after a restart (or at the first cycle)."""
+        size = self.projected.shape[0]
+        self.locked, self.start = locked, start
+        self.diag = self.projected.diagonal().tolist()  # T[i, i]
+        self.off = [0.0] * (size + 1)  # off[i] = T[i - 1, i] for i > start
+        self.arrow = self.projected[start, :start].tolist() if start < size else []  # T[start, i]
+        # The first row coupled to the cycle's first vector (locked rows are not): the
+        # known couplings that vector's product has.
+        self.first_coupled = next((row for row, value in enumerate(self.arrow) if value != 0.0), start)
+        self.rotation = head[0]
+        self.head_diag, self.head_off = head[1].tolist(), head[2].tolist()
+
+    def set_alpha(self, j: int, alpha: float) -> None:
+        self.diag[j] = alpha
+        self.projected[j, j] = alpha
+
+    def set_coupling(self, new: int, beta: float) -> None:
+        self.off[new] = beta
+        self.projected[new, new - 1] = self.projected[new - 1, new] = beta
+
+    def coupling(self, j: int) -> float:
+        """``T[j - 1, j]``: the recurrence's, or the arrow's at a cycle's first row."""
+        return self.off[j] if j != self.start else self.arrow[j - 1]
+
+    def active(self, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Diagonal and off-diagonal of the tridiagonal active block ``[locked, stop)``."""
+        return (np.array(self.head_diag + self.diag[self.start : stop]),
+                np.array(self.head_off + self.off[self.start + 1 : stop]))
 
 
 def _first_coupled(projected: np.ndarray, j: int, width: int, start: int) -> int:
@@ -259,12 +338,22 @@ def _block_step(
     coupling = np.zeros((width, width))
     for index in range(width):
         vector = images[index]
-        if index:
+        # Without in-block projections the norm is the one just computed.
+        stored_norm = float(norms_after[index])
+        if index and stored_norm > 0.0:
             for _ in range(2):
                 vector, removed = operand.project_out(basis[new : new + index], vector)
                 coupling[:index, index] += removed
-        # Without in-block projections the norm is the one just computed.
-        stored_norm = operand.norm(vector) if index else float(norms_after[0])
+            before, stored_norm = stored_norm, operand.norm(vector)
+            if stored_norm < _DGKS_ETA * before:
+                # Most of the column lay along the block's earlier columns: what is left carries
+                # the rounding of that removal along the basis too. One pass against the whole
+                # basis; if that too removes most of it, the column is in the Krylov space.
+                vector, removed = operand.project_out(basis[: new + index], vector)
+                coupling[:index, index] += removed[new:]
+                before, stored_norm = stored_norm, operand.norm(vector)
+                if stored_norm < _DGKS_ETA * before:
+                    stored_norm = 0.0
         norm = float(own[index]) * stored_norm
         norm_estimate = max(norm_estimate, norm)
         if _broke_down(operand, basis, scales, new + index, norm, norm_estimate, rng):
@@ -277,9 +366,9 @@ def _block_step(
 
 def _single_step(
     operand: Operand,
-    basis: Array,
+    views: _RowViews,
     scales: np.ndarray,
-    projected: np.ndarray,
+    projection: _Projection,
     j: int,
     start: int,
     norm_estimate: float,
@@ -287,48 +376,55 @@ def _single_step(
     orthogonality: float,
     drift: "_Drift",
 ) -> tuple[float, float]:
-    """One single-vector Lanczos step (``b = 1``, see :func:`_extend_lanczos`) in host scalars.
+    """One single-vector Lanczos step (``b = 1``, see :func:`_extend_single`) in host scalars.
 
-    ``basis[j + 1]`` <- the new residual, unnormalized (its scale recorded), and
-    ``projected[j, j]`` <- alpha. The inner products of the raw product ``w`` with the previous
-    vector, the current one and itself come from one pass and one device-to-host read; the
-    residual's norm then follows from the three-term recurrence,
-    ``||w - alpha v - beta u||^2 = ||w||^2 - alpha^2 - 2 beta u^T w + beta^2`` (true units),
-    whenever its rounding error (``~ sqrt(D) eps max(||w||^2, ||A||^2)``) is below 1% of the
-    kept orthogonality level relative to the result, and is measured otherwise. On a GPU the
-    host side of a step is its overhead: this saves a kernel and a synchronizing read per step
-    (and a pass over the vector on a CPU). Returns ``(beta_next, norm_estimate)``.
+    ``basis[j + 1]`` <- the new residual, unnormalized (its scale recorded), and ``T[j, j]`` <-
+    alpha. The Gram matrix of the previous vector ``u``, the current one ``v`` and the raw
+    product ``w`` comes from one pass and one device-to-host read; the residual's norm then
+    follows from the three-term recurrence,
+    ``||w - alpha v - beta u||^2 = w^T w - alpha v^T w + beta^2 u^T u - 2 beta u^T w +
+    2 alpha beta u^T v`` (true units, ``alpha = v^T w / v^T v``), whenever its rounding error
+    (``~ sqrt(D) eps max(||w||^2, ||A||^2)``) is below 1% of the kept orthogonality level
+    relative to the result, and is measured otherwise. On a GPU the host side of a step is its
+    overhead: this saves a kernel and a synchronizing read per step (and a pass over the vector
+    on a CPU). Returns ``(beta_next, norm_estimate)``.
     """
     new = j + 1
     own = float(scales[j])
-    rows = basis[new : new + 1]
-    operand.matmat_rows_into(basis[j:new], rows, check_finite=False)
-    image = rows[0]
+    rows = views.rows[new]
+    image = views.vectors[new]
+    operand.matmat_rows_into(views.rows[j], rows, check_finite=False)
     # Python floats, not numpy scalars, from here on: each numpy call costs microseconds of host
     # time, several times the arithmetic on one number.
-    previous = _first_coupled(projected, j, 1, start)
+    previous = j - 1 if j != start else projection.first_coupled
     recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
-    # [u^T w,] v^T w, w^T w: stored units. Their NaN/Inf check is the product's (NaN and Inf
-    # propagate into every inner product with it, and the product is still untouched here).
-    moments = operand.inner(basis[j - 1 if recurrence else j : new + 1].T, image).tolist()
-    if not all(map(math.isfinite, moments)):
+    # Gram matrix of [u,] v and w (stored units), whose last row is w's inner products: their
+    # NaN/Inf check is the product's (NaN and Inf propagate into every inner product with it,
+    # and the product is still untouched here).
+    gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
+    products = gram[-1]
+    if not all(map(math.isfinite, products)):
         operand.require_finite_product(image)
         raise FloatingPointError("lanczos: A v overflowed in v^T A v or ||A v||^2 (the product itself is finite)")
-    alpha = own * own * moments[-2]
-    product_squared = own * own * moments[-1]
-    # True units: ||A v - alpha v - beta u||^2 = ||A v||^2 - alpha^2 + beta^2 - 2 beta u^T A v.
-    squared = product_squared - alpha * alpha
+    # alpha = v^T A v / v^T v (scale-free: w is A v in v's stored units), and in true units
+    # ||A v - alpha v||^2 = own^2 (w^T w - alpha v^T w).
+    alpha = products[-2] / gram[-2][-2]
+    product_squared = own * own * products[-1]
+    squared = product_squared - own * own * alpha * products[-2]
     # Known couplings of rows [previous, j], in stored units (see _block_step).
     if recurrence:
-        beta = float(projected[j - 1, j])
+        # ... - 2 beta u^T A v + beta^2 u^T u + 2 alpha beta u^T v (true units): exact for the
+        # vectors as they are, not as unit vectors, so the norm errors of earlier steps do not
+        # compound through this formula (they did: by (alpha^2 + beta^2) / beta_next^2 per step).
+        beta = projection.coupling(j)
         scale = float(scales[j - 1])
-        known = np.array([[beta * scale / own, alpha]])
-        squared += beta * beta - 2.0 * beta * own * scale * moments[0]
+        squared += beta * scale * (beta * scale * gram[0][0] - 2.0 * own * products[0] + 2.0 * alpha * own * gram[0][1])
+        operand.subtract_rows_(image, (beta * scale / own, alpha), views.pairs[j - 1], views.vectors[j - 1 : new])
     else:
         known = np.empty((1, new - previous))
-        known[0, :-1] = projected[previous:j, j] * scales[previous:j] / own
+        known[0, :-1] = projection.projected[previous:j, j] * scales[previous:j] / own
         known[0, -1] = alpha
-    operand.subtract_combination_(rows, known, basis[previous:new])
+        operand.subtract_combination_(rows, known, views.basis[previous:new])
     rounding = _pass_rounding(operand) * max(product_squared, norm_estimate * norm_estimate)
     if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding:
         norm_before = math.sqrt(squared) / own  # stored units
@@ -340,16 +436,13 @@ def _single_step(
     reach, forced = drift.reach(j, predicted, orthogonality)
     norm_after = norm_before
     if reach:
-        diagonal = np.array([[alpha]])
-        norm_after = float(_reorthogonalize(
-            operand, basis, scales, rows, reach, np.array([norm_before]), orthogonality,
-            slice(j, new), np.array([own]), diagonal, drift, predicted, forced,
-        )[0])
-        alpha = float(diagonal[0, 0])
-    projected[j, j] = alpha
+        norm_after, alpha = _single_reorthogonalize(
+            operand, views, scales, new, reach, norm_before, orthogonality, j, own, alpha, drift, predicted, forced
+        )
+    projection.set_alpha(j, alpha)
     norm = own * norm_after
     norm_estimate = max(norm_estimate, abs(alpha), norm)
-    if _broke_down(operand, basis, scales, new, norm, norm_estimate, rng):
+    if _broke_down(operand, views.basis, scales, new, norm, norm_estimate, rng):
         norm = 0.0
     else:
         _record_scale(operand, image, scales, new, norm_after)
@@ -382,15 +475,13 @@ def _reorthogonalize(
     block: slice,
     own: np.ndarray,
     diagonal_block: np.ndarray,
-    drift: "_Drift | None" = None,
-    predicted: np.ndarray | None = None,
-    forced: bool = False,
 ) -> np.ndarray:
-    """Classical Gram-Schmidt of the new rows ``images`` against ``basis[:reach]``, a second
-    pass only if the first removed a large part of some row (DGKS). The part removed along
-    the current block (when ``reach`` covers it) is added to ``diagonal_block`` in place.
-    With a ``drift`` estimator the first pass's inner products replace its estimates, and a
-    ``forced`` update is applied whatever they say. Returns the rows' norms after (stored units).
+    """Classical Gram-Schmidt of the new block rows ``images`` against ``basis[:reach]``, a
+    second pass only if the first removed a large part of some row (DGKS). The part removed
+    along the current block (when ``reach`` covers it) is added to ``diagonal_block`` in place.
+    Returns the rows' norms after (stored units), 0 for a row the second pass too reduced by
+    more than ``1 - 1/sqrt(2)`` (it lies in the Krylov space). (:func:`_single_reorthogonalize`
+    is the single-vector version.)
     """
     norms_after = norms_before
     for repeat in range(2):
@@ -398,9 +489,7 @@ def _reorthogonalize(
             break
         # coefficients[i, r] = v_i^T (A v_r) / own[r], relative to the norms in stored units.
         coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
-        if drift is not None and repeat == 0:
-            drift.measured(predicted, reach, coefficients[:, 0] / max(float(norms_before[0]), 1e-300))
-        if not (forced and repeat == 0) and (np.abs(coefficients) <= orthogonality * norms_before).all():
+        if (np.abs(coefficients) <= orthogonality * norms_before).all():
             # Already orthogonal to the basis to ``orthogonality`` (relative): the update
             # pass over the basis would change the block by less than that. Skipping it
             # leaves the basis orthogonal to that level, far below what the Ritz values
@@ -409,46 +498,108 @@ def _reorthogonalize(
         operand.subtract_combination_(images, (coefficients * scales[:reach, None]).T, basis[:reach])
         if reach > block.start:
             diagonal_block += coefficients[block] * own[None, :]
-        if drift is not None:
-            drift.reset(reach)
         norms_after = _norms_after_update(operand, coefficients, norms_before, reach, orthogonality)
         if norms_after is None:
             norms_after = operand.column_norms(images.T)
         if (norms_after >= _DGKS_ETA * norms_before).all():
             break
+        if repeat:
+            # A second pass that again removed most of a row: it lies in the span of the basis
+            # to rounding (an invariant subspace; ARPACK's rule), norm 0 (see _broke_down).
+            norms_after = np.where(norms_after >= _DGKS_ETA * norms_before, norms_after, 0.0)
         norms_before = norms_after
     return norms_after
+
+
+def _single_reorthogonalize(
+    operand: Operand,
+    views: _RowViews,
+    scales: np.ndarray,
+    new: int,
+    reach: int,
+    norm_before: float,
+    orthogonality: float,
+    j: int,
+    own: float,
+    alpha: float,
+    drift: "_Drift",
+    predicted: list[float],
+    forced: bool,
+) -> tuple[float, float]:
+    """:func:`_reorthogonalize` of the single new row ``basis[new]`` (stored norm
+    ``norm_before``) against ``basis[:reach]``, in host floats (a step's host time is its
+    overhead on a GPU). The first pass's inner products replace the drift estimates; a
+    ``forced`` update is applied whatever they say. Returns the norm after (stored units; 0 if
+    a second pass also removed most of the row, as in :func:`_reorthogonalize`) and alpha
+    corrected by the part removed along the current row ``j``."""
+    image = views.vectors[new]
+    weights = scales[:reach].tolist()
+    for repeat in range(2):
+        # coefficients[i] = v_i^T (A v_j) / own, relative to the norm in stored units.
+        coefficients = [value * weight for value, weight in zip(operand.dots(views.basis[:reach], image), weights)]
+        if repeat == 0:
+            scale = 1.0 / max(norm_before, 1e-300)
+            drift.measured(predicted, reach, [value * scale for value in coefficients])
+        if not (forced and repeat == 0) and max(map(abs, coefficients)) <= orthogonality * norm_before:
+            return norm_before, alpha  # orthogonal to the level already: see _reorthogonalize
+        update = np.array([[value * weight for value, weight in zip(coefficients, weights)]])
+        operand.subtract_combination_(views.rows[new], update, views.basis[:reach])
+        if reach > j:
+            alpha += coefficients[j] * own
+        drift.dropped(j, own * math.sqrt(sum(value * value for row, value in enumerate(coefficients) if row != j)))
+        drift.reset(reach)
+        norm_after = _norm_after_update(operand, coefficients, norm_before, reach, orthogonality)
+        if norm_after is None:
+            norm_after = operand.norm(image)
+        if norm_after >= _DGKS_ETA * norm_before:
+            return norm_after, alpha
+        norm_before = norm_after
+    # Both passes removed most of what was left: the row lies in the span of the basis to
+    # rounding (an invariant subspace; ARPACK's rule), norm 0 (see _broke_down).
+    return 0.0, alpha
 
 
 def _pass_rounding(operand: Operand) -> float:
     """Relative rounding bound of a squared norm formed from one pass over ``D`` entries
     (``4 sqrt(D) eps``, a probabilistic summation bound with a safety factor); both norm
-    formulas of a step (the recurrence's and :func:`_norms_after_update`) are held to it."""
+    formulas of a step (the recurrence's and :func:`_norm_after_update`) are held to it."""
     return 4.0 * math.sqrt(operand.dim) * operand.eps
 
 
-def _norms_after_update(
-    operand: Operand, coefficients: np.ndarray, norms_before: np.ndarray, reach: int, orthogonality: float
-) -> np.ndarray | None:
-    """Norms of the rows after removing ``coefficients`` (their components along ``reach``
-    basis vectors), ``sqrt(||x||^2 - ||c||^2)``, or None where that is not accurate enough.
+def _norm_after_update(
+    operand: Operand, coefficients: list[float], norm_before: float, reach: int, orthogonality: float
+) -> float | None:
+    """Norm of a row after removing ``coefficients`` (its components along ``reach`` basis
+    vectors), ``sqrt(||x||^2 - ||c||^2)``, or None where that is not accurate enough.
 
     Exact for an orthonormal basis; the basis' departure from it (``orthogonality``) adds at
     most ``reach * orthogonality * ||c||^2``, and the update's rounding about
     ``4 sqrt(D) eps (||x||^2 + ||c||_1 ||x||)``. The formula is used when their sum is below 1%
     of ``orthogonality`` relative to the result (the accuracy the recurrence norm is held to)
-    and at most half the norm was removed (no DGKS re-pass): that saves a pass over the rows
+    and at most half the norm was removed (no DGKS re-pass): that saves a pass over the row
     and a device-to-host read.
     """
-    before_squared = np.square(norms_before)
-    removed = np.square(coefficients).sum(0)
+    before_squared = norm_before * norm_before
+    removed = sum(value * value for value in coefficients)
     after_squared = before_squared - removed
     bound = reach * orthogonality * removed + _pass_rounding(operand) * (
-        before_squared + np.abs(coefficients).sum(0) * norms_before
+        before_squared + sum(map(abs, coefficients)) * norm_before
     )
-    if (removed <= 0.5 * before_squared).all() and (bound <= 0.01 * orthogonality * after_squared).all():
-        return np.sqrt(after_squared)
+    if removed <= 0.5 * before_squared and bound <= 0.01 * orthogonality * after_squared:
+        return math.sqrt(after_squared)
     return None
+
+
+def _norms_after_update(
+    operand: Operand, coefficients: np.ndarray, norms_before: np.ndarray, reach: int, orthogonality: float
+) -> np.ndarray | None:
+    """:func:`_norm_after_update` of each column of ``coefficients`` ``(reach, b)`` (norms
+    ``norms_before`` ``(b,)``): the norms, or None if any is not accurate enough."""
+    norms = [
+        _norm_after_update(operand, column, norm, reach, orthogonality)
+        for column, norm in zip(coefficients.T.tolist(), norms_before.tolist())
+    ]
+    return None if None in norms else np.array(norms)
 
 
 def _broke_down(
@@ -477,17 +628,33 @@ class _Drift:
     orthogonality to the basis rows, by Simon's (1984) recurrence generalised to the arrow of
     a thick restart.
 
-    From ``A v_i = sum_m T[m, i] v_m`` for every row ``i < j`` (``T`` = ``projected``: the
-    three-term recurrence, and ``theta_i v_i + sigma_i v_start`` for kept Ritz vectors) and
+    From ``A v_i = sum_m T[m, i] v_m`` for every row ``i < j`` (``T``: the three-term
+    recurrence, and ``theta_i v_i + sigma_i v_start`` for kept Ritz vectors) and
     ``beta_{j+1} v_{j+1} = A v_j - sum_m T[m, j] v_m - f`` (``f``: rounding),
 
         beta_{j+1} omega_{j+1, i} = (omega_j T)_i - sum_{m known} T[m, j] omega_{m, i} - v_i^T f,
 
     with ``omega_j`` the row of the current vector (1 at ``j``). ``|v_i^T f|`` is bounded by
     ``eps ||A||`` (times a safety factor), added in the direction that grows the estimate.
+
+    A kept Ritz vector satisfies ``A y_i = theta_i y_i + sigma_i v_start`` only up to the
+    Gram-Schmidt coefficients removed from the vectors it combines (they are not in ``T``):
+    ``E_i = V C s_i``, of norm up to about ``level * beta``. That error lies in the span of the
+    old basis, discarded directions included, which new vectors are not orthogonal to, so it
+    enters ``omega_{j+1, i}`` as ``|v_j^T E_i| <= ||E_i||`` per step: divided by a small
+    ``beta_{j+1}``, many times the level (converged Ritz vectors of a spectrum's other end, at
+    ``beta / ||A|| ~ 1e-4``: 1e-5 per step). Each row's bound ``errors[i]`` is tracked: a cycle's
+    vector accumulates the norm of the coefficients removed from it, and a restart combines
+    them, ``E_i <= sum_j |s_ji| errors[j]``. (Within a cycle such errors lie along basis rows,
+    to which new vectors are orthogonal to the level: second order, not added.)
     Rows whose estimate exceeds the tolerated level get a Gram-Schmidt pass, whose measured
     inner products replace the estimates; the loss concentrates on converged Ritz directions
     (Paige), mostly the first kept rows, so most passes cover a few rows instead of all.
+
+    The rows are lists of Python floats and ``T`` is read from a :class:`_Projection`: with
+    about 20 entries, one loop in the interpreter costs a fraction of the dozen numpy calls it
+    replaces (in-run, after a product, 18 vs 73 us on a CPU), and on a GPU a step's host time
+    is its overhead.
     """
 
     #: A full measurement at least this often, in case rounding outgrows the model.
@@ -496,23 +663,25 @@ class _Drift:
     NOISE = 4.0
     MARGIN = 0.25
 
-    def __init__(self, projected: np.ndarray, eps: float) -> None:
-        self.projected = projected
+    def __init__(self, projection: _Projection, eps: float) -> None:
+        self.projection = projection
         self.eps = eps
         self.start = 0
-        self.current = np.ones(1)  # the start vector
-        self.previous = np.zeros(0)
+        self.current = [1.0]  # the start vector
+        self.previous: list[float] = []
         self.since_full = 0
         self._reset = 0  # rows [0, _reset) updated by this step's pass
         self._follow = 0  # rows the next step must update again (the second of a pair)
         self._forced = False  # this step is the second of a pair
         self._local = eps  # drift along v_j itself (alpha's rounding), set by predict
-        self.locked_residuals = np.zeros(0)  # residual norms of the locked rows [0, L)
+        self.locked_residuals: list[float] = []  # residual norms of the locked rows [0, L)
+        self.errors = [0.0]  # bounds on each row's Lanczos relation error (true units)
 
     def begin(self, start: int) -> None:
         """A Lanczos cycle from row ``start``, whose drift row is ``current`` (see restart)."""
         self.start = start
-        self.previous = np.zeros(start)
+        self.previous = [0.0] * start
+        self.errors[start:] = [0.0] * (len(self.projection.diag) - start)
         self.since_full = 0
         self._follow = 0
 
@@ -520,35 +689,54 @@ class _Drift:
         """Thick restart ``basis[:p] <- S^T basis[:m]``: the residual row moves to row ``p``
         and keeps its drift, ``omega_new = omega[:m] S`` (the kept rows are combinations of
         rows it had drifted from)."""
-        m, p = kept_vectors.shape
-        row = np.empty(p + 1)
-        row[:p] = self.current[:m] @ kept_vectors
-        row[p] = 1.0
+        m = kept_vectors.shape[0]
+        row = (np.array(self.current[:m]) @ kept_vectors).tolist()
+        row.append(1.0)
         self.current = row
+        self.errors = (np.array(self.errors[:m]) @ np.abs(kept_vectors)).tolist() + [0.0]
 
-    def predict(self, j: int, alpha: float, beta_next: float, norm: float) -> np.ndarray:
+    def dropped(self, j: int, amount: float) -> None:
+        """Row ``j``'s update removed components of norm ``amount`` (true units) not in ``T``."""
+        self.errors[j] += amount
+
+    def predict(self, j: int, alpha: float, beta_next: float, norm: float) -> list[float]:
         """Estimates of ``omega_{j+1, i}``, ``i < j`` (before this step's pass)."""
-        if j == self.start or beta_next <= 0.0:
-            return np.full(j, np.inf)  # first step of a cycle: the arrow touches every kept row
-        rows = self.projected[: j + 1, :j]
-        image = self.current @ rows  # (omega_j T)_i
-        image -= alpha * self.current[:j]
-        beta = self.projected[j, j - 1]
-        image -= beta * self.previous[:j]
-        # Ufuncs and array methods only: numpy's Python-level helpers (np.full, np.where) cost
-        # several times the arithmetic on these short rows, and a step's host time is its
-        # overhead on a GPU.
+        start = self.start
+        if j == start or beta_next <= 0.0:
+            return [math.inf] * j  # first step of a cycle: the arrow touches every kept row
+        t = self.projection
+        diag, off, arrow = t.diag, t.off, t.arrow
+        current, previous = self.current, self.previous
+        beta = off[j]
         noise = self.NOISE * self.eps * norm
         self._local = noise / beta_next
-        image += np.copysign(noise, image)
-        # A locked row is an eigenvector only up to its residual r_i: v_j^T r_i adds |r_i|.
-        count = min(j, self.locked_residuals.size)
-        if count:
-            image[:count] += np.copysign(self.locked_residuals[:count], image[:count])
-        image /= beta_next
+        locked = self.locked_residuals
+        num_locked = len(locked)
+        errors = self.errors
+        pivot = current[start]
+        # (omega_j T)_i over T's nonzeros: the kept block's diagonal and arrow, then the
+        # tridiagonal part (row j's own coupling enters through current[j] = 1).
+        image = [0.0] * j
+        for i in range(j):
+            if i < start:
+                value = current[i] * diag[i] + pivot * arrow[i]
+            elif i > start:
+                value = current[i - 1] * off[i] + current[i] * diag[i] + current[i + 1] * off[i + 1]
+            else:
+                value = sum(map(operator.mul, current[:start], arrow))
+                value += pivot * diag[i] + current[i + 1] * off[i + 1]
+            value -= alpha * current[i] + beta * previous[i]
+            # Rounding, a kept row's relation error, and a locked row's residual r_i (it is an
+            # eigenvector only up to r_i, so v_j^T r_i adds |r_i|), in the direction that grows
+            # the estimate.
+            if i < start:
+                bound = noise + errors[i] + (locked[i] if i < num_locked else 0.0)
+            else:
+                bound = noise
+            image[i] = (value + bound if value >= 0.0 else value - bound) / beta_next
         return image
 
-    def reach(self, j: int, predicted: np.ndarray, level: float) -> tuple[int, bool]:
+    def reach(self, j: int, predicted: list[float], level: float) -> tuple[int, bool]:
         """Rows ``[0, reach)`` to measure, and whether they must be updated whatever the
         measurement says.
 
@@ -571,35 +759,29 @@ class _Drift:
             reach = max(reach, min(follow, j + 1))
         return reach, self._forced or j == self.start
 
-    def _measured_reach(self, j: int, predicted: np.ndarray, level: float) -> int:
+    def _measured_reach(self, j: int, predicted: list[float], level: float) -> int:
         self.since_full += 1
-        if j == self.start or self.since_full >= self.FULL_EVERY:
-            self.since_full = 0
+        if j == self.start or self.since_full >= self.FULL_EVERY or not sum(map(abs, predicted)) < math.inf:
+            self.since_full = 0  # (a sum that is not finite: an Inf or NaN estimate)
             return j + 1
-        magnitude = np.abs(predicted)
-        largest = magnitude.max()
-        if not largest < np.inf:  # Inf or NaN
-            self.since_full = 0
-            return j + 1
-        if largest <= self.MARGIN * level:
-            return 0
-        # One past the last row above the level.
-        reach = j - int((magnitude[::-1] > self.MARGIN * level).argmax())
+        bound = self.MARGIN * level
+        # One past the last row above the level (0: none).
+        reach = next((i + 1 for i in range(j - 1, -1, -1) if abs(predicted[i]) > bound), 0)
         if reach >= j:
             self.since_full = 0
             return j + 1
         return reach
 
-    def measured(self, predicted: np.ndarray, reach: int, values: np.ndarray) -> None:
+    def measured(self, predicted: list[float], reach: int, values: list[float]) -> None:
         """Replace the estimates of rows ``[0, reach)`` by the inner products just formed."""
-        count = min(reach, predicted.size)
+        count = min(reach, len(predicted))
         predicted[:count] = values[:count]
 
     def reset(self, reach: int) -> None:
         """After an update over rows ``[0, reach)`` those are orthogonal to rounding."""
         self._reset = reach
 
-    def advance(self, predicted: np.ndarray, beta_next: float, beta_before: float) -> None:
+    def advance(self, predicted: list[float], beta_next: float, beta_before: float) -> None:
         """Move to the next vector: its row is the estimate (1 at its own index).
 
         Estimates and measurements are relative to the norm before this step's update,
@@ -607,17 +789,18 @@ class _Drift:
         """
         reach, self._reset = self._reset, 0
         self._follow = 0 if self._forced else reach
-        j = predicted.size
-        row = np.empty(j + 2)
+        j = len(predicted)
+        eps = self.eps
         if beta_next > 0 and beta_before > 0:
             # Finite: a non-finite estimate (a cycle's first step) forces a full measurement,
             # which replaces every entry; were one left, the next step would measure all rows.
-            np.multiply(predicted, beta_before / beta_next, out=row[:j])
-            row[:reach] = self.eps
-            row[j] = self.eps if reach > j else self._local
+            factor = beta_before / beta_next
+            row = [value * factor for value in predicted]
+            row[: min(reach, j)] = [eps] * min(reach, j)
+            row.append(eps if reach > j else self._local)
         else:  # breakdown: a fresh random direction, orthogonalized twice against every row
-            row[: j + 1] = self.eps
-        row[j + 1] = 1.0
+            row = [eps] * (j + 1)
+        row.append(1.0)
         self.previous, self.current = self.current, row
 
 
@@ -781,7 +964,10 @@ def lanczos(
     # Lanczos vector i is scales[i] * basis[i] (see _extend_lanczos; restarts reset to 1).
     scales = np.ones(basis_size + width)
     projected = np.zeros((basis_size, basis_size))
-    drift = _Drift(projected, operand.eps) if width == 1 else None
+    if width == 1:
+        projection = _Projection(projected)
+        drift = _Drift(projection, operand.eps)
+        views = _RowViews(basis)
     start, restarts, norm_estimate = 0, 0, 0.0
     # Locked rows [0, locked): wanted Ritz pairs converged far below tol, frozen; restarts
     # recombine, and the projected eigenproblem covers, only the rows after them. The lock level
@@ -857,15 +1043,39 @@ def lanczos(
         threshold = active_threshold(tol * max(norm_bound, float(np.abs(theta).max())))
         return bool((residuals[_select(theta, which, min(k, stop))] <= threshold).all()) and stop >= k
 
+    def single_converged(stop: int, beta: float, norm_bound: float) -> bool:
+        """wanted_converged for single-vector Lanczos, on host floats: the tridiagonal
+        eigensolver's output is read once (values and the eigenvectors' last row), the rest is
+        Python arithmetic on about 20 numbers (numpy calls cost microseconds each in-run)."""
+        if restarts == 0 and stop < min(2 * k, basis_size):
+            return False
+        if stop - locked < 2:
+            return wanted_converged(stop, np.array([[beta]]), norm_bound)
+        values, active, info = scipy.linalg.lapack.dstev(*projection.active(stop), compute_v=1)
+        if info != 0:  # the dense eigensolver instead
+            return wanted_converged(stop, np.array([[beta]]), norm_bound)
+        theta = projection.diag[:locked] + values.tolist()
+        residuals = projection_locked_residuals + [abs(beta * last) for last in active[-1].tolist()]
+        threshold = active_threshold(tol * max(norm_bound, max(map(abs, theta))))
+        return all(residuals[index] <= threshold for index in _select(theta, which, min(k, stop))) and stop >= k
+
+    projection_locked_residuals: list[float] = []
     while True:
         # At least one block fits: start <= basis_size - width after a restart, and the loop
         # ends before the matvec budget drops below one block.
         num_blocks = min((basis_size - start) // width, (max_steps - operand.num_matvecs) // width)
         stop = start + width * num_blocks
-        coupling, norm_estimate, stop = _extend_lanczos(
-            operand, basis, scales, projected, start, stop, width, norm_estimate, rng, wanted_converged,
-            orthogonality, drift,
-        )
+        if width == 1:
+            beta, norm_estimate, stop = _extend_single(
+                operand, views, scales, projection, start, stop, norm_estimate, rng, single_converged,
+                orthogonality, drift,
+            )
+            coupling = np.array([[beta]])
+        else:
+            coupling, norm_estimate, stop = _extend_lanczos(
+                operand, basis, scales, projected, start, stop, width, norm_estimate, rng, wanted_converged,
+                orthogonality,
+            )
         theta, vectors, residual_estimates = ritz(stop, coupling)
         norm_estimate = max(norm_estimate, float(np.abs(theta).max()))
         threshold = tol * norm_estimate
@@ -875,7 +1085,7 @@ def lanczos(
         if (num_converged == k and len(wanted) == k) or out_of_budget:
             break
         num_kept = _num_kept(k, basis_size - width + 1, num_converged)
-        kept = _select(theta, which, num_kept)
+        kept = np.asarray(_select(theta, which, num_kept))
         # Thick restart: basis <- Ritz vectors, projected matrix <- diag(theta) + arrow couplings.
         # Locked rows stay where they are; newly locked ones (single-vector Lanczos only) come
         # next, then the other kept Ritz vectors: only the rows after the old locked ones are
@@ -894,15 +1104,15 @@ def lanczos(
         combination[num_kept - locked :, stop - locked :] = np.diag(scales[stop : stop + width])
         operand.combine_rows_(basis[locked : stop + width], combination)
         scales[locked : num_kept + width] = 1.0
-        if drift is not None:
+        if width == 1:
             drift.restart(vectors[:, order])
         arrow = coupling @ vectors[stop - width : stop, order]
         newly = int(lockable[order[locked:]].sum())
         locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
         locked += newly
         arrow[:, :locked] = 0.0  # the locked rows' couplings (<= lock_threshold ||A||) are dropped
-        if drift is not None:
-            drift.locked_residuals = locked_residuals
+        if width == 1:
+            drift.locked_residuals = projection_locked_residuals = locked_residuals.tolist()
         projected[:] = 0.0
         projected[np.arange(num_kept), np.arange(num_kept)] = theta[order]
         projected[num_kept : num_kept + width, :num_kept] = arrow
@@ -910,6 +1120,7 @@ def lanczos(
         start = num_kept
         if width == 1:
             head = _tridiagonal_head(projected, locked, start)
+            projection.load(locked, start, head)
         restarts += 1
 
     eigenvalues = theta[wanted]
