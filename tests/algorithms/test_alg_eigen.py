@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -624,3 +627,59 @@ def test_norm_after_a_small_update_comes_from_the_removed_coefficients(dtype):
             continue
         measured = np.linalg.norm(vector - rows @ coefficients[:, 0])
         assert abs(norms[0] - measured) <= 0.01 * level * measured
+
+
+def _random_configuration(index: int):
+    """A spectrum, scale and lanczos settings drawn from ``index`` (the random search that found
+    the silent failures fixed in c16d072)."""
+    rng = np.random.default_rng(1000 + index)
+    dim = int(rng.choice([60, 150]))
+    kind = str(rng.choice(["bulk_edge", "outliers", "decay", "goe", "cluster", "indefinite", "low_rank"]))
+    if kind == "bulk_edge":
+        values = np.r_[0.98 ** np.arange(dim // 8), rng.uniform(-0.02, 0.5, dim - dim // 8)]
+    elif kind == "outliers":
+        values = np.r_[10.0, 9.0, 8.0, 7.0, 3.0, 2.995, rng.uniform(-1.0, 2.9, dim - 6)]
+    elif kind == "decay":
+        values = 10.0 ** -rng.uniform(0, 8, dim)
+    elif kind == "goe":
+        gaussian = rng.standard_normal((dim, dim))
+        values = np.linalg.eigvalsh((gaussian + gaussian.T) / np.sqrt(2 * dim))
+    elif kind == "cluster":
+        values = np.r_[1 + 1e-7 * np.arange(6), rng.uniform(-1.0, 0.9, dim - 6)]
+    elif kind == "indefinite":
+        values = 3 * rng.standard_normal(dim)
+    else:
+        values = np.r_[rng.uniform(1.0, 5.0, 8), np.zeros(dim - 8)]
+    k = int(rng.integers(1, 8))
+    block_size = int(rng.choice([1, 1, 1, 2, 3]))
+    settings = dict(
+        k=k, which=str(rng.choice(["LA", "SA", "LM", "BE"])), tol=float(rng.choice([1e-4, 1e-6, 1e-8, 1e-10])),
+        block_size=block_size, max_basis_size=int(rng.integers(k + block_size + 1, min(dim, 3 * k + 20))), seed=index,
+    )
+    return values * 10.0 ** rng.uniform(-6, 6), settings, str(rng.choice(["torch", "numpy"]))
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_lanczos_random_configurations_never_return_a_wrong_converged_pair(chunk, make_spectrum_matrix):
+    """50 random configurations per chunk (spectra of seven kinds at scales 1e-6..1e6, every
+    ``which``, tol 1e-4..1e-10, block sizes 1-3): every pair reported converged has an explicit
+    residual within tol and an eigenvalue within that residual of the spectrum; a run that does
+    not converge within max_iter warns (hard spectra: clusters at 1e-7, eight decades)."""
+    for index in range(50 * chunk, 50 * chunk + 50):
+        values, settings, backend = _random_configuration(index)
+        matrix, _ = make_spectrum_matrix(values, seed=index)
+        operator = torch.tensor(matrix) if backend == "torch" else matrix
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = lanczos(operator, **settings)
+        converged = np.asarray(result.converged)
+        assert converged.all() or any("converged" in str(w.message) for w in caught), (index, settings)
+        assert math.isfinite(result.spectral_norm_estimate), (index, settings)
+        true_values = np.linalg.eigvalsh(matrix)
+        rounding = 100 * np.sqrt(matrix.shape[0]) * EPS * np.abs(true_values).max()
+        got, vectors = np.asarray(result.eigenvalues), np.asarray(result.eigenvectors)
+        explicit = np.linalg.norm(matrix @ vectors - vectors * got, axis=0)
+        within = explicit <= settings["tol"] * result.spectral_norm_estimate * (1 + 1e-6) + rounding
+        assert np.all(within | ~converged), (index, settings, explicit / np.abs(true_values).max())
+        distance = np.abs(got[:, None] - true_values[None, :]).min(axis=1)
+        assert np.all((distance <= explicit + rounding) | ~converged), (index, settings)
