@@ -546,7 +546,7 @@ def _single_reorthogonalize(
         operand.subtract_combination_(views.rows[new], update, views.basis[:reach])
         if reach > j:
             alpha += coefficients[j] * own
-        drift.dropped(j, own * math.sqrt(sum(value * value for row, value in enumerate(coefficients) if row != j)))
+        drift.dropped(j, [own * value for value in coefficients])
         drift.reset(reach)
         norm_after = _norm_after_update(operand, coefficients, norm_before, reach, orthogonality)
         if norm_after is None:
@@ -643,10 +643,12 @@ class _Drift:
     old basis, discarded directions included, which new vectors are not orthogonal to, so it
     enters ``omega_{j+1, i}`` as ``|v_j^T E_i| <= ||E_i||`` per step: divided by a small
     ``beta_{j+1}``, many times the level (converged Ritz vectors of a spectrum's other end, at
-    ``beta / ||A|| ~ 1e-4``: 1e-5 per step). Each row's bound ``errors[i]`` is tracked: a cycle's
-    vector accumulates the norm of the coefficients removed from it, and a restart combines
-    them, ``E_i <= sum_j |s_ji| errors[j]``. (Within a cycle such errors lie along basis rows,
-    to which new vectors are orthogonal to the level: second order, not added.)
+    ``beta / ||A|| ~ 1e-4``: 1e-5 per step). A bound ``errors[i]`` per kept row is added to its
+    estimate: the cycle's removed coefficients ``C`` (``removed[l, j]``: row ``l``'s coefficient
+    taken out of vector ``j``) give ``E_i = V C s_i``, whose part in the discarded directions
+    is ``||S_disc^T C s_i||`` (``V = [Y, Y_disc] S^T``); older kept rows' bounds combine as
+    ``sum_m |s_mi| errors[m]``. (The part along kept rows, and within a cycle all of it, lies
+    along basis rows, to which new vectors are orthogonal to the level: second order.)
     Rows whose estimate exceeds the tolerated level get a Gram-Schmidt pass, whose measured
     inner products replace the estimates; the loss concentrates on converged Ritz directions
     (Paige), mostly the first kept rows, so most passes cover a few rows instead of all.
@@ -675,29 +677,40 @@ class _Drift:
         self._forced = False  # this step is the second of a pair
         self._local = eps  # drift along v_j itself (alpha's rounding), set by predict
         self.locked_residuals: list[float] = []  # residual norms of the locked rows [0, L)
-        self.errors = [0.0]  # bounds on each row's Lanczos relation error (true units)
+        size = len(projection.diag)
+        self.errors = [0.0] * size  # kept rows: bounds on the relation error (true units)
+        self.removed = np.zeros((size, size))  # the cycle's removed coefficients, C
 
     def begin(self, start: int) -> None:
         """A Lanczos cycle from row ``start``, whose drift row is ``current`` (see restart)."""
         self.start = start
         self.previous = [0.0] * start
-        self.errors[start:] = [0.0] * (len(self.projection.diag) - start)
+        self.errors[start:] = [0.0] * (len(self.errors) - start)
+        self.removed[:, start:] = 0.0
         self.since_full = 0
         self._follow = 0
 
-    def restart(self, kept_vectors: np.ndarray) -> None:
-        """Thick restart ``basis[:p] <- S^T basis[:m]``: the residual row moves to row ``p``
-        and keeps its drift, ``omega_new = omega[:m] S`` (the kept rows are combinations of
-        rows it had drifted from)."""
-        m = kept_vectors.shape[0]
-        row = (np.array(self.current[:m]) @ kept_vectors).tolist()
+    def restart(self, vectors: np.ndarray, order: np.ndarray) -> None:
+        """Thick restart ``basis[:p] <- S_kept^T basis[:m]`` (``S_kept = vectors[:, order]``):
+        the residual row moves to row ``p`` and keeps its drift, ``omega_new = omega[:m]
+        S_kept`` (the kept rows are combinations of rows it had drifted from); the kept rows'
+        relation error bounds are formed (see the class)."""
+        m, start = vectors.shape[0], self.start
+        kept = vectors[:, order]
+        row = (np.array(self.current[:m]) @ kept).tolist()
         row.append(1.0)
         self.current = row
-        self.errors = (np.array(self.errors[:m]) @ np.abs(kept_vectors)).tolist() + [0.0]
+        discarded = np.ones(m, dtype=bool)
+        discarded[order] = False
+        inherited = np.array(self.errors[:start]) @ np.abs(kept[:start])
+        new = np.sqrt(np.square(vectors[:, discarded].T @ (self.removed[:m, :m] @ kept)).sum(0))
+        self.errors[: len(order)] = (inherited + new).tolist()
 
-    def dropped(self, j: int, amount: float) -> None:
-        """Row ``j``'s update removed components of norm ``amount`` (true units) not in ``T``."""
-        self.errors[j] += amount
+    def dropped(self, j: int, coefficients: list[float]) -> None:
+        """Vector ``j``'s update removed ``coefficients`` (true units) along rows
+        ``[0, len(coefficients))`` besides its own (which alpha takes): not in ``T``."""
+        self.removed[: len(coefficients), j] += coefficients
+        self.removed[j, j] = 0.0
 
     def predict(self, j: int, alpha: float, beta_next: float, norm: float) -> list[float]:
         """Estimates of ``omega_{j+1, i}``, ``i < j`` (before this step's pass)."""
@@ -1105,7 +1118,7 @@ def lanczos(
         operand.combine_rows_(basis[locked : stop + width], combination)
         scales[locked : num_kept + width] = 1.0
         if width == 1:
-            drift.restart(vectors[:, order])
+            drift.restart(vectors, order)
         arrow = coupling @ vectors[stop - width : stop, order]
         newly = int(lockable[order[locked:]].sum())
         locked_residuals = np.concatenate([locked_residuals, residual_estimates[order[locked : locked + newly]]])
