@@ -55,6 +55,11 @@ class Operand:
         Operator-vector products applied so far (a block of ``b`` columns counts ``b``).
     eps : float
         Unit roundoff of the working dtype.
+    cheap_passes : bool
+        Whether a pass over a few dozen stored vectors costs less than a few host operations (an
+        accelerator, where a step's host time is its overhead and memory bandwidth is plentiful):
+        single-vector Lanczos then measures every stored row's drift each step, in the step's
+        one read, instead of estimating it.
     scale_limit : float
         ``2 ** (e / 8)`` for the dtype's largest binary exponent ``e`` (2**128 in float64,
         2**16 in float32): vectors kept unnormalized (with a recorded scale) are renormalized
@@ -72,6 +77,7 @@ class Operand:
         self.local_dim = dim
         self.eps = eps
         self.scale_limit = 2.0 ** (max_exponent // 8)
+        self.cheap_passes = False
         self.num_matvecs = 0
 
     # -- operator application -------------------------------------------------
@@ -207,10 +213,11 @@ class Operand:
         device-to-host read."""
         return self.inner(rows.T, vector).tolist()
 
-    def gram(self, rows: Array) -> list[list[float]]:
-        """``rows @ rows.T`` for a small ``(n, D)`` row stack, as nested Python floats: one pass
-        and one device-to-host read (the inner products of a Lanczos step's vectors)."""
-        return self.inner(rows.T, rows.T).tolist()
+    def gram(self, rows: Array, columns: Array | None = None) -> list[list[float]]:
+        """``rows @ columns.T`` (default ``columns = rows``) for small ``(n, D)`` and ``(c, D)``
+        row stacks, as nested Python floats: one pass and one device-to-host read (the inner
+        products of a Lanczos step's vectors)."""
+        return self.inner(rows.T, (rows if columns is None else columns).T).tolist()
 
     def column_dots(self, left: Array, right: Array) -> np.ndarray:
         """``(b,)`` column-wise inner products of two ``(D, b)`` blocks."""
@@ -426,6 +433,7 @@ class TorchOperand(Operand):
         super().__init__(dim, float(torch.finfo(dtype).eps), math.frexp(torch.finfo(dtype).max)[1])
         self.dtype = dtype
         self.device = torch.device(device)
+        self.cheap_passes = self.device.type != "cpu"
         self._block_fn = apply_block
         #: Whether ``apply_block(X, out=Y)`` writes the product into ``Y``.
         self.takes_out = takes_out
@@ -512,8 +520,8 @@ class TorchOperand(Operand):
         # on the way, each microseconds of host time in-run.
         return self._summed(wide_matmul(rows, vector)).tolist()
 
-    def gram(self, rows: torch.Tensor) -> list[list[float]]:
-        return self._summed(wide_matmul(rows, rows.T)).tolist()
+    def gram(self, rows: torch.Tensor, columns: torch.Tensor | None = None) -> list[list[float]]:
+        return self._summed(wide_matmul(rows, (rows if columns is None else columns).T)).tolist()
 
     def _summed(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum of a reduction's partial results over the shards (itself when not sharded)."""

@@ -400,8 +400,15 @@ def _single_step(
     recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
     # Gram matrix of [u,] v and w (stored units), whose last row is w's inner products: their
     # NaN/Inf check is the product's (NaN and Inf propagate into every inner product with it,
-    # and the product is still untouched here).
-    gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
+    # and the product is still untouched here). Where passes are cheap (an accelerator), the
+    # same read brings every stored row's inner products with u, v and w: each row's drift is
+    # then measured, not estimated, and a Gram-Schmidt update needs no second pass and read.
+    measure_all = operand.cheap_passes and recurrence
+    if measure_all:
+        table = operand.gram(views.basis[: new + 1], views.triples[j - 1])
+        gram = [table[j - 1], table[j], table[new]]
+    else:
+        gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
     products = gram[-1]
     if not all(map(math.isfinite, products)):
         operand.require_finite_product(image)
@@ -419,26 +426,51 @@ def _single_step(
         beta = projection.coupling(j)
         scale = float(scales[j - 1])
         squared += beta * scale * (beta * scale * gram[0][0] - 2.0 * own * products[0] + 2.0 * alpha * own * gram[0][1])
-        operand.subtract_rows_(image, (beta * scale / own, alpha), views.pairs[j - 1], views.vectors[j - 1 : new])
+        known = (beta * scale / own, alpha)
+        if not measure_all:  # (else merged into the update, or subtracted below)
+            operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
     else:
         known = np.empty((1, new - previous))
         known[0, :-1] = projection.projected[previous:j, j] * scales[previous:j] / own
         known[0, -1] = alpha
         operand.subtract_combination_(rows, known, views.basis[previous:new])
-    rounding = _pass_rounding(operand) * max(product_squared, norm_estimate * norm_estimate)
-    if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding:
+    rounding = _pass_rounding(operand)
+    if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding * max(product_squared, norm_estimate**2):
         norm_before = math.sqrt(squared) / own  # stored units
     else:  # the arrow after a restart, or cancellation too deep for the level kept
+        if measure_all:
+            operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
+            measure_all = False
         norm_before = operand.norm(image)
-    # Rows [0, reach) get a Gram-Schmidt pass: only up to the last row whose estimated drift
-    # exceeds the tolerated level (see _Drift); often none.
-    predicted = drift.predict(j, alpha, own * norm_before, norm_estimate)
+    first = None
+    if measure_all:
+        # Each row's inner product with the residual w - alpha v - c u, from the table (true row
+        # units over own). Used where their rounding, relative to the inner products' operands,
+        # is within 1% of the level (the accuracy a measurement pass has); else a pass measures.
+        coefficient_u, _ = known
+        norms = math.sqrt(gram[2][2]) + abs(alpha) * math.sqrt(gram[1][1]) + abs(coefficient_u) * math.sqrt(gram[0][0])
+        if rounding * norms <= 0.01 * orthogonality * norm_before:
+            first = [weight * (row[2] - alpha * row[1] - coefficient_u * row[0])
+                     for weight, row in zip(scales[:new].tolist(), table)]
+        else:
+            operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
+            measure_all = False
+    # Rows [0, reach) get a Gram-Schmidt pass: only up to the last row whose drift (measured, or
+    # estimated: see _Drift) exceeds the tolerated level; often none.
+    if first is not None:
+        scale_down = 1.0 / max(norm_before, 1e-300)
+        predicted = [value * scale_down for value in first[:j]]
+    else:
+        predicted = drift.predict(j, alpha, own * norm_before, norm_estimate)
     reach, forced = drift.reach(j, predicted, orthogonality)
     norm_after = norm_before
     if reach:
         norm_after, alpha = _single_reorthogonalize(
-            operand, views, scales, new, reach, norm_before, orthogonality, j, own, alpha, drift, predicted, forced
+            operand, views, scales, new, reach, norm_before, orthogonality, j, own, alpha, drift, predicted, forced,
+            first, known if measure_all else None,
         )
+    elif measure_all:
+        operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
     projection.set_alpha(j, alpha)
     norm = own * norm_after
     norm_estimate = max(norm_estimate, abs(alpha), norm)
@@ -525,25 +557,40 @@ def _single_reorthogonalize(
     drift: "_Drift",
     predicted: list[float],
     forced: bool,
+    first: list[float] | None = None,
+    known: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """:func:`_reorthogonalize` of the single new row ``basis[new]`` (stored norm
     ``norm_before``) against ``basis[:reach]``, in host floats (a step's host time is its
     overhead on a GPU). The first pass's inner products replace the drift estimates; a
-    ``forced`` update is applied whatever they say. Returns the norm after (stored units; 0 if
-    a second pass also removed most of the row, as in :func:`_reorthogonalize`) and alpha
-    corrected by the part removed along the current row ``j``."""
+    ``forced`` update is applied whatever they say. ``first``: the first pass's coefficients,
+    already measured by the caller (no pass then); ``known``: the recurrence's coefficients of
+    ``basis[j - 1]`` and ``basis[j]``, not yet subtracted, which join the first update (or are
+    subtracted alone if it is skipped). Returns the norm after (stored units; 0 if a second pass
+    also removed most of the row, as in :func:`_reorthogonalize`) and alpha corrected by the
+    part removed along the current row ``j``."""
     image = views.vectors[new]
-    weights = scales[:reach].tolist()
+    weights = scales[: max(reach, j + 1)].tolist()
     for repeat in range(2):
         # coefficients[i] = v_i^T (A v_j) / own, relative to the norm in stored units.
-        coefficients = [value * weight for value, weight in zip(operand.dots(views.basis[:reach], image), weights)]
-        if repeat == 0:
-            scale = 1.0 / max(norm_before, 1e-300)
-            drift.measured(predicted, reach, [value * scale for value in coefficients])
+        if repeat == 0 and first is not None:
+            coefficients = first[:reach]
+        else:
+            coefficients = [value * weight for value, weight in zip(operand.dots(views.basis[:reach], image), weights)]
+            if repeat == 0:
+                scale = 1.0 / max(norm_before, 1e-300)
+                drift.measured(predicted, reach, [value * scale for value in coefficients])
         if not (forced and repeat == 0) and max(map(abs, coefficients)) <= orthogonality * norm_before:
+            if known is not None:
+                operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
             return norm_before, alpha  # orthogonal to the level already: see _reorthogonalize
-        update = np.array([[value * weight for value, weight in zip(coefficients, weights)]])
-        operand.subtract_combination_(views.rows[new], update, views.basis[:reach])
+        update = [value * weight for value, weight in zip(coefficients, weights)]
+        if known is not None:  # one update for both, over rows [0, max(reach, j + 1))
+            update += [0.0] * (j + 1 - len(update))
+            update[j - 1] += known[0]
+            update[j] += known[1]
+            known = None
+        operand.subtract_combination_(views.rows[new], np.array([update]), views.basis[: len(update)])
         if reach > j:
             alpha += coefficients[j] * own
         drift.dropped(j, [own * value for value in coefficients])
@@ -885,7 +932,9 @@ def lanczos(
     Simon's recurrence (generalised to thick restarts) and only the rows near that level are
     measured and removed, from two consecutive vectors (partial reorthogonalization; also the
     first two of each cycle after a restart, which resets the drift), so most steps read none
-    of the stored basis. The per-step convergence check solves the tridiagonal projected
+    of the stored basis; on an accelerator, where such a pass costs less than the estimate's
+    host time, every row's drift is measured in the step's one read instead (where its rounding
+    allows: at tolerances above about ``1e-8``). The per-step convergence check solves the tridiagonal projected
     problem (the kept block of a restart is reduced to tridiagonal form once). Thick restarts
     (Wu and Simon 2000): the basis never holds more than ``max_basis_size + block_size``
     vectors of length ``D``; at a restart the wanted Ritz vectors and some of their neighbours

@@ -16,6 +16,27 @@ EPS = np.finfo(np.float64).eps
 TOL = 1e-10
 
 
+def _operator(matrix: np.ndarray, backend: str, monkeypatch):
+    """``matrix`` for the numpy path, the torch path, or the torch path with passes over the
+    basis deemed cheap (as on an accelerator: every row's drift measured each step)."""
+    if backend == "numpy":
+        return matrix
+    if backend == "torch-measured":
+        from curvops.algorithms import _operand
+
+        original = _operand.TorchOperand.__init__
+
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.cheap_passes = True
+
+        monkeypatch.setattr(_operand.TorchOperand, "__init__", init)
+    return torch.tensor(matrix)
+
+
+BACKENDS = ["torch", "numpy", "torch-measured"]
+
+
 def _spectra() -> dict[str, tuple[np.ndarray, str, int, int]]:
     """name -> (eigenvalues, which, k, block_size)."""
     rng = np.random.default_rng(123)
@@ -100,17 +121,16 @@ def test_lanczos_matches_eigh(name, make_spectrum_matrix):
     assert result.eigenvectors.shape == (DIM, k)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [2.0**-40, 1e-3, 300.0, 2.0**40])
-def test_lanczos_is_unaffected_by_the_operator_scale(scale, backend, make_spectrum_matrix):
+def test_lanczos_is_unaffected_by_the_operator_scale(scale, backend, make_spectrum_matrix, monkeypatch):
     """Hessians have norms far from 1 (top eigenvalues of 1e-3 to 1e3 are common). Lanczos keeps
     its new vectors unnormalized with a recorded scale, and stored norms change by about
     ``beta`` per step: they must not drift into over- or underflow over a run of many restarts."""
     rng = np.random.default_rng(31)
     values = np.r_[3.0, 2.9, 2.8, 2.7, 2.6, rng.uniform(-1.0, 2.5, DIM - 5)]
     matrix, _ = make_spectrum_matrix(values * scale, seed=31)
-    operator = torch.tensor(matrix) if backend == "torch" else matrix
-    result = lanczos(operator, k=5, tol=TOL, seed=0, max_basis_size=12)
+    result = lanczos(_operator(matrix, backend, monkeypatch), k=5, tol=TOL, seed=0, max_basis_size=12)
     assert result.num_restarts >= 5
     check_eigenpairs(matrix, result, TOL, "LA", 5)
 
@@ -144,10 +164,10 @@ def _check_loose(matrix, result, tol, which, k):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["SA", "BE"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lanczos_at_a_loose_tol_over_many_restarts(seed, which, backend, make_spectrum_matrix):
+def test_lanczos_at_a_loose_tol_over_many_restarts(seed, which, backend, make_spectrum_matrix, monkeypatch):
     """At tol = 1e-6 (orthogonality level 1e-8) a new vector's norm comes from formulas instead
     of a pass over it where their error allows. Wanted pairs at the edge of a dense bulk (SA, and
     BE's lower half) take 10-40 restarts: the norm errors must not compound over them (they did,
@@ -156,14 +176,13 @@ def test_lanczos_at_a_loose_tol_over_many_restarts(seed, which, backend, make_sp
     rng = np.random.default_rng(40 + seed)
     values = np.r_[0.98 ** np.arange(30), rng.uniform(-0.02, 0.5, DIM - 30)]
     matrix, _ = make_spectrum_matrix(values, seed=40 + seed)
-    operator = torch.tensor(matrix) if backend == "torch" else matrix
-    result = lanczos(operator, k=5, which=which, tol=1e-6, seed=0, max_basis_size=12)
+    result = lanczos(_operator(matrix, backend, monkeypatch), k=5, which=which, tol=1e-6, seed=0, max_basis_size=12)
     assert result.num_restarts >= 10
     _check_loose(matrix, result, 1e-6, which, 5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
-def test_drift_estimate_counts_the_relation_errors_of_kept_ritz_vectors(backend, make_spectrum_matrix):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drift_estimate_counts_the_relation_errors_of_kept_ritz_vectors(backend, make_spectrum_matrix, monkeypatch):
     """A kept Ritz vector's relation error (the Gram-Schmidt coefficients removed from the
     vectors it combines, about level * beta) lies partly in discarded directions, so it enters
     each new vector's drift as error / beta_next. Here (BE on a spectrum spread over eight
@@ -173,8 +192,7 @@ def test_drift_estimate_counts_the_relation_errors_of_kept_ritz_vectors(backend,
     rng = np.random.default_rng(557)
     values = 10.0 ** -rng.uniform(0, 8, 60) * 9.665518711239552e-4  # (as a random search drew it)
     matrix, _ = make_spectrum_matrix(values, seed=557)
-    operator = torch.tensor(matrix) if backend == "torch" else matrix
-    result = lanczos(operator, k=6, which="BE", tol=1e-6, seed=557, max_basis_size=31)
+    result = lanczos(_operator(matrix, backend, monkeypatch), k=6, which="BE", tol=1e-6, seed=557, max_basis_size=31)
     _check_loose(matrix, result, 1e-6, "BE", 6)
 
 
@@ -192,6 +210,53 @@ def test_block_lanczos_on_a_low_rank_operator(which, backend, make_spectrum_matr
     operator = torch.tensor(matrix) if backend == "torch" else matrix
     result = lanczos(operator, k=4, which=which, tol=1e-8, seed=503, max_basis_size=25, block_size=3)
     _check_loose(matrix, result, 1e-8, which, 4)
+
+
+@pytest.mark.parametrize("name", list(_spectra()))
+def test_measured_drift_matches_eigh(name, make_spectrum_matrix, monkeypatch):
+    """Where passes over the basis are cheap (accelerators) every row's drift is measured in the
+    step's one read instead of estimated: the same answers."""
+    eigenvalues, which, k, block_size = _spectra()[name]
+    matrix, _ = make_spectrum_matrix(eigenvalues, seed=1)
+    operator = _operator(matrix, "torch-measured", monkeypatch)
+    result = lanczos(operator, k=k, which=which, tol=TOL, seed=0, block_size=block_size)
+    check_eigenpairs(matrix, result, TOL, which, k)
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-10])
+def test_measured_drift_reads_once_per_step(tol, make_spectrum_matrix, monkeypatch):
+    """With measured drift a recurrence step makes one read (the stored rows' inner products with
+    u, v and w) and no estimate; a Gram-Schmidt update takes its coefficients from that read, so
+    only each cycle's first step (the arrow) and DGKS re-passes read again. At tol = 1e-10 the
+    read's rounding exceeds 1% of the level (1e-12) relative to the residual: every step falls
+    back to the estimate and a measuring pass. The basis stays orthonormal to the level."""
+    import curvops.algorithms.eigen as eigen
+    from curvops.algorithms import _operand
+
+    rng = np.random.default_rng(13)
+    gaussian = rng.standard_normal((DIM, DIM))
+    matrix, _ = make_spectrum_matrix(np.linalg.eigvalsh((gaussian + gaussian.T) / np.sqrt(2 * DIM)), seed=13)
+    operator = _operator(matrix, "torch-measured", monkeypatch)
+    counts = {"gram": 0, "dots": 0, "predict": 0}
+    for owner, name in ((_operand.TorchOperand, "gram"), (_operand.TorchOperand, "dots"), (eigen._Drift, "predict")):
+        original = getattr(owner, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+    result = lanczos(operator, k=5, tol=tol, seed=0, max_basis_size=12)
+    steps, cycles = result.num_matvecs - 5, result.num_restarts + 1
+    assert counts["gram"] == steps
+    if tol == 1e-6:
+        assert counts["predict"] == cycles
+        assert counts["dots"] <= cycles + 0.1 * steps
+    else:
+        assert counts["predict"] == steps
+    vectors = result.eigenvectors.numpy()
+    assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), tol / 100)
+    _check_loose(matrix, result, tol, "LA", 5)
 
 
 def test_lanczos_sa_finds_most_negative(make_spectrum_matrix):
@@ -683,3 +748,10 @@ def test_lanczos_random_configurations_never_return_a_wrong_converged_pair(chunk
         assert np.all(within | ~converged), (index, settings, explicit / np.abs(true_values).max())
         distance = np.abs(got[:, None] - true_values[None, :]).min(axis=1)
         assert np.all((distance <= explicit + rounding) | ~converged), (index, settings)
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_lanczos_random_configurations_with_measured_drift(chunk, make_spectrum_matrix, monkeypatch):
+    """The random configurations above on the torch path with every row's drift measured."""
+    _operator(np.eye(2), "torch-measured", monkeypatch)
+    test_lanczos_random_configurations_never_return_a_wrong_converged_pair(chunk, make_spectrum_matrix)
