@@ -379,15 +379,15 @@ def _single_step(
     """One single-vector Lanczos step (``b = 1``, see :func:`_extend_single`) in host scalars.
 
     ``basis[j + 1]`` <- the new residual, unnormalized (its scale recorded), and ``T[j, j]`` <-
-    alpha. The Gram matrix of the previous vector ``u``, the current one ``v`` and the raw
-    product ``w`` comes from one pass and one device-to-host read; the residual's norm then
-    follows from the three-term recurrence,
+    alpha. On an accelerator the Gram matrix of the previous vector ``u``, the current one ``v``
+    and the raw product ``w`` comes from one pass and one device-to-host read; the residual's
+    norm then follows from the three-term recurrence,
     ``||w - alpha v - beta u||^2 = w^T w - alpha v^T w + beta^2 u^T u - 2 beta u^T w +
     2 alpha beta u^T v`` (true units, ``alpha = v^T w / v^T v``), whenever its rounding error
     (``~ sqrt(D) eps max(||w||^2, ||A||^2)``) is below 1% of the kept orthogonality level
-    relative to the result, and is measured otherwise. On a GPU the host side of a step is its
-    overhead: this saves a kernel and a synchronizing read per step (and a pass over the vector
-    on a CPU). Returns ``(beta_next, norm_estimate)``.
+    relative to the result, and is measured otherwise: the host side of a step is its overhead
+    there, and this saves a kernel and a synchronizing read per step. On a CPU the norm is
+    measured (see the comments below). Returns ``(beta_next, norm_estimate)``.
     """
     new = j + 1
     own = float(scales[j])
@@ -398,34 +398,46 @@ def _single_step(
     # time, several times the arithmetic on one number.
     previous = j - 1 if j != start else projection.first_coupled
     recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
-    # Gram matrix of [u,] v and w (stored units), whose last row is w's inner products: their
-    # NaN/Inf check is the product's (NaN and Inf propagate into every inner product with it,
-    # and the product is still untouched here). Where passes are cheap (an accelerator), the
-    # same read brings every stored row's inner products with u, v and w: each row's drift is
-    # then measured, not estimated, and a Gram-Schmidt update needs no second pass and read.
+    # Where passes are cheap (an accelerator: a step's host time, not memory bandwidth, is its
+    # overhead) the one read is the Gram matrix of [u,] v and w (stored units; its last row w's
+    # inner products), from which the residual's norm follows exactly; with cheap passes and
+    # the three-term recurrence, the same read also brings every stored row's inner products
+    # with u, v and w, so each row's drift is measured, not estimated, and a Gram-Schmidt update
+    # needs no second pass and read. On a CPU, where passes cost bandwidth (and a (3, D) x (D, 3)
+    # product runs 4x slower than a (3, D) x (D,) one), the read is w's inner products with
+    # [u,] v and w, and the norm is measured after the subtraction (the new row is in cache).
+    # The NaN/Inf check of those inner products is the product's (NaN and Inf propagate into
+    # every inner product with it, and the product is still untouched here).
     measure_all = operand.cheap_passes and recurrence
     if measure_all:
         table = operand.gram(views.basis[: new + 1], views.triples[j - 1])
         gram = [table[j - 1], table[j], table[new]]
-    else:
+        products = gram[-1]
+    elif operand.cheap_passes:
         gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
-    products = gram[-1]
+        products = gram[-1]
+    else:
+        gram = None
+        products = operand.dots(views.triples[j - 1] if recurrence else views.pairs[j], image)
     if not all(map(math.isfinite, products)):
         operand.require_finite_product(image)
         raise FloatingPointError("lanczos: A v overflowed in v^T A v or ||A v||^2 (the product itself is finite)")
-    # alpha = v^T A v / v^T v (scale-free: w is A v in v's stored units), and in true units
-    # ||A v - alpha v||^2 = own^2 (w^T w - alpha v^T w).
-    alpha = products[-2] / gram[-2][-2]
+    # alpha = v^T A v / v^T v (scale-free: w is A v in v's stored units; a measured norm made
+    # v^T v = 1 / own^2 to rounding), and in true units ||A v - alpha v||^2 = own^2 (w^T w -
+    # alpha v^T w).
+    alpha = products[-2] / gram[-2][-2] if gram is not None else own * own * products[-2]
     product_squared = own * own * products[-1]
     squared = product_squared - own * own * alpha * products[-2]
     # Known couplings of rows [previous, j], in stored units (see _block_step).
     if recurrence:
-        # ... - 2 beta u^T A v + beta^2 u^T u + 2 alpha beta u^T v (true units): exact for the
-        # vectors as they are, not as unit vectors, so the norm errors of earlier steps do not
-        # compound through this formula (they did: by (alpha^2 + beta^2) / beta_next^2 per step).
         beta = projection.coupling(j)
         scale = float(scales[j - 1])
-        squared += beta * scale * (beta * scale * gram[0][0] - 2.0 * own * products[0] + 2.0 * alpha * own * gram[0][1])
+        if gram is not None:
+            # ... - 2 beta u^T A v + beta^2 u^T u + 2 alpha beta u^T v (true units): exact for
+            # the vectors as they are, not as unit vectors, so the norm errors of earlier steps
+            # do not compound through this formula (they did, by (alpha^2 + beta^2) /
+            # beta_next^2 per step, when it took them for unit vectors).
+            squared += beta * scale * (beta * scale * gram[0][0] - 2.0 * own * products[0] + 2.0 * alpha * own * gram[0][1])
         known = (beta * scale / own, alpha)
         if not measure_all:  # (else merged into the update, or subtracted below)
             operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
@@ -435,9 +447,10 @@ def _single_step(
         known[0, -1] = alpha
         operand.subtract_combination_(rows, known, views.basis[previous:new])
     rounding = _pass_rounding(operand)
-    if previous >= j - 1 and squared * 0.01 * orthogonality >= rounding * max(product_squared, norm_estimate**2):
+    if (gram is not None and previous >= j - 1
+            and squared * 0.01 * orthogonality >= rounding * max(product_squared, norm_estimate**2)):
         norm_before = math.sqrt(squared) / own  # stored units
-    else:  # the arrow after a restart, or cancellation too deep for the level kept
+    else:  # a CPU, the arrow after a restart, or cancellation too deep for the level kept
         if measure_all:
             operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
             measure_all = False
