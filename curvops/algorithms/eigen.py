@@ -1130,11 +1130,10 @@ def lanczos(
         if info != 0:  # the dense eigensolver instead
             return wanted_converged(stop, np.array([[beta]]), norm_bound)
         theta = projection.diag[:locked] + values.tolist()
-        residuals = projection_locked_residuals + [abs(beta * last) for last in active[-1].tolist()]
+        residuals = drift.locked_residuals + [abs(beta * last) for last in active[-1].tolist()]
         threshold = active_threshold(tol * max(norm_bound, max(map(abs, theta))))
         return all(residuals[index] <= threshold for index in _select(theta, which, min(k, stop))) and stop >= k
 
-    projection_locked_residuals: list[float] = []
     while True:
         # At least one block fits: start <= basis_size - width after a restart, and the loop
         # ends before the matvec budget drops below one block.
@@ -1187,7 +1186,7 @@ def lanczos(
         locked += newly
         arrow[:, :locked] = 0.0  # the locked rows' couplings (<= lock_threshold ||A||) are dropped
         if width == 1:
-            drift.locked_residuals = projection_locked_residuals = locked_residuals.tolist()
+            drift.locked_residuals = locked_residuals.tolist()
         projected[:] = 0.0
         projected[np.arange(num_kept), np.arange(num_kept)] = theta[order]
         projected[num_kept : num_kept + width, :num_kept] = arrow
