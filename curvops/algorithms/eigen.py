@@ -244,19 +244,18 @@ class _Projection:
 
     def __init__(self, projected: np.ndarray) -> None:
         self.projected = projected
-        self.load(0, 0, (np.zeros((0, 0)), np.zeros(0), np.zeros(0)))
+        self.load(0, (np.zeros((0, 0)), np.zeros(0), np.zeros(0)))
 
-    def load(self, locked: int, start: int, head: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    def load(self, start: int, head: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         """Take ``T`` from ``projected`` after a restart (or at the first cycle)."""
         size = self.projected.shape[0]
-        self.locked, self.start = locked, start
+        self.start = start
         self.diag = self.projected.diagonal().tolist()  # T[i, i]
         self.off = [0.0] * (size + 1)  # off[i] = T[i - 1, i] for i > start
         self.arrow = self.projected[start, :start].tolist() if start < size else []  # T[start, i]
         # The first row coupled to the cycle's first vector (locked rows are not): the
         # known couplings that vector's product has.
         self.first_coupled = next((row for row, value in enumerate(self.arrow) if value != 0.0), start)
-        self.rotation = head[0]
         self.head_diag, self.head_off = head[1].tolist(), head[2].tolist()
 
     def set_alpha(self, j: int, alpha: float) -> None:
@@ -1194,7 +1193,7 @@ def lanczos(
         start = num_kept
         if width == 1:
             head = _tridiagonal_head(projected, locked, start)
-            projection.load(locked, start, head)
+            projection.load(start, head)
         restarts += 1
 
     eigenvalues = theta[wanted]
