@@ -151,7 +151,8 @@ def test_float32_lanczos_is_unaffected_by_the_operator_scale(scale, make_spectru
 
 def _check_loose(matrix, result, tol, which, k):
     """Explicit residuals within ``tol``, each eigenvalue within its residual of the true one
-    (symmetric Bauer-Fike; the wanted eigenvalues are simple here) and unit eigenvectors."""
+    (symmetric Bauer-Fike; the wanted eigenvalues are simple here) and unit eigenvectors to the
+    documented orthogonality level ``min(sqrt(eps), tol / 100)`` (10x for the combination)."""
     true_values = np.linalg.eigvalsh(matrix)
     dim = matrix.shape[0]
     rounding = 100 * np.sqrt(dim) * EPS * np.abs(true_values).max()
@@ -161,7 +162,7 @@ def _check_loose(matrix, result, tol, which, k):
     assert np.all(explicit <= tol * result.spectral_norm_estimate + rounding)
     reference = true_values[_reference_order(true_values, which, k)]
     assert np.all(np.abs(got - reference) <= explicit + rounding)
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, atol=1e-8)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=0), 1.0, atol=10 * min(np.sqrt(EPS), tol / 100))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
