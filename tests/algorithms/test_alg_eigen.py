@@ -16,21 +16,26 @@ EPS = np.finfo(np.float64).eps
 TOL = 1e-10
 
 
+def _measure_drift_on_the_cpu(monkeypatch) -> None:
+    """Torch operands on the CPU deem passes over the basis cheap, as on an accelerator (every
+    row's drift measured each step)."""
+    from curvops.algorithms import _operand
+
+    original = _operand.TorchOperand.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.cheap_passes = True
+
+    monkeypatch.setattr(_operand.TorchOperand, "__init__", init)
+
+
 def _operator(matrix: np.ndarray, backend: str, monkeypatch):
-    """``matrix`` for the numpy path, the torch path, or the torch path with passes over the
-    basis deemed cheap (as on an accelerator: every row's drift measured each step)."""
+    """``matrix`` for the numpy path, the torch path, or the torch path with measured drift."""
     if backend == "numpy":
         return matrix
     if backend == "torch-measured":
-        from curvops.algorithms import _operand
-
-        original = _operand.TorchOperand.__init__
-
-        def init(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            self.cheap_passes = True
-
-        monkeypatch.setattr(_operand.TorchOperand, "__init__", init)
+        _measure_drift_on_the_cpu(monkeypatch)
     return torch.tensor(matrix)
 
 
@@ -761,5 +766,5 @@ def test_lanczos_random_configurations_never_return_a_wrong_converged_pair(chunk
 @pytest.mark.parametrize("chunk", range(2))
 def test_lanczos_random_configurations_with_measured_drift(chunk, make_spectrum_matrix, monkeypatch):
     """The random configurations above on the torch path with every row's drift measured."""
-    _operator(np.eye(2), "torch-measured", monkeypatch)
+    _measure_drift_on_the_cpu(monkeypatch)
     test_lanczos_random_configurations_never_return_a_wrong_converged_pair(chunk, make_spectrum_matrix)
