@@ -74,6 +74,17 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _gibibytes(text: str) -> float:
+    """argparse type: a positive number of GiB, returned in bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text}")
+    return value * 2**30
+
+
 def _seed(text: str) -> int:
     """argparse type: a seed accepted by numpy and torch (0 <= seed < 2**32)."""
     try:
@@ -154,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, default=None,
                      help="torch CPU threads (default: 1 for the built-in example, whose products are "
                           "too small to gain from threads; torch's default otherwise)")
+    run.add_argument("--memory-budget", type=_gibibytes, default=None, metavar="GIB",
+                     help="working memory of the trace and density algorithms, in GiB (default: half "
+                          "the memory available on the device when each starts); their probe blocks "
+                          "are chosen to fit, or the run stops before its products with the bytes needed")
     run.add_argument("--output", "-o", type=Path, default=Path("."), metavar="DIR",
                      help="directory for spectrum.json and spectrum.png (created if missing)")
     run.add_argument("--density-scale", choices=("log", "linear"), default="log",
@@ -389,10 +404,18 @@ def _load_callable(spec: str, option: str) -> Callable[[], Any]:
             module_spec.loader.exec_module(module)
         else:
             # Console scripts do not put the working directory on sys.path; `python -m` does.
-            # Users expect `--model mymodule:f` to find ./mymodule.py in both cases.
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(target)
+            # Users expect `--model mymodule:f` to find ./mymodule.py in both cases; for this
+            # import only: left in front, it would shadow installed modules imported later
+            # (a stray matplotlib.py in the working directory).
+            cwd = os.getcwd()
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(target)
+            finally:
+                if added and cwd in sys.path:
+                    sys.path.remove(cwd)
     except UsageError:
         raise
     except ModuleNotFoundError as error:
@@ -512,7 +535,8 @@ def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
     start = time.perf_counter()
     try:
         method = xtrace if args.trace_method == "xtrace" else hutchpp_trace
-        results["trace"] = method(_Counted(operator, bar), args.trace_matvecs, seed=args.seed)
+        results["trace"] = method(_Counted(operator, bar), args.trace_matvecs, seed=args.seed,
+                                  memory_budget=args.memory_budget)
     finally:
         bar.close()
     timings["trace"] = time.perf_counter() - start
@@ -522,7 +546,8 @@ def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
     start = time.perf_counter()
     try:
         results["density"] = spectral_density(_Counted(operator, bar), num_probes=args.probes,
-                                              lanczos_steps=args.lanczos_steps, seed=args.seed)
+                                              lanczos_steps=args.lanczos_steps, seed=args.seed,
+                                              memory_budget=args.memory_budget)
     finally:
         bar.close()
     timings["density"] = time.perf_counter() - start
@@ -590,6 +615,7 @@ def _record(args: argparse.Namespace, problem: _Problem, operator: Any, results:
             "curvature": args.curvature, "k": args.k, "probes": args.probes,
             "lanczos_steps": args.lanczos_steps, "trace_method": args.trace_method,
             "trace_matvecs": args.trace_matvecs, "params": args.params, "seed": args.seed,
+            "memory_budget_bytes": args.memory_budget,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads() if threads is None else threads,
             "epochs": args.epochs if args.model is None else None,

@@ -23,6 +23,7 @@ Hessian product and per Lanczos iteration, and the peak memory per rank; with
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -83,11 +84,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: one GPU per process (NCCL) if CUDA is available, else CPU (gloo)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a rank waits for the others in a collective before failing")
     parser.add_argument("--out", default=None, help="write the results as JSON (rank 0)")
     return parser.parse_args()
 
 
-def setup(device_kind: str) -> tuple[int, int, torch.device]:
+def setup(device_kind: str, timeout_s: float) -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available() if device_kind == "auto" else device_kind == "cuda"
     if "RANK" not in os.environ:  # plain `python`: one process
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -95,10 +98,15 @@ def setup(device_kind: str) -> tuple[int, int, torch.device]:
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    # A bounded wait: a rank that hangs (or waits for a rank that does) fails after this long
+    # instead of the backend's default (10 minutes for NCCL, 30 for gloo).
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if use_cuda:
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -137,7 +145,7 @@ def timed(device: torch.device, call: Any) -> tuple[Any, float]:
 
 def main() -> None:
     args = parse()
-    rank, world_size, device = setup(args.device)
+    rank, world_size, device = setup(args.device, args.timeout)
     model, batches = build(args, device, world_size, rank)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

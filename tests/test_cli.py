@@ -186,3 +186,22 @@ def test_bad_arguments_in_a_subprocess(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and "error:" in result.stderr
         assert result.stdout == ""
+
+
+def test_user_module_import_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
+    """`--model mod:fn` puts the working directory on sys.path for that import only: a stray
+    matplotlib.py there must not replace the real one when the spectrum is plotted later.
+
+    A subprocess with ``-P`` (no script directory or cwd on sys.path), as the console script
+    runs: ``python -m`` itself would put the working directory first.
+    """
+    (tmp_path / "usermod.py").write_text(USER_MODULE)
+    (tmp_path / "matplotlib.py").write_text("raise ImportError('the stray ./matplotlib.py was imported')\n")
+    code = ("import sys; from curvops.cli import main; "
+            "sys.exit(main(['spectrum', '-q', '--model', 'usermod:make_model', '--data', 'usermod:make_data', "
+            "'-k', '2', '--probes', '2', '--lanczos-steps', '5', '--trace-matvecs', '10', '-o', 'out']))")
+    result = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "stray" not in result.stderr
+    assert (tmp_path / "out" / "spectrum.png").exists()

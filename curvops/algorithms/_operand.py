@@ -43,7 +43,10 @@ Array = Any  # np.ndarray or torch.Tensor, depending on the backend
 
 
 class Operand:
-    """A symmetric ``(D, D)`` operator together with its backend's vector arithmetic.
+    """A square ``(D, D)`` operator together with its backend's vector arithmetic.
+
+    Lanczos and SLQ take it to be symmetric; :meth:`rmatmat` gives ``A^T`` products to the
+    estimators that need them for a non-symmetric ``A`` (XDiag).
 
     Subclasses: :class:`NumpyOperand`, :class:`TorchOperand`.
 
@@ -79,6 +82,14 @@ class Operand:
         self.scale_limit = 2.0 ** (max_exponent // 8)
         self.cheap_passes = False
         self.num_matvecs = 0
+        #: Products are ``A x / 2**product_exponent`` (0 unless :meth:`scale_products` chose one).
+        self.product_exponent = 0
+        self._choose_exponent = False
+        self._max_exponent = max_exponent
+        #: Whether the operator carries the tag ``is_symmetric`` (never tested numerically).
+        self.symmetric = False
+        #: ``block -> A^T @ block`` where the input offers it (a matrix, ``rmatmat``), else None.
+        self.transpose_product: Callable[[Array], Any] | None = None
 
     # -- operator application -------------------------------------------------
     def _apply_block(self, block: Array) -> Array:
@@ -102,6 +113,18 @@ class Operand:
         # (an identity-like operator may return its input).
         return self._copy(result) if self._shares_memory(result, block) else result
 
+    def rmatmat(self, block: Array) -> Array:
+        """Return ``A^T @ block`` for a ``(D, b)`` block (counted as ``b`` matvecs).
+
+        ``A @ block`` if the operator is tagged symmetric; ``ValueError`` if the input offers
+        no transposed product (see :attr:`transpose_product`).
+        """
+        if self.symmetric:
+            return self.matmat(block)
+        if self.transpose_product is None:
+            raise ValueError("the operator offers no product with its transpose")
+        return self._counted(self.transpose_product(block), (self.local_dim, block.shape[1]), True)
+
     def matmat_rows(self, rows: Array, check_finite: bool = True) -> Array:
         """Return ``(A @ rows.T).T`` for a ``(b, D)`` row stack, as a row stack that the
         algorithms may update in place (see :meth:`_row_layout`; ``check_finite`` as in
@@ -120,12 +143,59 @@ class Operand:
         """Return ``A @ vector`` for a length-``D`` vector."""
         result = self._apply_vector(vector)
         self.num_matvecs += 1
-        return self._checked(result, (self.local_dim,))
+        return self._scaled(self._checked(result, (self.local_dim,)), owned=False)
 
     def _counted(self, result: Array, shape: tuple[int, int], check_finite: bool) -> Array:
-        """A fresh ``(D, b)`` block product: counted as ``b`` matvecs, then :meth:`_checked`."""
+        """A fresh ``(D, b)`` block product: counted as ``b`` matvecs, then :meth:`_checked`
+        and :meth:`_scaled`."""
         self.num_matvecs += shape[1]
-        return self._checked(result, shape, check_finite)
+        return self._scaled(self._checked(result, shape, check_finite), owned=False)
+
+    def scale_products(self) -> None:
+        """Let the next product choose a power-of-two scale ``s = 2**product_exponent`` for
+        itself and every later one, which then return ``A x / s``.
+
+        ``s`` is 1 while that product's largest entry lies in ``[1 / scale_limit,
+        scale_limit]``, else about that entry: an operator of any norm then gives products of
+        order 1, whose squared norms and inner products neither overflow (``1e200**2`` does in
+        float64) nor underflow, at the cost of one pass per product only where it is needed.
+        Powers of two scale without rounding. :meth:`unscale` converts results back.
+        """
+        self._choose_exponent = True
+
+    def unscale(self, value: Any) -> Any:
+        """``value * s`` for a host float or float64 numpy array (see :meth:`scale_products`);
+        ``FloatingPointError`` if a finite value leaves the working dtype's range."""
+        with np.errstate(over="ignore"):
+            result = np.ldexp(np.asarray(value, dtype=np.float64), self.product_exponent)
+        representable = np.isfinite(result) & (np.frexp(result)[1] <= self._max_exponent)
+        if not np.all(representable | ~np.isfinite(value)):
+            raise FloatingPointError(
+                f"a result overflowed the working dtype when scaled back by 2**{self.product_exponent} "
+                "(the operator's norm is beyond the dtype's range)"
+            )
+        return result if isinstance(value, np.ndarray) else float(result)
+
+    def _scaled(self, result: Array, owned: bool) -> Array:
+        """A product divided by the scale (see :meth:`scale_products`): in place if the caller
+        ``owned`` the array, else as a new one (an operator may return an array it keeps)."""
+        if self._choose_exponent:
+            self._choose_exponent = False
+            largest = self.max_abs(result)
+            if math.isfinite(largest) and largest > 0.0 and not 1.0 / self.scale_limit <= largest <= self.scale_limit:
+                # frexp: largest = m 2**e with 0.5 <= m < 1; the bound keeps 2**-e finite.
+                self.product_exponent = max(math.frexp(largest)[1], 2 - self._max_exponent)
+        if self.product_exponent == 0:
+            return result
+        factor = math.ldexp(1.0, -self.product_exponent)
+        if owned:
+            result *= factor
+            return result
+        return result * factor
+
+    def max_abs(self, array: Array) -> float:
+        """Largest ``|entry|`` of an array (over every shard), as a host float (0 if empty)."""
+        return float(abs(array).max()) if math.prod(array.shape) else 0.0
 
     def _checked(self, result: Array, shape: tuple[int, ...], check_finite: bool = True) -> Array:
         result = self._coerce(result)
@@ -223,7 +293,12 @@ class Operand:
         """``(b,)`` column-wise inner products of two ``(D, b)`` blocks."""
         if left.shape[1] == 1:  # a dot product, without the (D, 1) temporary
             return self.to_host((left[:, 0] @ right[:, 0]).reshape(1))
-        return self.to_host((left * right).sum(0))
+        # By pieces of rows: the products' temporary is one piece, not a third (D, b) block.
+        step = max(1, QR_PIECE_ELEMENTS // left.shape[1])
+        total = (left[:step] * right[:step]).sum(0)
+        for start in range(step, left.shape[0], step):
+            total = total + (left[start : start + step] * right[start : start + step]).sum(0)
+        return self.to_host(total)
 
     def column_norms(self, block: Array) -> np.ndarray:
         """``(b,)`` Euclidean norms of the columns of a ``(D, b)`` block."""
@@ -248,6 +323,42 @@ class Operand:
     def qr(self, block: Array) -> tuple[Array, np.ndarray]:
         """Thin QR of a ``(D, b)`` block: ``Q`` (backend, orthonormal columns) and ``R`` (host)."""
         raise NotImplementedError
+
+    def qr_in_place(self, block: Array) -> np.ndarray:
+        """Thin QR of a tall ``(D, b)`` block that overwrites it with ``Q``; returns ``R`` (host).
+
+        TSQR by pieces of rows (Demmel, Grigori, Hoemmen, Langou 2012): a QR of each piece
+        written back in place, a QR of the stacked ``R`` factors, and each piece times its block
+        of that ``Q``. Extra memory is one piece, not the second ``(D, b)`` block that
+        :meth:`qr` returns.
+        """
+        rows, width = block.shape
+        pieces = min(rows // max(width, 1), -(-rows * width // QR_PIECE_ELEMENTS))
+        if pieces <= 1:
+            q, r = self.qr(block)
+            block[...] = q
+            return r
+        bounds = [rows * index // pieces for index in range(pieces + 1)]  # each >= width rows
+        factors = []
+        for start, stop in zip(bounds, bounds[1:]):
+            q, r = self._local_qr(block[start:stop])
+            block[start:stop] = q
+            factors.append(r)
+        stacked_q, r = self._local_qr(self._concatenate(factors))
+        for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+            block[start:stop] = self.matmul(block[start:stop], stacked_q[index * width : (index + 1) * width])
+        return self.to_host(r)
+
+    def _local_qr(self, block: Array) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def _concatenate(self, blocks: list[Array]) -> Array:
+        raise NotImplementedError
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per entry of the working dtype."""
+        return int(self.dtype.itemsize)
 
     def combine_rows_(self, rows: Array, coefficients: np.ndarray) -> None:
         """In place ``rows[:m] = coefficients @ rows[:n]`` for host ``coefficients`` ``(m, n)``, ``m <= n``.
@@ -407,6 +518,12 @@ class NumpyOperand(Operand):
         q, r = np.linalg.qr(block)
         return q, r.astype(np.float64)
 
+    def _local_qr(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.linalg.qr(block)
+
+    def _concatenate(self, blocks: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(blocks)
+
     def rng(self, seed: int | None) -> np.random.Generator:
         return np.random.default_rng(seed)
 
@@ -450,6 +567,8 @@ class TorchOperand(Operand):
             # Written into our own buffer: its shape, dtype and device are ours, so there is
             # nothing to coerce or check (a Lanczos step's host time is its overhead on a GPU).
             self.num_matvecs += columns.shape[1]
+            if self.product_exponent or self._choose_exponent:
+                self._scaled(columns, owned=True)
             return
         result = self._counted(result, tuple(columns.shape), check_finite)
         if result.data_ptr() != columns.data_ptr() or result.stride() != columns.stride():
@@ -514,6 +633,12 @@ class TorchOperand(Operand):
     def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         q, r = tall_qr(block)
         return q, self.to_host(r)
+
+    def _local_qr(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.linalg.qr(block)
+
+    def _concatenate(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(blocks)
 
     def dots(self, rows: torch.Tensor, vector: torch.Tensor) -> list[float]:
         # One matmul and tolist (its one read): no host tensor, dtype conversion or numpy array
@@ -587,6 +712,10 @@ class TorchOperand(Operand):
     def probes(self, num_columns: int, kind: str, rng: "ProbeStream") -> torch.Tensor:
         return rng.draw(num_columns, kind, ((0, self.dim),), self.dim, self.dtype, self.device)
 
+
+#: Entries per piece of :meth:`Operand.qr_in_place` (32 MiB in float64): pieces small next to
+#: a block of many parameters, large enough that the stacked ``R`` factors stay few.
+QR_PIECE_ELEMENTS = 1 << 22
 
 #: Largest operand (in elements) handed to one BLAS/LAPACK call. cuBLAS (CUDA 13, H200,
 #: torch 2.11) fails with an illegal memory access, or silently returns wrong numbers, for
@@ -696,7 +825,10 @@ class ProbeStream:
              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Rows ``ranges`` (global ``[start, stop)`` pieces, increasing) of the next ``(dim, b)`` block."""
         draw, self.draws = self.draws, self.draws + 1
-        pieces = []
+        total = sum(stop - start for start, stop in ranges)
+        # Chunks are copied into one block as they are generated: one chunk alive at a time.
+        block: torch.Tensor | None = None
+        filled = 0
         cached: tuple[int, torch.Tensor] | None = None
         for start, stop in ranges:
             position = start
@@ -707,12 +839,18 @@ class ProbeStream:
                     length = min(self.CHUNK, dim - first)
                     cached = (chunk, self._chunk(draw, chunk, length, num_columns, kind, dtype, device))
                 end = min(stop, first + cached[1].shape[0])
-                pieces.append(cached[1][position - first : end - first])
+                piece = cached[1][position - first : end - first]
+                if block is None and piece.shape[0] == total:
+                    # A row slice of a fresh chunk (contiguous, referenced nowhere else): no copy.
+                    return piece
+                if block is None:
+                    block = torch.empty((total, num_columns), dtype=dtype, device=device)
+                block[filled : filled + piece.shape[0]] = piece
+                filled += piece.shape[0]
                 position = end
-        if not pieces:
+        if block is None:
             return torch.zeros((0, num_columns), dtype=dtype, device=device)
-        # One piece is a row slice of a fresh chunk (contiguous, referenced nowhere else): no copy.
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return block
 
     def _chunk(self, draw: int, chunk: int, length: int, num_columns: int, kind: str,
                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -728,6 +866,38 @@ class ProbeStream:
 
 def _fresh_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _agreed_seed(operand: "TorchOperand", seed: int | None) -> int:
+    """The seed of a distributed operand's probes: the same on every rank.
+
+    Every randomized algorithm asks for its generator once, before its first product, so
+    this is also where the ranks agree on the call (algorithm and arguments, operator size
+    and dtype): ranks that called different things raise a message listing them instead of
+    entering mismatched collectives. ``seed=None`` becomes rank 0's fresh seed.
+    """
+    from curvops.operators._parallel import describe_call
+
+    doing = describe_call(f"a ({operand.dim}, {operand.dim}) {operand.dtype} operator")
+    return operand.parallel.shared_seed(seed, doing, operand.device, _fresh_seed)
+
+
+class ReplicatedTorchOperand(TorchOperand):
+    """Torch backend of an operator replicated across processes (DDP).
+
+    Vectors and arithmetic are those of :class:`TorchOperand` (every rank holds full
+    vectors and computes the same thing); only the seed is shared (see
+    :func:`_agreed_seed`), since each rank's product checks that all ranks multiply the
+    same vectors.
+    """
+
+    def __init__(self, parallel: Any, dim: int, dtype: torch.dtype, device: torch.device,
+                 apply_block: Callable[..., torch.Tensor], takes_out: bool = False) -> None:
+        super().__init__(dim, dtype, device, apply_block, takes_out)
+        self.parallel = parallel
+
+    def rng(self, seed: int | None) -> ProbeStream:
+        return ProbeStream(_agreed_seed(self, seed))
 
 
 class ShardedTorchOperand(TorchOperand):
@@ -765,9 +935,19 @@ class ShardedTorchOperand(TorchOperand):
         total = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self._summed(total))
 
+    def max_abs(self, array: torch.Tensor) -> float:
+        local = super().max_abs(array)
+        return float(self.parallel.all_gather_numbers([local], self.device).max())
+
     def _all_finite(self, array: torch.Tensor) -> bool:
         bad = torch.tensor([0.0 if super()._all_finite(array) else 1.0], device=self.device)
         return float(self._summed(bad)) == 0.0
+
+    def qr_in_place(self, block: torch.Tensor) -> np.ndarray:
+        # The pieces of the base class would be local to this shard: use the distributed TSQR.
+        q, r = self.qr(block)
+        block.copy_(q)
+        return r
 
     def qr(self, block: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         width = block.shape[1]
@@ -783,13 +963,7 @@ class ShardedTorchOperand(TorchOperand):
         return wide_matmul(padded_q, stacked_q[rank * width : (rank + 1) * width]), self.to_host(r)
 
     def rng(self, seed: int | None) -> ProbeStream:
-        if seed is None:  # every rank must draw the same probes: rank 0 picks the seed
-            box = [_fresh_seed()]
-            torch.distributed.broadcast_object_list(
-                box, src=torch.distributed.get_global_rank(self.parallel.group, 0),
-                group=self.parallel.group)
-            seed = box[0]
-        return ProbeStream(seed)
+        return ProbeStream(_agreed_seed(self, seed))
 
     def probes(self, num_columns: int, kind: str, rng: ProbeStream) -> torch.Tensor:
         return rng.draw(num_columns, kind, self.ranges, self.dim, self.dtype, self.device)
@@ -863,10 +1037,14 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
             raise TypeError(f"torch-native operator must have a real floating dtype, got {dtype}")
         layout = getattr(operator, "sharding", None)
         takes_out = _takes_out(operator.matmat_torch)
+        parallel = getattr(operator, "parallel", None)
         if layout is not None:
             operand: Operand = ShardedTorchOperand(layout, dtype, operator.device, operator.matmat_torch, takes_out)
+        elif parallel is not None:  # replicated (DDP): the ranks share the probes' seed
+            operand = ReplicatedTorchOperand(parallel, size, dtype, operator.device, operator.matmat_torch, takes_out)
         else:
             operand = TorchOperand(size, dtype, operator.device, operator.matmat_torch, takes_out)
+        operand.symmetric = bool(getattr(operator, "is_symmetric", False))
     elif isinstance(operator, torch.Tensor):
         size = _square_dim(tuple(operator.shape))
         if not operator.dtype.is_floating_point or operator.dtype.is_complex:
@@ -877,15 +1055,19 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
             return torch.matmul(matrix, block, out=out)
 
         operand = TorchOperand(size, matrix.dtype, matrix.device, dense_product, takes_out=True)
+        operand.transpose_product = lambda block: matrix.T @ block
     elif isinstance(operator, np.ndarray) or scipy.sparse.issparse(operator):
         size = _square_dim(operator.shape)
         dtype = _real_numpy_dtype(operator.dtype)
         matrix = operator.astype(dtype) if operator.dtype != dtype else operator
         operand = NumpyOperand(size, dtype, lambda block: matrix @ block, lambda v: matrix @ v)
+        operand.transpose_product = lambda block: matrix.T @ block
     elif isinstance(operator, scipy.sparse.linalg.LinearOperator):
         size = _square_dim(operator.shape)
         dtype = _real_numpy_dtype(operator.dtype)
         operand = NumpyOperand(size, dtype, operator.matmat, operator.matvec)
+        operand.symmetric = bool(getattr(operator, "is_symmetric", False))
+        operand.transpose_product = operator.rmatmat
     elif callable(operator):
         if dim is None:
             raise ValueError("a callable operator needs its size: pass dim=D")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from curvops.algorithms._memory import PRODUCT_COLUMNS, plan_block
 from curvops.algorithms._operand import (
     Operand,
     ProbeKind,
@@ -23,6 +24,9 @@ _FORMAT = "curvops.spectral_density/1"
 # A Lanczos coefficient below this many eps * ||T|| is rounding noise: the probe's Krylov space
 # is invariant and its quadrature is already exact.
 _BREAKDOWN_FACTOR = 10.0
+#: Columns of working memory per probe besides its basis: the new vector, its projection's
+#: temporary and the block product (:data:`~curvops.algorithms._memory.PRODUCT_COLUMNS`).
+_WORK_COLUMNS = 2 + PRODUCT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,7 @@ def spectral_density(
     probe: ProbeKind = "rademacher",
     seed: int | None = None,
     probe_batch_size: int | None = None,
+    memory_budget: float | None = None,
     dim: int | None = None,
 ) -> SpectralDensity:
     """Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019).
@@ -345,10 +350,17 @@ def spectral_density(
     probe
         ``"rademacher"`` (default) or ``"gaussian"``.
     seed
-        Seed of the probes; same seed and batch size give the same result within a backend.
+        Seed of the probes; the same seed gives the same probes within a backend, whatever
+        ``probe_batch_size`` (results then agree up to the rounding of the block products).
     probe_batch_size
-        Probes run simultaneously (memory ``m * D * probe_batch_size`` for the bases); default
-        all.
+        Probes run simultaneously; default as many as fit ``memory_budget`` (at most all).
+        Working memory ``(P + (m + 6) b) D itemsize`` for ``b`` probes at a time: the starting
+        vectors, and per probe its Lanczos basis, the new vector and its block product (see
+        :mod:`curvops.algorithms._memory`).
+    memory_budget
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device). ``MemoryError`` before any product, naming the bytes needed, if one probe (or
+        the given ``probe_batch_size``) does not fit.
     dim
         Operator dimension; required only for callables.
 
@@ -362,14 +374,23 @@ def spectral_density(
     steps = min(check_int(lanczos_steps, "lanczos_steps", 1), operand.dim)
     check_probe(probe)
     seed = check_seed(seed)
-    batch = num_probes if probe_batch_size is None else check_int(probe_batch_size, "probe_batch_size", 1)
+    if probe_batch_size is not None:
+        check_int(probe_batch_size, "probe_batch_size", 1)
+    batch = plan_block(
+        operand, probe_batch_size, num_probes, memory_budget, num_probes, steps + _WORK_COLUMNS,
+        f"spectral_density with {steps} Lanczos steps", "probe_batch_size",
+        "pass fewer lanczos_steps, or a larger memory_budget= if the memory is there",
+    )
     rng = operand.rng(seed)
 
     nodes = np.zeros((num_probes, steps))
     weights = np.zeros((num_probes, steps))
+    # All starting vectors drawn at once (P columns, small next to a probe's basis of m): the
+    # result does not depend on how the probes are batched to fit the memory.
+    starts = operand.probes(num_probes, probe, rng)
     for first in range(0, num_probes, batch):
         count = min(batch, num_probes - first)
-        alphas, betas, lengths = _batched_lanczos(operand, operand.probes(count, probe, rng), steps)
+        alphas, betas, lengths = _batched_lanczos(operand, starts[:, first : first + count], steps)
         for offset in range(count):
             length = lengths[offset]
             theta, vectors = scipy.linalg.eigh_tridiagonal(

@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from curvops.algorithms._memory import PRODUCT_COLUMNS, plan_columns, qr_workspace_columns, resolve_budget
 from curvops.algorithms._operand import Array, ProbeKind
 from curvops.algorithms.trace import (
-    DEFAULT_BLOCK_SIZE,
+    _PAIR_CONDITION_LIMIT,
     ScalarEstimate,
+    _condition,
     _setup,
+    blockwise_product,
     identity_images,
+    jackknife_standard_error,
     leave_one_out_projectors,
     mean_and_standard_error,
     probe_images,
@@ -54,16 +59,6 @@ def _exact_diagonal(operand: Any, block_size: int) -> DiagonalEstimate:
     return DiagonalEstimate(diagonal, operand.zeros((operand.local_dim,)), operand.num_matvecs, True)
 
 
-def _column_mean_and_error(samples: Array, count: int) -> tuple[Array, Array]:
-    """Row-wise mean and standard error of a ``(D, count)`` block of samples (NaN error if 1)."""
-    mean = samples.mean(1)
-    if count < 2:
-        return mean, mean * math.nan
-    centered = samples - mean[:, None]
-    variance = (centered * centered).sum(1) / (count - 1)
-    return mean, (variance / count) ** 0.5
-
-
 def hutchinson_diagonal(
     A: Any,
     budget: int,
@@ -71,6 +66,7 @@ def hutchinson_diagonal(
     probe: ProbeKind = "rademacher",
     seed: int | None = None,
     block_size: int | None = None,
+    memory_budget: float | None = None,
     dim: int | None = None,
 ) -> DiagonalEstimate:
     """Hutchinson-type diagonal estimator ``diag(A) ~ mean_i z_i * (A z_i)`` (Bekas et al. 2007).
@@ -88,27 +84,41 @@ def hutchinson_diagonal(
     probe
         ``"rademacher"`` or ``"gaussian"``.
     seed
-        Seed of the probes; same seed and block size give the same result within a backend.
+        Seed of the probes; same seed and block size give the same result within a backend
+        (pass ``block_size`` for results that do not depend on the memory available).
     block_size
-        Probes per block product (memory ``3 * D * block_size``). Default 32.
+        Probes per block product; working memory ``(4 + 7 block_size) D itemsize`` (the
+        running sums and results; per probe its product, the operator's temporaries and three
+        elementwise products). Default 32, or as many as fit ``memory_budget``.
+    memory_budget
+        As in :func:`~curvops.algorithms.trace.hutchinson_trace`.
     dim
         Operator dimension; required only for callables.
     """
-    operand, budget, block_size, rng = _setup(A, budget, probe, seed, block_size, dim, 1)
+    operand, budget, block_size, rng = _setup(
+        A, budget, probe, seed, block_size, dim, 1, memory_budget, PRODUCT_COLUMNS + 3,
+        "hutchinson_diagonal", 4,
+    )
     if budget >= operand.dim:
         return _exact_diagonal(operand, block_size)
-    # Running sums keep memory at O(D * block_size) instead of O(D * budget).
+    # Running sums keep memory at O(D * block_size) instead of O(D * budget). They are sums of
+    # deviations from the first block's mean: sum(x^2) - n mean^2 of the raw samples cancels
+    # catastrophically when the spread is small next to the diagonal (a nearly diagonal A).
     total = operand.zeros((operand.local_dim,))
     total_squares = operand.zeros((operand.local_dim,))
+    shift = None
     for z, az in probe_images(operand, budget, probe, rng, block_size):
         products = z * az
-        total = total + products.sum(1)
-        total_squares = total_squares + (products * products).sum(1)
-    mean = total / budget
+        if shift is None:
+            shift = products.mean(1)
+        deviations = products - shift[:, None]
+        total = total + deviations.sum(1)
+        total_squares = total_squares + (deviations * deviations).sum(1)
+    mean = shift + total / budget
     if budget < 2:
         error = mean * math.nan
     else:
-        variance = (total_squares - budget * mean * mean) / (budget - 1)
+        variance = (total_squares - total * total / budget) / (budget - 1)
         error = (variance.clip(0.0) / budget) ** 0.5
     return DiagonalEstimate(mean, error, operand.num_matvecs, False)
 
@@ -119,6 +129,8 @@ def xdiag(
     *,
     probe: ProbeKind = "gaussian",
     seed: int | None = None,
+    symmetric: bool = False,
+    memory_budget: float | None = None,
     dim: int | None = None,
 ) -> DiagonalEstimate:
     """XDiag (Epperly, Tropp, Webber 2024): exchangeable low-rank-plus-Hutchinson diagonal estimator.
@@ -126,7 +138,9 @@ def xdiag(
     With ``s = budget // 2`` probes, ``Y = A Omega`` and ``Q = orth(Y)``: for each ``i``,
     ``d_i = diag(P_i A) + omega_i * ((I - P_i) A omega_i)`` where ``P_i`` projects onto the range
     of ``Y`` without column ``i``; the estimate is ``mean_i d_i``. Each ``d_i`` is unbiased since
-    ``P_i`` does not depend on ``omega_i``. Cost ``2 s`` matvecs, memory ``O(D s)``.
+    ``P_i`` does not depend on ``omega_i``, for any square ``A``. ``diag(P_i A)`` needs
+    ``Q^T A = (A^T Q)^T``: products with ``A^T``, or with ``A`` itself when ``A`` is symmetric.
+    Cost ``2 s`` matvecs, memory ``O(D s)``.
 
     Parameters
     ----------
@@ -136,45 +150,189 @@ def xdiag(
         Total matvecs, ``>= 2`` (odd budgets leave one unused); ``budget >= D`` is exact.
     probe
         ``"gaussian"`` (default) or ``"rademacher"``.
+    symmetric
+        Assert that ``A`` is symmetric (unchecked; default False): ``A Q`` then stands for
+        ``A^T Q``. Otherwise the ``s`` products ``A^T Q`` are taken from the operator: the
+        transpose of a numpy/scipy/torch matrix, ``rmatmat`` of a scipy ``LinearOperator``, or
+        ``A`` itself for operators tagged ``is_symmetric`` (curvops curvature operators).
+    memory_budget
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device). Working memory ``(3 s + 4 c) D itemsize`` plus pieces of rows: the probes,
+        ``Q`` (in place of ``Y``) and ``A^T Q``, and products of ``c <= s`` columns at a time,
+        ``c`` chosen to fit (an ill-conditioned sketch, ``cond(R) > 6.7e5``, needs ``2 s`` more
+        columns and ``O(D s^3)`` work for its jackknife).
 
     Returns
     -------
     DiagonalEstimate
-        ``standard_error = std_i(d_i) / sqrt(s)`` per entry (exchangeable, not independent).
+        ``standard_error`` is the per-entry jackknife standard error (the estimate recomputed
+        without each probe; see :func:`curvops.algorithms.trace.jackknife_standard_error`).
+
+    Raises
+    ------
+    ValueError
+        If ``A`` is neither known to be symmetric nor offers products with ``A^T`` (a callable,
+        a torch-native operator without the tag): pass ``symmetric=True`` if it is symmetric.
+    MemoryError
+        Before any product, if even ``c = 1`` does not fit ``memory_budget`` (the message gives
+        the bytes needed).
     """
-    operand, budget, _, rng = _setup(A, budget, probe, seed, None, dim, 1)
+    operand, budget, block_size, rng = _setup(
+        A, budget, probe, seed, None, dim, 1, memory_budget, PRODUCT_COLUMNS, "xdiag"
+    )
     if budget >= operand.dim:
-        return _exact_diagonal(operand, DEFAULT_BLOCK_SIZE)
+        return _exact_diagonal(operand, block_size)
     if budget < 2:
         raise ValueError(f"xdiag needs budget >= 2 (two matvecs per probe), got {budget}")
-    num_probes = budget // 2
-    probes = operand.probes(num_probes, probe, rng)
-    images = operand.matmat(probes)
-    basis, triangular = operand.qr(images)
-    basis_images = operand.matmat(basis)  # Z = A Q, so Q^T A = Z^T
-    projectors = leave_one_out_projectors(triangular)
-    if isinstance(projectors, np.ndarray):
-        unit = operand.from_host(projectors)
-        small_r = projectors.T @ triangular  # row i: s_i^T R
-        # (I - P_i) y_i = y_i - Q (R_i - s_i s_i^T R_i)
-        kept = operand.from_host(triangular - projectors * np.diag(small_r)[None, :])
-        samples = (
-            (basis * basis_images).sum(1)[:, None]
-            - operand.matmul(basis, unit) * operand.matmul(basis_images, unit)
-            + probes * (images - operand.matmul(basis, kept))
+    symmetric = bool(symmetric) or operand.symmetric
+    if not symmetric and operand.transpose_product is None:
+        raise ValueError(
+            f"xdiag needs products with A^T, and {type(A).__name__} is neither known to be "
+            "symmetric nor offers them (the symmetric formula is biased for a non-symmetric A): "
+            "pass symmetric=True if A is symmetric, or a matrix / LinearOperator with rmatmat"
         )
+    num_probes = budget // 2
+    step = plan_columns(
+        operand,
+        resolve_budget(operand, memory_budget),
+        3 * num_probes + qr_workspace_columns(operand, num_probes) + _piece_columns(operand, num_probes),
+        PRODUCT_COLUMNS,
+        num_probes,
+        f"xdiag with budget {budget}",
+        "pass a larger memory_budget= if the memory is there, a smaller budget, or use "
+        "hutchinson_diagonal (memory D x block_size)",
+    )
+    probes = operand.probes(num_probes, probe, rng)
+    basis = blockwise_product(operand, probes, step)  # Y = A Omega, overwritten by Q below
+    triangular = operand.qr_in_place(basis)
+    if symmetric:
+        transposed = blockwise_product(operand, basis, step)  # A^T Q = A Q
     else:
-        columns = []
-        for index, projector in enumerate(projectors):
-            small = operand.from_host(projector)
-            low_rank = (operand.matmul(basis, small) * basis_images).sum(1)
-            remainder = images[:, index] - operand.matmul(basis, operand.from_host(projector @ triangular[:, index]))
-            columns.append(low_rank + probes[:, index] * remainder)
-        samples = operand.zeros((operand.local_dim, num_probes))
-        for index, column in enumerate(columns):
-            samples[:, index] = column
-    mean, error = _column_mean_and_error(samples, num_probes)
+        try:
+            transposed = blockwise_product(operand, basis, step, transpose=True)
+        except NotImplementedError as error:
+            raise ValueError(
+                f"xdiag needs products with A^T and the operator's rmatmat failed ({error}): pass "
+                "symmetric=True if A is symmetric"
+            ) from None
+    mean, error = _xdiag_from_sketch(operand, basis, transposed, probes, triangular)
     return DiagonalEstimate(mean, error, operand.num_matvecs, False)
+
+
+def _xdiag_from_sketch(
+    operand: Any, basis: Array, transposed: Array, probes: Array, triangular: np.ndarray
+) -> tuple[Array, Array]:
+    """XDiag's estimate and per-entry jackknife error from ``Q``, ``Z = A^T Q``, ``Omega``, ``R``.
+
+    With unit columns ``s_i`` of ``R^{-T}`` (``I - s_i s_i^T`` projects onto ``range(R_{-i})``),
+    ``(I - P_i) y_i = Q s_i (s_i^T R_i)`` since ``Y = Q R``, and ``diag(P_i A) = rowsum(Q * Z) -
+    (Q s_i) * (Z s_i)``. Without probe ``j``, probe ``i`` uses the projector removing
+    ``span(s_i, s_j)``: 2 x 2 inverses ``C_ij`` of ``S^T S``, whose sums over ``i`` are products
+    of ``(D, s)`` blocks with ``(s, s)`` matrices. Every entry depends only on its own rows of
+    ``Q``, ``Z``, ``Omega``: computed in pieces of rows.
+    """
+    size = triangular.shape[0]
+    if size < 2 or _condition(triangular) > _PAIR_CONDITION_LIMIT:
+        return _xdiag_by_qr(operand, basis, transposed, probes, triangular)
+    inverse_transpose = np.linalg.inv(triangular).T
+    unit = inverse_transpose / np.linalg.norm(inverse_transpose, axis=0)
+    cosines = unit.T @ unit
+    squared_sine = 1.0 - cosines**2
+    np.fill_diagonal(squared_sine, 1.0)
+    c00 = 1.0 / squared_sine  # C_ij = [[1, -cos], [-cos, 1]] / (1 - cos^2) for unit s_i, s_j
+    c01 = -cosines / squared_sine
+    np.fill_diagonal(c00, 0.0)  # i = j is not a pair
+    np.fill_diagonal(c01, 0.0)
+    c11_sums = c00.sum(0)
+    scales = np.einsum("ji,ji->i", unit, triangular)  # s_i^T R_i
+    # Each piece is worked in float64 whatever the working dtype: the coefficients C_ij grow
+    # like 1 / (1 - cos^2), up to cond(R)^2, and would amplify float32 rounding.
+    unit_b, c00_b, c01_b, scales_b, c11_b = (
+        _float64_like(basis, x) for x in (unit, c00, c01, scales, c11_sums)
+    )
+    mean = operand.zeros((operand.local_dim,))
+    error = operand.zeros((operand.local_dim,))
+    step = _row_step(size)
+    for start in range(0, operand.local_dim, step):
+        rows = slice(start, start + step)
+        q, z, omega = (_float64_like(basis, x[rows]) for x in (basis, transposed, probes))
+        qs, zs = q @ unit_b, z @ unit_b
+        weighted = omega * scales_b - zs  # omega_i (s_i^T R_i) - Z s_i
+        mean[rows] = (q * z).sum(1) + (qs * weighted).sum(1) / size
+        # E[r, j] = sum_{i != j} (d_ij[r] - rowsum(Q * Z)[r]): the leave-j-out sum of corrections.
+        pairs = (qs * weighted) @ c00_b - (qs @ c01_b) * zs + qs * (weighted @ c01_b) - qs * zs * c11_b
+        error[rows] = jackknife_standard_error(pairs / (size - 1))
+    return mean, error
+
+
+def _float64_like(reference: Array, array: Any) -> Array:
+    """``array`` (host numpy or a backend piece) in float64, on ``reference``'s backend and device."""
+    if isinstance(reference, torch.Tensor):
+        return torch.as_tensor(array).to(device=reference.device, dtype=torch.float64)
+    return np.asarray(array, dtype=np.float64)
+
+
+def _row_step(size: int) -> int:
+    """Rows per piece of XDiag's per-entry work: about 2**20 entries in each ``(rows, s)`` temporary."""
+    return max(1, (1 << 20) // max(size, 1))
+
+
+def _piece_columns(operand: Any, size: int) -> float:
+    """Columns of memory of the ten float64 ``(rows, s)`` temporaries of one piece of XDiag's
+    per-entry work (see :func:`_row_step`) and its two ``(D,)`` results."""
+    return 10 * min(size, (1 << 20) / operand.local_dim) * 8 / operand.itemsize + 2
+
+
+def _xdiag_by_qr(
+    operand: Any, basis: Array, transposed: Array, probes: Array, triangular: np.ndarray
+) -> tuple[Array, Array]:
+    """XDiag for an ill-conditioned or singular ``R``: the leave-one-out projectors by SVD and each
+    jackknife value from a QR ``R_{-j} = U T`` (the sketch of the other probes in the basis
+    ``Q U``). ``O(D s^3)`` work (``O(D s^4)`` when ``R`` is numerically singular)."""
+    size = triangular.shape[0]
+    mean = _xdiag_samples_mean(operand, basis, transposed, probes, triangular)
+    if size < 2:
+        return mean, mean * math.nan
+    leave_one_out = []
+    for index in range(size):
+        keep = np.delete(np.arange(size), index)
+        rotation, reduced = np.linalg.qr(triangular[:, keep])
+        rotation_b = operand.from_host(rotation)
+        leave_one_out.append(
+            _xdiag_samples_mean(
+                operand,
+                operand.matmul(basis, rotation_b),
+                operand.matmul(transposed, rotation_b),
+                probes[:, keep.tolist()],
+                reduced,
+            )
+        )
+    stacked = operand.zeros((operand.local_dim, size))
+    for index, values in enumerate(leave_one_out):
+        stacked[:, index] = values
+    return mean, jackknife_standard_error(stacked)
+
+
+def _xdiag_samples_mean(
+    operand: Any, basis: Array, transposed: Array, probes: Array, triangular: np.ndarray
+) -> Array:
+    """``mean_i d_i`` with the leave-one-out projectors of :func:`leave_one_out_projectors`."""
+    size = triangular.shape[0]
+    projectors = leave_one_out_projectors(triangular)
+    total = (basis * transposed).sum(1) * size
+    for index in range(size):
+        if isinstance(projectors, np.ndarray):
+            direction = operand.from_host(projectors[:, index : index + 1])
+            qs = operand.matmul(basis, direction)[:, 0]
+            scale = float(projectors[:, index] @ triangular[:, index])
+            total = total - qs * operand.matmul(transposed, direction)[:, 0] + probes[:, index] * qs * scale
+        else:
+            complement = np.eye(size) - projectors[index]
+            small = operand.from_host(complement)
+            total = total - (operand.matmul(basis, small) * transposed).sum(1)
+            remainder = operand.matmul(basis, operand.from_host(complement @ triangular[:, index]))
+            total = total + probes[:, index] * remainder
+    return total / size
 
 
 def hutchinson_squared_frobenius(
@@ -184,14 +342,16 @@ def hutchinson_squared_frobenius(
     probe: ProbeKind = "rademacher",
     seed: int | None = None,
     block_size: int | None = None,
+    memory_budget: float | None = None,
     dim: int | None = None,
 ) -> ScalarEstimate:
     """Estimate ``||A||_F^2 = tr(A^T A) ~ mean_i ||A z_i||^2``.
 
     Parameters
     ----------
-    A, probe, seed, block_size, dim
-        As in :func:`hutchinson_diagonal`.
+    A, probe, seed, block_size, memory_budget, dim
+        As in :func:`~curvops.algorithms.trace.hutchinson_trace` (working memory
+        ``4 D block_size itemsize``).
     budget
         Number of matvecs, ``>= 1``; ``budget >= D`` gives the exact value (``D`` matvecs).
 
@@ -200,7 +360,10 @@ def hutchinson_squared_frobenius(
     ScalarEstimate
         Units: squared operator entries.
     """
-    operand, budget, block_size, rng = _setup(A, budget, probe, seed, block_size, dim, 1)
+    operand, budget, block_size, rng = _setup(
+        A, budget, probe, seed, block_size, dim, 1, memory_budget, PRODUCT_COLUMNS,
+        "hutchinson_squared_frobenius",
+    )
     if budget >= operand.dim:
         total = 0.0
         for _, _, image in identity_images(operand, block_size):

@@ -77,9 +77,26 @@ def _check_tol(tol: float | None, operand: Operand) -> float:
     if tol is None:
         return math.sqrt(operand.eps)
     tol = float(tol)
-    if not (tol > 0.0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol}")
+    # A residual of ||A|| or more bounds nothing: every unit vector with its Rayleigh quotient
+    # meets it, so a pair "converged" to such a tol says nothing about the eigenvalues.
+    if not 0.0 < tol < 1.0:
+        raise ValueError(
+            f"tol is a relative residual tolerance (a pair converges when ||A v - lambda v|| <= "
+            f"tol * ||A||), so it must lie in (0, 1), e.g. 1e-6; got {tol}"
+        )
     return tol
+
+
+def _unit_columns(operand: Operand, columns: list[Array]) -> list[Array]:
+    """User start vectors divided by their largest entry, so that their norms neither over- nor
+    underflow whatever their scale (entries of 1e-200 square to 0); ValueError if one is zero."""
+    scaled = []
+    for column in columns:
+        largest = operand.max_abs(column)
+        if largest == 0.0:
+            raise ValueError("v0 must be nonzero")
+        scaled.append(column / largest)
+    return scaled
 
 
 def _select(theta: Any, which: str, count: int) -> list[int]:
@@ -104,13 +121,22 @@ def _select(theta: Any, which: str, count: int) -> list[int]:
 
 
 def _random_orthogonal(operand: Operand, basis_rows: Array, rng: Any) -> Array:
-    """A random unit vector orthogonal to ``basis_rows`` (used after an invariant-subspace breakdown)."""
+    """A random unit vector orthogonal to ``basis_rows`` (used after an invariant-subspace breakdown).
+
+    A Gaussian vector keeps about ``sqrt((D - n) / D)`` of its norm when projected on the
+    complement of ``n < D`` orthonormal rows, rarely less than ``sqrt(eps)``; what two
+    Gram-Schmidt passes leave of it when the rows span the whole space is rounding (or the
+    basis' departure from orthogonality, squared), far below that. Normalizing such a
+    remainder would give a vector that is not orthogonal to the basis at all."""
     for _ in range(5):
         candidate = operand.probes(1, "gaussian", rng)[:, 0]
+        before = operand.norm(candidate)
         candidate, norm = operand.orthogonalize(basis_rows, candidate)
-        if norm > 0.0:
+        if norm > math.sqrt(operand.eps) * before:
             return candidate
-    raise RuntimeError("could not draw a vector orthogonal to the Krylov basis")
+    raise RuntimeError(
+        f"could not draw a vector orthogonal to the Krylov basis ({basis_rows.shape[0]} rows, D={operand.dim})"
+    )
 
 
 def _start_block(operand: Operand, v0: Any, block_size: int, rng: Any) -> Array:
@@ -126,8 +152,7 @@ def _start_block(operand: Operand, v0: Any, block_size: int, rng: Any) -> Array:
             columns = [operand.as_vector(v0, "v0")]
         else:
             raise ValueError(f"v0 must have shape ({size},) or ({size}, {block_size}), got {shape}")
-        if any(operand.norm(column) == 0.0 for column in columns):
-            raise ValueError("v0 must be nonzero")
+        columns = _unit_columns(operand, columns)
     rows = operand.zeros((block_size, size))
     for index in range(block_size):
         if index < len(columns):
@@ -663,7 +688,17 @@ def _broke_down(
 ) -> bool:
     """If the new row's true ``norm`` is at rounding level (an invariant subspace), replace it by
     a fresh random unit direction orthogonal to the basis (with zero coupling, which keeps the
-    Lanczos relation exact) and return True."""
+    Lanczos relation exact) and return True.
+
+    A row at index ``D`` or beyond has no direction left: rows ``[0, D)`` span the whole space,
+    which ``A`` maps into itself, so the coupling is exactly 0 whatever rounding left in the row.
+    The row is zeroed and the Ritz pairs are exact; every residual estimate is then 0, so the
+    run ends here (with ``block_size > 1`` no row goes past ``D``: see :func:`_whole_space`).
+    """
+    if row >= operand.dim:
+        basis[row] = 0.0
+        scales[row] = 1.0
+        return True
     if norm > _BREAKDOWN_FACTOR * operand.eps * norm_estimate:
         return False
     _normalize_rows(operand, basis, scales, row)
@@ -950,7 +985,13 @@ def lanczos(
     are kept and the recurrence continues from the residual block. Wanted pairs converged to
     ``min(tol / 100, 1000 eps)`` are locked (``block_size = 1``): later restarts leave them as
     they are. With ``block_size = b > 1`` every step applies ``A`` to a ``(D, b)`` block in
-    one block product.
+    one block product. A cycle holds at most ``D`` vectors, its basis and the residual block:
+    where ``max_basis_size + b > D`` the basis is ``D - b`` vectors if that is at least the
+    default size, else (small ``D``) ``A`` is applied to the whole standard basis instead,
+    ``b`` columns at a time (``D`` products, about one such cycle), and its eigenpairs are
+    exact to rounding. Operators of any norm within the dtype's range are handled alike: where the
+    first product is far from 1 in size, every product is scaled by a power of two (exact) and
+    the results scaled back.
 
     Parameters
     ----------
@@ -966,18 +1007,23 @@ def lanczos(
         ``|lambda|``), ``"BE"`` both ends: ``ceil(k/2)`` largest and ``floor(k/2)`` smallest
         (output descending). Default ``"LA"``.
     tol
-        Relative residual tolerance: pair ``i`` is converged when
+        Relative residual tolerance in ``(0, 1)`` (``ValueError`` otherwise: a residual of
+        ``||A||`` bounds nothing): pair ``i`` is converged when
         ``||A v_i - lambda_i v_i|| <= tol * ||A||_est`` (backward error: ``(lambda_i, v_i)`` is
         an exact eigenpair of ``A + E`` with ``||E|| <= tol ||A||``; the eigenvalue error is at
         most the residual norm). ``||A||_est`` is the largest ``|Ritz value|``. Default
         ``sqrt(eps)`` of the working dtype (1.5e-8 in float64, 3.5e-4 in float32).
-        Iteration stops on residuals only, never on eigenvalue change.
+        Iteration stops on residuals only, never on eigenvalue change. Below about
+        ``sqrt(D) eps`` the residuals' rounding may not meet it: the pairs are then reported
+        not converged, with a warning.
     max_iter
         Maximum number of matvecs in the Lanczos steps (the final residual block is extra).
-        Default ``max(1000, 50 * max_basis_size)``.
+        Default ``max(1000, 50 * max_basis_size)``. Not applied to the ``D`` products of the
+        whole-space case (``block_size > 1`` and small ``D``, see above).
     max_basis_size
         Basis vectors between restarts (ARPACK's ``ncv``), ``k + block_size <= m <= D``.
         Default ``min(D, max(2 k + 1, 20, k + 2 block_size))`` (``eigsh``'s default for b = 1).
+        With ``block_size > 1`` at most ``D - block_size`` are used (see above).
     block_size
         Lanczos block size ``b >= 1``. A single-vector Krylov space (b = 1, default, as ARPACK)
         contains one direction per eigenvalue: further copies of a repeated eigenvalue appear
@@ -985,7 +1031,7 @@ def lanczos(
         Use ``b >=`` the expected multiplicity to find them reliably.
     v0
         Start vector ``(D,)`` or start block ``(D, b)`` (numpy or torch); default Gaussian from
-        ``seed``.
+        ``seed``. Unused in the whole-space case (see above).
     seed
         Seed for the start block and for breakdown restarts. The same seed gives the same
         result within a backend (numpy, or torch on a given device); ``None`` draws fresh
@@ -1013,16 +1059,35 @@ def lanczos(
         )
     width = check_int(block_size, "block_size", 1)
     if k + width > size:
-        raise ValueError(f"lanczos needs k + block_size <= D (got {k} + {width} > {size})")
+        raise ValueError(
+            f"lanczos needs k + block_size <= D (got {k} + {width} > {size}): use block_size <= {size - k}"
+        )
     tol = _check_tol(tol, operand)
+    default_basis_size = max(2 * k + 1, 20, k + 2 * width)
     if max_basis_size is None:
-        basis_size = min(size, max(2 * k + 1, 20, k + 2 * width))
+        basis_size = min(size, default_basis_size)
     else:
         basis_size = check_int(max_basis_size, "max_basis_size", k + width)
         if basis_size > size:
             raise ValueError(f"max_basis_size must be <= D={size}, got {basis_size}")
     max_steps = max(1000, 50 * basis_size) if max_iter is None else check_int(max_iter, "max_iter", width)
     rng = operand.rng(check_seed(seed))
+    # Every product is of A / s, s a power of two of about the first product's size where
+    # ||A|| is far from 1 (see Operand.scale_products); results are scaled back at the end.
+    operand.scale_products()
+    if width > 1 and basis_size + width > size:
+        # A cycle would need more than D orthonormal rows (its basis and the residual block
+        # after it): its last blocks would have fewer new directions than columns, and no
+        # direction is left to replace the others with. Where a basis of the default size
+        # still fits beside the residual block, the basis shrinks to D - b; else (D < about
+        # 20 + b) the whole space costs about as many products as one such cycle, and its Ritz
+        # pairs are the eigenpairs, where a tiny basis could restart past a wanted one.
+        if size - width >= default_basis_size:
+            basis_size = size - width
+        else:
+            eigenvalues, ritz_vectors, estimates, norm_estimate = _whole_space(operand, k, which, width)
+            return _finish(operand, k, tol, eigenvalues, ritz_vectors, estimates, norm_estimate, 0, exact_residuals,
+                           f"although the products spanned the whole space (D={size}): tol is below their rounding")
     # Basis orthogonality kept: semi-orthogonality, sqrt(eps) (1.5e-8 in float64), which keeps
     # the Ritz values accurate to rounding (Simon 1984), and 100x below tol, so that the
     # residual estimates are within 1% of tol. The drift passes the level a few steps after
@@ -1193,8 +1258,55 @@ def lanczos(
             projection.load(start, head)
         restarts += 1
 
-    eigenvalues = theta[wanted]
     ritz_vectors = operand.matmul(basis[:stop].T, operand.from_host(scales[:stop, None] * vectors[:, wanted]))
+    return _finish(operand, k, tol, theta[wanted], ritz_vectors, residual_estimates[wanted], norm_estimate,
+                   restarts, exact_residuals, f"within max_iter={max_steps} matvecs")
+
+
+def _whole_space(operand: Operand, k: int, which: str, width: int) -> tuple[np.ndarray, Array, np.ndarray, float]:
+    """The ``k`` wanted eigenpairs from the products of the whole standard basis, ``width``
+    columns at a time: the projected matrix is ``A`` itself (symmetrized), and its eigenpairs'
+    residuals in it are the residual estimates. Returns the eigenvalues, the eigenvectors
+    ``(D, k)``, the residual estimates and ``||A||``."""
+    size = operand.dim
+    identity = operand.identity_columns(0, size)
+    images = operand.zeros((operand.local_dim, size))
+    for first in range(0, size, width):
+        columns = slice(first, min(first + width, size))
+        images[:, columns] = operand.matmat(identity[:, columns])
+    matrix = operand.inner(identity, images)  # one reduction (over the shards, if any)
+    matrix = (matrix + matrix.T) / 2
+    largest = float(np.abs(matrix).max())
+    if largest > 0.0 and not 1.0 / operand.scale_limit <= largest <= operand.scale_limit:
+        # The scale came from the first columns' products, which can be far from the others'
+        # (zero columns): take it from the whole matrix, for these and the later products.
+        exponent = math.frexp(largest)[1]
+        matrix = np.ldexp(matrix, -exponent)
+        operand.product_exponent += exponent
+    values, vectors = np.linalg.eigh(matrix)
+    wanted = _select(values, which, k)
+    chosen = vectors[:, wanted]
+    estimates = np.linalg.norm(matrix @ chosen - chosen * values[wanted], axis=0)
+    ritz_vectors = operand.matmul(identity, operand.from_host(chosen))
+    return values[wanted], ritz_vectors, estimates, float(np.abs(values).max())
+
+
+def _finish(
+    operand: Operand,
+    k: int,
+    tol: float,
+    eigenvalues: np.ndarray,
+    ritz_vectors: Array,
+    estimates: np.ndarray,
+    norm_estimate: float,
+    restarts: int,
+    exact_residuals: bool,
+    unconverged: str,
+) -> EigenResult:
+    """:func:`lanczos`' result from its Ritz pairs (in the units of the scaled products, see
+    :meth:`Operand.scale_products`): residuals (explicit, or ``estimates``), the convergence
+    flags, a warning ending in ``unconverged`` if some pair is missing or not converged, and the
+    values scaled back to ``A``'s units."""
     if exact_residuals:
         # NaN/Inf in the product propagate into the norms: their check replaces a pass.
         residual_block = operand.matmat(ritz_vectors, check_finite=False)
@@ -1204,23 +1316,24 @@ def lanczos(
             operand.require_finite_product(residual_block)
             raise FloatingPointError("lanczos: the final residuals overflowed (the product itself is finite)")
     else:
-        residual_norms = residual_estimates[wanted]
-    converged = residual_norms <= threshold
-    if len(wanted) < k or not converged.all():
+        residual_norms = estimates
+    converged = residual_norms <= tol * norm_estimate
+    values = operand.unscale(np.asarray(eigenvalues, dtype=np.float64))
+    residual_norms = operand.unscale(np.asarray(residual_norms, dtype=np.float64))
+    if len(eigenvalues) < k or not converged.all():
         warnings.warn(
-            f"lanczos: {int(converged.sum())} of {k} eigenpairs converged to tol={tol:g} "
-            f"within max_iter={max_steps} matvecs",
+            f"lanczos: {int(converged.sum())} of {k} eigenpairs converged to tol={tol:g} {unconverged}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return EigenResult(
-        eigenvalues=operand.from_host(eigenvalues),
+        eigenvalues=operand.from_host(values),
         eigenvectors=ritz_vectors,
         residual_norms=operand.from_host(residual_norms),
         converged=_bool_array(operand, converged),
         num_matvecs=operand.num_matvecs,
         num_restarts=restarts,
-        spectral_norm_estimate=norm_estimate,
+        spectral_norm_estimate=operand.unscale(norm_estimate),
     )
 
 
@@ -1256,8 +1369,10 @@ def power_iteration(
     k
         Number of eigenpairs, ``1 <= k <= D``.
     tol
-        Relative residual tolerance per pair: stop when
-        ``||A v - lambda v|| <= tol * max(|lambda_1|, |lambda|)``. Default ``sqrt(eps)``.
+        Relative residual tolerance per pair, in ``(0, 1)`` (``ValueError`` otherwise): stop
+        when ``||A v - lambda v|| <= tol * max(|lambda_1|, |lambda|)``. Default ``sqrt(eps)``.
+        Operators of any norm within the dtype's range work alike (products are scaled by a
+        power of two where needed, see :func:`lanczos`).
     max_iter
         Maximum matvecs per eigenpair.
     v0
@@ -1280,9 +1395,8 @@ def power_iteration(
     tol = _check_tol(tol, operand)
     max_iter = check_int(max_iter, "max_iter", 1)
     rng = operand.rng(check_seed(seed))
-    start = operand.as_vector(v0, "v0") if v0 is not None else None
-    if start is not None and operand.norm(start) == 0.0:
-        raise ValueError("v0 must be nonzero")
+    start = _unit_columns(operand, [operand.as_vector(v0, "v0")])[0] if v0 is not None else None
+    operand.scale_products()  # products of A / s (see lanczos); scaled back below
 
     found = operand.zeros((k, operand.local_dim))
     eigenvalues = np.zeros(k)
@@ -1319,11 +1433,11 @@ def power_iteration(
             stacklevel=2,
         )
     return EigenResult(
-        eigenvalues=operand.from_host(eigenvalues[order]),
+        eigenvalues=operand.from_host(operand.unscale(eigenvalues[order])),
         eigenvectors=found[order.tolist()].T,
-        residual_norms=operand.from_host(residual_norms[order]),
+        residual_norms=operand.from_host(operand.unscale(residual_norms[order])),
         converged=_bool_array(operand, converged),
         num_matvecs=operand.num_matvecs,
         num_restarts=0,
-        spectral_norm_estimate=norm_estimate,
+        spectral_norm_estimate=operand.unscale(norm_estimate),
     )

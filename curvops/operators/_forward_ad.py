@@ -4,7 +4,7 @@ torch's forward-AD rules for ``linear`` and the convolutions materialise the mis
 tangent of an input that carries none (the data entering the first layer) as an expanded
 zero tensor and multiply it with the weight: one full matrix product per such layer, plus,
 when the graph is kept, its backward. On an MLP 784-256-256-10 that is a third of a
-gradient per forward. :func:`tangent_shortcuts` routes these layers to the two products
+gradient per forward. :func:`tangent_rules` routes these layers to the two products
 that are needed: ``f(x, W)`` for the primal and ``f(x, Ẇ) (+ ḃ)`` for the tangent.
 
 With ``differentiated=True`` (the tangent is differentiated afterwards: the
@@ -12,28 +12,46 @@ reverse-over-forward Hessian product) relu's rule is replaced too: torch's
 ``threshold_backward(ẋ, x, 0)``, differentiated, returns an activation-sized zero tensor for
 ``x`` that is then added into its gradient. Here the tangent is
 ``threshold_backward(ẋ, relu(x).detach(), 0)``: the same values, with no graph through ``x``
-(relu's second derivative is zero almost everywhere: the same product). On an H200 the
-first version of this rule (``ẋ · 1[relu(x) > 0]``) made the product 9-10% faster and the
-CNN's peak 15% lower; without a graph torch's rule is already right.
+(relu's second derivative is zero almost everywhere: the same product); on an H200 such a
+rule made the product 9-10% faster and the CNN's peak 15% lower. Without a graph torch's
+rule is already right.
 
-Not replaced, on purpose: torch 2.13's ``layer_norm`` rule, differentiated, gives Hessian
-products 25% off with no error, and its ``softmax`` rule cannot be differentiated at all.
-Correct replacements in differentiable primitives (tried 2026-12-02, in the history) let a GPT-2 take reverse
-over forward, but it measured slower there than double backward (H200, fp32: 3.85 vs 3.28
-gradients, 13.8 vs 10.7 GiB), so such models keep failing the Hessian operator's one-time
-check and use double backward.
+Two rules make forward mode the exact adjoint of reverse mode (``J v`` of the GGN,
+Fisher and Jacobian operators against their ``Jᵀ u``), where torch's rules differ:
+
+- an ``nn.Embedding`` with ``padding_idx``: reverse mode gives the padding row zero gradient,
+  torch's forward rule differentiates it. Here the output rows at padding positions are
+  detached, so both modes treat them as constants (Hugging Face's Llama sets
+  ``padding_idx=pad_token_id``: padded language-model batches hit this).
+- a region of the forward pass run under ``torch.no_grad()`` (or ``inference_mode``):
+  reverse mode treats its outputs as constants, forward mode propagates tangents through it.
+  Here every torch function called while gradients are disabled returns detached outputs
+  (``detach`` drops the tangent in forward mode and in ``torch.func.jvp`` alike). The
+  tangent passes therefore run with gradients enabled, on detached parameters.
+
+Reverse over forward (the Hessian product) differentiates the tangent rules, and some of
+torch's are wrong when differentiated: ``layer_norm``'s and ``batch_norm``'s treat their saved
+statistics as constants (Hessian products 15-25% off, no error; PyTorch issues 196699 and
+196700), softmax's reuses an output in place (the backward pass fails). So that product runs
+only through operations on :data:`DIFFERENTIABLE_TANGENT_RULES`, whose rules are verified
+against double backward in float64 (``tests/operators/test_forward_ad.py``), and the
+Hessian operator checks every batch's graph with :func:`first_unverified_operation`. A
+structural check, not a comparison of numbers: no data can fool it (a first batch whose
+loss gradient is zero made any comparison of the two products agree).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 _LAYERS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu})
@@ -76,22 +94,116 @@ def _relu(func, args, kwargs):
     return fwAD.make_dual(primal, torch.ops.aten.threshold_backward(x_tangent, primal.detach(), 0))
 
 
-class _TangentShortcuts(TorchFunctionMode):
-    def __init__(self, differentiated: bool) -> None:
+def _embedding(func, args, kwargs):
+    padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+    if padding_idx is None:
+        return NotImplemented
+    indices = args[0]
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    if padding_idx < 0:
+        padding_idx += weight.shape[0]  # as F.embedding normalises it
+    output = func(*args, **kwargs)
+    padded = (indices == padding_idx).unsqueeze(-1)
+    # Reverse mode's zero gradient for the padding row, in forward mode: constant rows there.
+    return torch.where(padded, output.detach(), output)
+
+
+def _detached(result: Any) -> Any:
+    return tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, result)
+
+
+class _TangentRules(TorchFunctionMode):
+    def __init__(self, differentiated: bool, shortcuts: bool) -> None:
         super().__init__()
-        self.rules = {f: _linear_like for f in _LAYERS}
-        if differentiated:
-            self.rules.update({f: _relu for f in _RELUS})
+        self.rules = {F.embedding: _embedding}
+        if shortcuts:
+            self.rules.update({f: _linear_like for f in _LAYERS})
+            if differentiated:
+                self.rules.update({f: _relu for f in _RELUS})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # The mode is off while its handler runs: the rules' calls are torch's own, and a
+        # no-grad region is handled by its outermost torch call.
+        if not torch.is_grad_enabled():
+            return _detached(func(*args, **kwargs))
         rule = self.rules.get(func)
         if rule is not None and args and torch.is_tensor(args[0]):
-            # The mode is off while its handler runs: the rules' calls are torch's own.
             result = rule(func, args, kwargs)
             if result is not NotImplemented:
                 return result
         return func(*args, **kwargs)
+
+
+#: Autograd nodes (``grad_fn.name()``) of the operations whose forward-mode rule, as
+#: computed under :func:`tangent_rules`, is right when differentiated: reverse over forward
+#: gives exactly double backward's Hessian product through them. Each is checked against
+#: double backward in float64 (``tests/operators/test_forward_ad.py``); an
+#: operation is added here only with such a check. Not here, on purpose: ``layer_norm``,
+#: ``batch_norm``, ``group_norm``, ``instance_norm`` (rules wrong when differentiated),
+#: ``softmax``/``log_softmax`` (rules not differentiable), in-place updates of views
+#: (``CopySlices``: the operation inside is not known) and custom ``autograd.Function``\ s.
+DIFFERENTIABLE_TANGENT_RULES = frozenset({
+    # the parameters (leaves) and their dual views (``fwAD.make_dual``)
+    "torch::autograd::AccumulateGrad", "torch::autograd::Identity",
+    # products
+    "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0",
+    "EmbeddingBackward0",
+    # shapes and selections
+    "TBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "ExpandBackward0",
+    "TransposeBackward0", "PermuteBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "CloneBackward0", "CatBackward0",
+    "StackBackward0",
+    # elementwise
+    "AddBackward0", "SubBackward0", "RsubBackward1", "MulBackward0", "DivBackward0",
+    "NegBackward0", "PowBackward0", "ExpBackward0", "LogBackward0", "SqrtBackward0", "RsqrtBackward0",
+    "TanhBackward0", "SigmoidBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0",
+    "WhereBackward0", "MaskedFillBackward0",
+    # reductions and pooling
+    "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "AvgPool2DBackward0",
+    "MaxPool2DWithIndicesBackward0",
+})
+
+#: Operations whose rule is verified for some arguments only: a predicate on the autograd
+#: node. Batch norm in eval mode normalises by the running statistics, constants: its rule
+#: is an affine map's. In train mode it normalises by batch statistics, and the rule is wrong.
+CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES: dict[str, Callable[[Any], bool]] = {
+    "NativeBatchNormBackward0": lambda node: not node._saved_training,
+}
+
+
+def first_unverified_operation(output: Tensor) -> str | None:
+    """The first operation in the autograd graph of ``output`` whose forward-mode rule is not verified.
+
+    Verified: the operations of :data:`DIFFERENTIABLE_TANGENT_RULES`, and those of
+    :data:`CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES` whose predicate holds.
+
+    Parameters
+    ----------
+    output : Tensor
+        A model output computed with the graph kept (the primal of a dual forward pass).
+
+    Returns
+    -------
+    str or None
+        The autograd node's name (e.g. ``"NativeLayerNormBackward0"``), or None when every
+        operation between the parameters and ``output`` has a verified rule. A region run
+        without gradients adds no nodes: :func:`tangent_rules` gives it no tangent either.
+    """
+    stack = [output.grad_fn]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = node.name()
+        if name not in DIFFERENTIABLE_TANGENT_RULES:
+            verified = CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES.get(name)
+            if verified is None or not verified(node):
+                return name
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -108,14 +220,21 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def tangent_shortcuts(differentiated: bool = False) -> Iterator[None]:
-    """Within a ``fwAD.dual_level()``: linear and convolution layers whose input has no tangent skip the zero-tangent product.
+def tangent_rules(differentiated: bool = False, shortcuts: bool = True) -> Iterator[None]:
+    """Forward-mode rules of this module, for a forward pass with tangents (module docstring).
+
+    Always: padding rows of embeddings and regions run without gradients carry no tangent,
+    as in reverse mode (the pass itself must run with gradients enabled).
 
     Parameters
     ----------
     differentiated : bool, optional
         The tangent will be differentiated (reverse over forward): also replace relu's
-        rule (module docstring). Without a graph torch's rule is cheaper. Default False.
+        rule. Without a graph torch's rule is cheaper. Default False.
+    shortcuts : bool, optional
+        Linear and convolution layers whose input has no tangent skip the zero-tangent
+        product (default True). Within a ``fwAD.dual_level()`` only: ``torch.func.jvp``'s
+        tangents are not visible to these rules.
     """
-    with _TangentShortcuts(differentiated):
+    with _TangentRules(differentiated, shortcuts):
         yield

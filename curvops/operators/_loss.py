@@ -20,6 +20,8 @@ one sample (index of the first dimension).
 from __future__ import annotations
 
 import math
+import numbers
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +103,8 @@ class LossSpec:
         f = self.fn
         if self.flat is not None:
             return self.flat.batch_sum(f.flat_output(output), f.flat_target(target))
+        if self.kind != "custom":
+            self.check_shapes(output, target)
         if self.kind == "cross_entropy":
             num_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
             if num_classes < FUSED_CE_MIN_CLASSES:
@@ -128,6 +132,44 @@ class LossSpec:
             # loss units.
             return value * _batch_size(output)
         return value
+
+    def check_shapes(self, output: Tensor, target: Any) -> None:
+        """Check that a built-in loss's targets fit the model output.
+
+        torch broadcasts MSE targets of another shape (with a warning) and so computes a
+        different loss; cross-entropy needs class indices of the output's shape without
+        the class dimension 1, or class probabilities of the output's shape.
+
+        Raises
+        ------
+        ValueError
+            If they do not fit; the message says which shape they need.
+        """
+        name = type(self.fn).__name__
+        if not torch.is_tensor(target):
+            raise TypeError(f"{name} targets must be a tensor, got {type(target).__name__}")
+        got, shape = tuple(target.shape), tuple(output.shape)
+        if self.kind in ("mse", "bce"):
+            if got != shape:
+                raise ValueError(
+                    f"{name}: the targets have shape {got} but the model output {shape}; torch would "
+                    f"broadcast them into a different loss. Give targets of shape {shape} (expand "
+                    "them explicitly if broadcasting is what you mean)"
+                )
+            return
+        if target.is_floating_point():
+            if got != shape:
+                raise ValueError(
+                    f"{name}: class-probability targets must have the output's shape {shape}, got {got}"
+                )
+            return
+        indices = shape[:1] + shape[2:] if len(shape) > 1 else ()
+        if got != indices:
+            hint = " (squeeze the class dimension: targets.squeeze(1))" if got == indices[:1] + (1,) + indices[1:] else ""
+            raise ValueError(
+                f"{name}: class-index targets of an output of shape {shape} (classes along dimension "
+                f"{1 if len(shape) > 1 else 0}) must have shape {indices}, got {got}{hint}"
+            )
 
     def batch_normaliser(self, target: Any, inputs: Any = None) -> Tensor:
         """This batch's share of the ``mean`` normaliser, from the targets alone.
@@ -221,6 +263,7 @@ class LossSpec:
         """
         out = output.detach()
         shape = (num_samples, *out.shape)
+        _check_sample_memory(out, num_samples)
         if self.flat is not None:
             rows = self.flat.sample_output_gradients(self.fn.flat_output(out), self.fn.flat_target(target),
                                                      num_samples, generator)
@@ -228,7 +271,11 @@ class LossSpec:
         if self.kind == "cross_entropy":
             logits2d, perm = _classes_last(out)
             probs = torch.softmax(logits2d.float(), dim=-1)
-            draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+            # A non-finite output row (NaN in the data) draws from a stand-in distribution, so
+            # the product completes and reports that batch's NaN loss by name like every other
+            # operator (torch.multinomial would raise a bare RuntimeError, on CUDA an assert).
+            draws = torch.multinomial(probs.nan_to_num(nan=1.0), num_samples, replacement=True,
+                                      generator=generator)
             onehot = F.one_hot(draws.T, probs.shape[-1]).to(probs.dtype)  # (M, rows, C)
             coeff = self._ce_coefficients(out, target).reshape(1, -1, 1)
             s2d = coeff.sqrt().to(probs.dtype) * (probs.unsqueeze(0) - onehot)
@@ -240,7 +287,8 @@ class LossSpec:
             return math.sqrt(2.0) * noise
         if self.kind == "bce":
             prob = torch.sigmoid(out)
-            draws = torch.bernoulli(prob.expand(shape), generator=generator)
+            # Non-finite outputs: a stand-in probability, as for cross-entropy above.
+            draws = torch.bernoulli(prob.nan_to_num(nan=0.5).expand(shape), generator=generator)
             factor = self._bce_coefficients(out, target) / (prob * (1 - prob)).clamp_min(torch.finfo(out.dtype).tiny)
             return factor.sqrt() * (prob - draws)
         raise ValueError(
@@ -359,6 +407,65 @@ class LossSpec:
         if f.weight is not None:
             h = h * f.weight.to(output.dtype)
         return h
+
+
+def check_mc_samples(mc_samples: Any) -> int:
+    """Validate the number of Monte-Carlo label draws: a positive integer (not a bool)."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, numbers.Integral) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    return int(mc_samples)
+
+
+def resolve_seed(seed: Any) -> int:
+    """Validate the seed of the Monte-Carlo draws: a non-negative integer, or None for a fresh one.
+
+    ``None`` draws a seed from the operating system's entropy, once: the caller stores it,
+    so the operator stays one fixed matrix and its seed can be read back to reproduce it.
+    """
+    if seed is None:
+        return secrets.randbits(62)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a non-negative integer or None, got {seed!r} ({type(seed).__name__})")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+def _check_sample_memory(output: Tensor, num_samples: int) -> None:
+    """Refuse Monte-Carlo draws whose tensors would not fit in the free memory of the output's device.
+
+    The draws are an ``(num_samples, *output.shape)`` tensor built with about two temporaries of
+    its size (one-hot labels, differences); a huge ``mc_samples`` would otherwise start an
+    allocation of tens of GB and fail (or swap) deep inside torch.
+    """
+    need = 3 * num_samples * output.numel() * max(output.element_size(), 4)
+    free = _free_memory(output.device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"mc_samples={num_samples}: the label draws of one batch ({num_samples} samples of an "
+            f"output of shape {tuple(output.shape)}) need about {need / 2**30:.3g} GiB, more than the "
+            f"{free / 2**30:.3g} GiB free on {output.device}; use fewer samples or smaller batches "
+            "(the Monte-Carlo Fisher approaches the GGN as the samples grow: GGNOperator gives "
+            "that limit exactly)"
+        )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the allocator's view; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        # Free on the device plus what torch's caching allocator holds unused.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _batch_size(x: Any) -> int:

@@ -29,7 +29,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from curvops._finite import all_finite
-from curvops.operators._forward_ad import own_storage, tangent_shortcuts
+from curvops.operators._forward_ad import own_storage, tangent_rules
 from curvops.operators._loss import LossSpec
 from curvops.operators._parallel import (
     Parallel,
@@ -37,6 +37,7 @@ from curvops.operators._parallel import (
     Sharded,
     ShardLayout,
     detect_parallel,
+    fingerprint,
     local_tensor,
     shard_layout,
 )
@@ -53,7 +54,12 @@ class TorchLinearOperator(LinearOperator):
     numpy input follows scipy's semantics (host arrays in and out); torch input stays on
     the operator's device and dtype (``op @ tensor``, ``op.matvec``, ``op.matmat``,
     :meth:`matmat_torch`). Subclasses implement :meth:`_apply` on a checked torch block
-    of shape ``(shape[1], k)``.
+    of shape ``(shape[1], k)``. An empty block ``(shape[1], 0)`` gives an empty
+    ``(shape[0], 0)`` result, as numpy's ``@`` does.
+
+    numpy has no bfloat16: an operator on bfloat16 parameters has numpy ``dtype``
+    float32; numpy input is rounded to bfloat16, multiplied in bfloat16 (the model's
+    precision, as torch input is) and returned as float32.
 
     Attributes
     ----------
@@ -75,7 +81,7 @@ class TorchLinearOperator(LinearOperator):
     def __init__(self, shape: tuple[int, int], torch_dtype: torch.dtype, device: torch.device) -> None:
         self.torch_dtype = torch_dtype
         self.device = device
-        super().__init__(dtype=np.dtype(str(torch_dtype).removeprefix("torch.")), shape=shape)
+        super().__init__(dtype=_numpy_dtype(torch_dtype), shape=shape)
 
     @property
     def is_positive_semidefinite(self) -> bool:
@@ -103,9 +109,13 @@ class TorchLinearOperator(LinearOperator):
         X = self._check_torch(X)
         if X.dim() != 2:
             raise ValueError(f"matmat_torch expects a block of shape ({self._vector_rows()}, k), got {tuple(X.shape)}")
+        if out is not None:
+            self._check_out(out, X)
+        if X.shape[1] == 0:  # no columns: nothing to multiply (the products assume k >= 1)
+            rows = self.shape[0] if self.sharding is None else self.sharding.local_dim
+            return X.new_zeros(rows, 0) if out is None else out
         if out is None:
             return self._apply(X)
-        self._check_out(out, X)
         return self._apply_into(X, out)
 
     def _check_out(self, out: Tensor, X: Tensor) -> None:
@@ -145,13 +155,120 @@ class TorchLinearOperator(LinearOperator):
 
     # ----------------------------------------------------- scipy / torch dispatch
     def dot(self, x: Any) -> Any:
-        """``A @ x``: torch tensors stay torch on the device; everything else as scipy."""
+        """``A @ x``: torch tensors stay torch on the device; everything else as scipy.
+
+        ``x`` may also be a list of tensors shaped like the selected parameters (``[*p.shape]``
+        each, or ``[*p.shape, k]`` for k vectors) for operators whose input and output are
+        parameter-space vectors: the result is such a list (as in curvlinops). A curvops
+        operator gives the product operator, a real scalar the scaled operator
+        (:mod:`curvops.operators.algebra`, torch path kept); a plain scipy
+        ``LinearOperator`` gives scipy's product (numpy only).
+        """
+        from curvops.operators.algebra import _ProductOperator, _real_scalar, _ScaledOperator
+
+        if isinstance(x, TorchLinearOperator):
+            return _ProductOperator(self, x)
+        if isinstance(x, LinearOperator):
+            return super().dot(x)
+        alpha = _real_scalar(x)
+        if alpha is not None:
+            return _ScaledOperator(self, alpha)
+        if isinstance(x, (list, tuple)) and any(torch.is_tensor(t) for t in x):
+            return self._apply_to_parameter_list(x)
         if torch.is_tensor(x):
+            if x.dim() == 2:
+                return self.matmat_torch(x)
             x = self._check_torch(x)
-            return self._apply(x.unsqueeze(1)).squeeze(1) if x.dim() == 1 else self._apply(x)
+            return self._apply(x.unsqueeze(1)).squeeze(1)
         if isinstance(x, np.ndarray):
             self._reject_host_arrays()
         return super().dot(x)
+
+    def __matmul__(self, x: Any) -> Any:
+        if _is_scalar(x):
+            raise ValueError("Scalar operands are not allowed, use '*' instead")
+        return self.dot(x)
+
+    def __rmul__(self, x: Any) -> Any:
+        from curvops.operators.algebra import _real_scalar, _ScaledOperator
+
+        alpha = _real_scalar(x)
+        return super().__rmul__(x) if alpha is None else _ScaledOperator(self, alpha)
+
+    def __truediv__(self, x: Any) -> "TorchLinearOperator":
+        from curvops.operators.algebra import _real_scalar, _ScaledOperator
+
+        alpha = _real_scalar(x)
+        if alpha is None:
+            raise ValueError("Can only divide a linear operator by a scalar.")
+        if alpha == 0:
+            raise ZeroDivisionError("cannot divide an operator by zero")
+        return _ScaledOperator(self, 1.0 / alpha)
+
+    def __neg__(self) -> "TorchLinearOperator":
+        from curvops.operators.algebra import _ScaledOperator
+
+        return _ScaledOperator(self, -1.0)
+
+    def __add__(self, x: Any) -> Any:
+        from curvops.operators.algebra import _SumOperator
+
+        if isinstance(x, TorchLinearOperator):
+            return _SumOperator([self, x])
+        return super().__add__(x)  # scipy's sum (numpy only) for a plain LinearOperator
+
+    def __sub__(self, x: Any) -> Any:
+        if isinstance(x, LinearOperator):
+            return self.__add__(-x)
+        return NotImplemented
+
+    def __pow__(self, p: Any) -> Any:
+        from curvops.operators.algebra import _PowerOperator
+
+        if _is_scalar(p):
+            return _PowerOperator(self, p)
+        return NotImplemented
+
+    def _parameter_shapes(self) -> list[torch.Size] | None:
+        """Parameter shapes of the vectors if both input and output are in a model's parameter layout.
+
+        None (the default) for operators between other spaces; square curvature operators
+        and their inverses return their ``param_shapes``.
+        """
+        return None
+
+    def _apply_to_parameter_list(self, tensors: Sequence[Any]) -> list[Tensor]:
+        """``A @ [t_1, t_2, ...]`` for parameter-shaped tensors (``[*p.shape]`` or ``[*p.shape, k]``)."""
+        shapes = self._parameter_shapes()
+        if shapes is None:
+            raise TypeError(
+                f"{type(self).__name__} multiplies flat vectors of shape ({self.shape[1]},) or "
+                f"({self.shape[1]}, k), not lists of tensors: its input and output are not both in a model's "
+                "parameter layout. Concatenate them with op.flatten(tensors) (a ModelOperator's) or "
+                "torch.cat([t.reshape(-1) for t in tensors])"
+            )
+        if not all(torch.is_tensor(t) for t in tensors) or len(tensors) != len(shapes):
+            raise ValueError(
+                f"expected a list of {len(shapes)} tensors shaped like the parameters {[tuple(s) for s in shapes]} "
+                f"(or with a trailing dimension k), got {[tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in tensors]}; "
+                "op.flatten / op.unflatten convert between such lists and flat vectors"
+            )
+        first, shape = tensors[0], tuple(shapes[0])
+        k = None if tuple(first.shape) == shape else (first.shape[-1] if tuple(first.shape[:-1]) == shape else -1)
+        expected = [tuple(s) if k is None else (*s, k) for s in shapes]
+        if k == -1 or any(tuple(t.shape) != e for t, e in zip(tensors, expected)):
+            raise ValueError(
+                f"expected tensors shaped like the parameters {[tuple(s) for s in shapes]} (or all with one "
+                f"trailing dimension k), got {[tuple(t.shape) for t in tensors]}; op.flatten / op.unflatten "
+                "convert between such lists and flat vectors"
+            )
+        if k is None:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+        else:
+            flat = torch.cat([t.reshape(-1, k) for t in tensors])
+        result = self.dot(flat)
+        numels = [int(np.prod(s)) for s in shapes]
+        return [r.reshape(e) for r, e in zip(result.split(numels), expected)]
 
     def matvec(self, x: Any) -> Any:
         """Matrix-vector product; accepts numpy arrays (scipy semantics) or torch tensors."""
@@ -200,10 +317,12 @@ class TorchLinearOperator(LinearOperator):
             return np.stack(blocks).reshape(*X.shape[:-2], self.shape[0], X.shape[-1])
         if X.ndim != 2 or X.shape[0] != self.shape[1]:
             raise ValueError(f"expected an array of shape ({self.shape[1]}, k), got {X.shape}")
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype)).to(self.device)
+        if X.shape[1] == 0:
+            return np.zeros((self.shape[0], 0), dtype=self.dtype)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype)).to(self.device, self.torch_dtype)
         if not all_finite(Xt):
             raise ValueError("input vector contains NaN or Inf")
-        return self._apply(Xt).cpu().numpy()
+        return self._apply(Xt).cpu().to(_torch_dtype(self.dtype)).numpy()
 
     def _apply(self, X: Tensor) -> Tensor:
         """``A @ X`` for a checked (shape[1], k) torch block; implemented by subclasses."""
@@ -225,17 +344,24 @@ class TorchLinearOperator(LinearOperator):
             error = ValueError(f"expected a tensor on device {self.device} (the parameters'), got one on device {x.device}")
         elif not all_finite(x):
             error = ValueError("input vector contains NaN or Inf")
-        self._agree(error)
+        # The block width is agreed on too: ranks multiplying different numbers of vectors
+        # would enter collectives of different sizes (gloo aborts the process on those).
+        columns = x.shape[1] if x.dim() == 2 else 1
+        self._agree(error, f"a product with {columns} vector(s)")
         return x
 
     def _vector_rows(self) -> int:
         """Rows of the input vectors held by this process (``shape[1]``, or the local shard's)."""
         return self.shape[1] if self.sharding is None else self.sharding.local_dim
 
-    def _agree(self, error: Exception | None) -> None:
-        """Raise ``error``; in a distributed operator, raise on all ranks if any rank has one."""
+    def _agree(self, error: Exception | None, doing: str = "") -> None:
+        """Raise ``error``; in a distributed operator, raise on all ranks if any rank has one.
+
+        ``doing`` describes what the rank is about to do; ranks whose descriptions differ
+        raise too (see :meth:`Parallel.agree`).
+        """
         if self.parallel is not None:
-            self.parallel.agree(error, self.device)
+            self.parallel.agree(error, self.device, doing)
         elif error is not None:
             raise error
 
@@ -259,6 +385,14 @@ class ModelOperator(TorchLinearOperator):
         # DDP: run the wrapped module (its reducer is for training steps; products are
         # all-reduced once each here). FSDP2: run the sharded model itself.
         self.model, self.parallel = detect_parallel(model)
+        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if meta:
+            raise ValueError(
+                f"the model's {', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''} are on the meta "
+                "device (shapes without values): materialise the model before building an operator, "
+                "e.g. model.to_empty(device='cpu') and load_state_dict, or build it outside "
+                "torch.device('meta')"
+            )
 
     def _set_data_and_params(self, data: Iterable[tuple[Any, Any]], params: ParamSelection) -> None:
         if iter(data) is data:
@@ -267,6 +401,39 @@ class ModelOperator(TorchLinearOperator):
                 f"DataLoader); got a one-shot iterator of type {type(data).__name__}"
             )
         self.data = data
+        error: Exception | None = None
+        try:
+            self._select_params(params)
+        except (TypeError, ValueError) as caught:
+            if self.parallel is None:
+                raise
+            error = caught
+        if self.parallel is not None:
+            # Before the first collective whose size depends on the selection (the shard layout's).
+            self._agree_on_parameters(error)
+        if isinstance(self.parallel, Sharded):
+            self.sharding = shard_layout(self.params, self.parallel)
+            self.device = local_tensor(self.params[0]).device
+        # Shapes of the pieces of a vector this process holds (local shards under FSDP).
+        self.param_shapes = [local_tensor(p).shape for p in self.params]
+        self.param_numels = [local_tensor(p).numel() for p in self.params]
+        #: Number of selected parameter entries (the parameter-space dimension).
+        self.num_params: int = sum(p.numel() for p in self.params)
+        selected = {id(p) for p in self.params}
+        scaled = [n for n, m in self.model.named_modules()
+                  if isinstance(m, nn.Embedding) and m.scale_grad_by_freq and id(m.weight) in selected]
+        if scaled:
+            # Reverse mode divides each row's gradient by the row's count in the batch: not the
+            # derivative of the output, so Jᵀu is not the adjoint of J v and the Hessian is not
+            # the loss's (a GGN 15% asymmetric).
+            raise ValueError(
+                f"embedding {scaled[0]!r} has scale_grad_by_freq=True: autograd then returns a "
+                "rescaled gradient, not the derivative, and every curvature product would be "
+                "wrong; set scale_grad_by_freq=False on it for the curvature (the output is the "
+                "same), or leave its weight out of params"
+            )
+
+    def _select_params(self, params: ParamSelection) -> None:
         self.param_names, self.params = _select_parameters(self.model, params)
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
@@ -276,14 +443,19 @@ class ModelOperator(TorchLinearOperator):
         self.device: torch.device = self.params[0].device
         if not self.torch_dtype.is_floating_point:
             raise TypeError(f"parameters must be floating point, got {self.torch_dtype}")
-        if isinstance(self.parallel, Sharded):
-            self.sharding = shard_layout(self.params, self.parallel)
-            self.device = local_tensor(self.params[0]).device
-        # Shapes of the pieces of a vector this process holds (local shards under FSDP).
-        self.param_shapes = [local_tensor(p).shape for p in self.params]
-        self.param_numels = [local_tensor(p).numel() for p in self.params]
-        #: Number of selected parameter entries (the parameter-space dimension).
-        self.num_params: int = sum(p.numel() for p in self.params)
+
+    def _agree_on_parameters(self, error: Exception | None) -> None:
+        """Raise on every rank if a rank's selection failed (``error``) or the ranks selected different parameters."""
+        if error is not None:  # pairs with the other ranks' agreement below, and raises on all
+            first = next(iter(self.model.parameters()), None)
+            device = torch.device("cpu") if first is None else local_tensor(first).device
+            self.parallel.agree(error, device)
+        selection = ";".join(f"{n}:{tuple(p.shape)}" for n, p in zip(self.param_names, self.params))
+        digest = f"{int(fingerprint(selection)):012x}"
+        doing = (f"{type(self).__name__}(params: {len(self.params)} tensors, "
+                 f"{sum(p.numel() for p in self.params)} entries, {self.param_names[0]} ... "
+                 f"{self.param_names[-1]}, selection hash {digest})")
+        self.parallel.agree(None, local_tensor(self.params[0]).device, doing)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat parameter-space vector (D,) into named parameter-shaped views.
@@ -330,13 +502,30 @@ class ModelOperator(TorchLinearOperator):
         return float(square.sqrt())
 
     @contextlib.contextmanager
-    def _shifted_parameters(self) -> Iterator[Callable[[list[Tensor], int, float], None]]:
-        """Yield ``shift(V, col, amount)``: set ``θ = θ₀ + amount · V[col]`` (``amount = 0``: ``θ₀``).
+    def _shifted_parameters(self) -> Iterator[Callable[[list[Tensor], int, float], list[Tensor] | None]]:
+        """Yield ``shift(V, col, amount)``, which moves the evaluation point to ``θ₀ + amount · V[col]``.
 
-        Acts on this process's pieces (local shards under FSDP: each rank perturbs only its
-        own). ``θ₀`` is restored bit for bit on exit, also after an exception.
+        On one process (and under DDP) nothing is modified: ``shift`` returns the shifted
+        values as new tensors, to evaluate at with ``_loss_gradient(..., at=...)`` or
+        ``forward(..., replace=...)``. The parameters, their version counters and so any
+        graph the caller built before the product stay valid.
+
+        Under FSDP the all-gather reads the parameters' own storage, so ``shift`` sets this
+        rank's local shards in place (each rank perturbs only its own) and returns None.
+        On exit ``θ₀`` is restored bit for bit, also after an exception, and so are the
+        shards' version counters (in-place writes bump them, and a graph the caller built
+        earlier would then refuse to backpropagate); restoring them needs
+        ``torch._C._autograd._unsafe_set_version_counter``, without which they stay bumped.
         """
+        if not isinstance(self.parallel, Sharded):
+            def shifted(V: list[Tensor], col: int, amount: float) -> list[Tensor]:
+                with torch.no_grad():
+                    return [p.detach() + amount * v[col] for p, v in zip(self.params, V)]
+
+            yield shifted
+            return
         local = [local_tensor(p) for p in self.params]
+        versions = [t._version for t in local]
         saved = [t.detach().clone() for t in local]
 
         def shift(V: list[Tensor], col: int, amount: float) -> None:
@@ -353,19 +542,27 @@ class ModelOperator(TorchLinearOperator):
             with torch.no_grad():
                 for t, t0 in zip(local, saved):
                     t.copy_(t0)
+            set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+            if set_versions is not None:
+                set_versions(tuple(local), tuple(versions))
 
     def forward(self, inputs: Any, replace: Mapping[str, Tensor] | None = None) -> Tensor:
         """Run the model on a batch's inputs and return the output tensor.
 
         ``replace`` maps parameter names to tensors used in their place (for
-        forward-mode AD through dual tensors).
+        forward-mode AD through dual tensors). The model runs on copies of its buffers:
+        what the forward pass writes into them (batch norm's running statistics in train
+        mode) is discarded, and the buffers and their version counters stay as they were.
         """
         args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+        replace = {} if replace is None else dict(replace)
+        if not isinstance(self.parallel, Sharded):
+            replace.update((name, buffer.clone()) for name, buffer in self.model.named_buffers())
         with _attention_with_higher_derivatives():
-            if replace is None:
+            if not replace:
                 output = self.model(*args, **kwargs)
             else:
-                output = torch.func.functional_call(self.model, dict(replace), args, kwargs)
+                output = torch.func.functional_call(self.model, replace, args, kwargs)
         if torch.is_tensor(output):
             return output
         logits = getattr(output, "logits", None)
@@ -378,12 +575,24 @@ class ModelOperator(TorchLinearOperator):
         )
 
     def _batches(self, only: set[int] | None = None) -> Iterator[tuple[int, Any, Any]]:
-        """Yield (index, inputs, targets) with tensors moved to the model's device."""
+        """Yield (index, inputs, targets) with tensors moved to the model's device.
+
+        A whole pass of a curvature operator also counts the batches and their normaliser
+        on the way (from the targets, as at construction), for :meth:`_data_change_error`.
+        """
+        counting = only is None and hasattr(self, "_local_normaliser")
+        shares: list[Any] = []
+        count = 0
         for index, batch in enumerate(self.data):
+            count += 1
             if only is not None and index not in only:
                 continue
             inputs, target = _unpack(batch, index)
+            if counting:
+                shares.append(self.loss.batch_normaliser(target, inputs))
             yield index, _to_device(inputs, self.device), _to_device(target, self.device)
+        if counting:
+            self._pass_counts = (count, shares)
 
     def _zeros_like_block(self, k: int) -> list[Tensor]:
         """Zero (k, *shape) accumulators, one per parameter, as views into one (k, D) buffer.
@@ -422,14 +631,17 @@ class ModelOperator(TorchLinearOperator):
 
         With ``keep_graph`` the output carries the autograd graph w.r.t. the parameters;
         with ``tangent_graph`` too the tangent (``J v`` as a function of the parameters:
-        the reverse-over-forward Hessian product differentiates it).
+        the reverse-over-forward Hessian product differentiates it). Without ``keep_graph``
+        all parameters are detached (no graph is recorded) but gradients stay enabled:
+        :func:`~curvops.operators._forward_ad.tangent_rules` recognises the model's own
+        no-grad regions by the grad mode.
         """
         import torch.autograd.forward_ad as fwAD
 
-        grad_mode = torch.enable_grad() if keep_graph else torch.no_grad()
-        with grad_mode, fwAD.dual_level(), tangent_shortcuts(differentiated=tangent_graph):
-            duals = {n: fwAD.make_dual(p if keep_graph else p.detach(), t)
-                     for n, p, t in zip(self.param_names, self.params, tangents)}
+        with torch.enable_grad(), fwAD.dual_level(), tangent_rules(differentiated=tangent_graph):
+            duals = {} if keep_graph else self._detached_parameters()
+            duals.update((n, fwAD.make_dual(p if keep_graph else p.detach(), t))
+                         for n, p, t in zip(self.param_names, self.params, tangents))
             output, tangent = fwAD.unpack_dual(self.forward(inputs, replace=duals))
         if tangent is None:  # the output does not depend on the selected parameters
             tangent = torch.zeros_like(output)
@@ -439,18 +651,35 @@ class ModelOperator(TorchLinearOperator):
         """``J V`` for a block of tangents (leading dimension m), shape ``(m, *output.shape)``.
 
         Vectorised with ``torch.func.vmap`` over the tangents, so the primal forward is
-        computed once for all of them.
+        computed once for all of them; one dual forward per tangent for a model whose
+        forward pass writes into buffers (batch or instance norm in train mode updating
+        running statistics), which ``vmap`` cannot batch.
         """
+        if self._forward_writes_buffers():
+            return torch.stack([self._jvp(inputs, [t[col] for t in tangents], keep_graph=False)[1]
+                                for col in range(tangents[0].shape[0])])
         primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+        others = self._detached_parameters()
 
         def output_of(params: dict[str, Tensor]) -> Tensor:
-            return self.forward(inputs, replace=params)
+            return self.forward(inputs, replace={**others, **params})
 
         def tangent_of(*ts: Tensor) -> Tensor:
             return torch.func.jvp(output_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
 
-        with torch.no_grad():
+        # Gradients enabled (no graph: the primals are detached) for tangent_rules' no-grad regions.
+        with torch.enable_grad(), tangent_rules(shortcuts=False):
             return torch.func.vmap(tangent_of)(*tangents)
+
+    def _detached_parameters(self) -> dict[str, Tensor]:
+        """All parameters of the model, detached: a tangent pass with gradients enabled (see
+        :meth:`_jvp`) then records no graph, also through parameters outside the selection."""
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    def _forward_writes_buffers(self) -> bool:
+        """Whether the model has a norm layer that updates running statistics in its forward pass."""
+        return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                   for m in self.model.modules())
 
     def _vjp(self, output: Tensor, cotangent: Tensor, retain_graph: bool) -> tuple[Tensor, ...]:
         """``Jᵀ u`` per selected parameter: one backward pass from ``output`` (with graph) seeded by ``cotangent``."""
@@ -477,7 +706,11 @@ class CurvatureOperator(ModelOperator):
         ``reduction="sum"``).
     data : iterable of (inputs, targets)
         Re-iterable batches (a list, or a ``DataLoader`` without shuffling); batches
-        may differ in size. Tensors are moved to the model's device.
+        may differ in size. Tensors are moved to the model's device. The operator is the
+        curvature of these data: every pass recounts the batches and (mean losses) the
+        normaliser, and a product refuses with a ``ValueError`` if they changed since
+        construction (build a new operator for new data). Targets must fit the output:
+        built-in losses refuse shapes that torch would broadcast.
     params : None, str, list of str, or list of parameters, optional
         Parameters the operator acts on. ``None`` (default): every parameter that
         requires grad. Strings are glob patterns on parameter names, e.g.
@@ -500,6 +733,15 @@ class CurvatureOperator(ModelOperator):
     vector) and each product is all-reduced once; under FSDP vectors are sharded like the
     parameters (each rank passes its local rows, see :attr:`sharding`) and every rank
     must hold the same number of batches.
+
+    The model is evaluated as it is, in its current train/eval mode, and left as it was:
+    forward passes run on copies of the buffers. A batch norm layer in train mode
+    normalises each batch by its own statistics, which the curvature then treats as
+    functions of the parameters (as autograd does); its running statistics are not
+    updated by products. Where the model runs part of its forward pass under
+    ``torch.no_grad()`` (or ``.detach()``), that part is a constant, as in a gradient.
+    An ``nn.Embedding(scale_grad_by_freq=True)`` among the selected parameters is refused
+    (``ValueError``): autograd rescales its gradient, which is then no derivative.
     """
 
     #: Step ``‖εv‖`` of the central differences; None: :meth:`finite_difference_step`'s rule.
@@ -534,15 +776,20 @@ class CurvatureOperator(ModelOperator):
         """
         grad = torch.zeros(self._vector_rows(), dtype=self.torch_dtype, device=self.device)
         total = torch.zeros((), dtype=self.torch_dtype, device=self.device)
-        for index, inputs, target in self._batches():
-            value, grads, _ = self._loss_gradient(inputs, target, self.scale)
-            grad += torch.cat([g.reshape(-1) for g in grads])
-            total += value
+
+        def accumulate() -> None:
+            nonlocal total
+            for index, inputs, target in self._batches():
+                value, grads, _ = self._loss_gradient(inputs, target, self.scale)
+                grad.add_(torch.cat([g.reshape(-1) for g in grads]))
+                total = total + value
+
+        self._run_local(accumulate)
         if self.parallel is not None:
             total = self.parallel.all_reduce_(total.reshape(1)).reshape(())
             if isinstance(self.parallel, Replicated):
                 self.parallel.all_reduce_(grad)
-        self._agree(self._nonfinite_loss_error([total], [0], what="loss"))
+        self._agree(self._data_change_error() or self._nonfinite_loss_error([total], [0], what="loss"))
         return total, grad
 
     def finite_difference_step(self) -> float:
@@ -564,12 +811,22 @@ class CurvatureOperator(ModelOperator):
         rms = self._global_norm([local_tensor(p) for p in self.params]) / self.num_params ** 0.5
         return 10.0 * unit_roundoff ** (1 / 3) * (1.0 + rms)
 
-    def _loss_gradient(self, inputs: Any, target: Any, scale: float) -> tuple[Tensor, list[Tensor], Tensor]:
+    def _loss_gradient(self, inputs: Any, target: Any, scale: float,
+                       at: Sequence[Tensor] | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
         """``scale`` times the batch's loss sum, its gradient (local pieces) and the detached output.
 
         Under FSDP the gradient comes from ``backward()`` and FSDP's reduce-scatter (the sum
         over the ranks' batches); elsewhere from ``torch.autograd.grad`` (this batch only).
+        ``at``: values of the selected parameters to evaluate at instead of their own (one
+        process; see :meth:`_shifted_parameters`).
         """
+        if at is not None:
+            with torch.enable_grad():
+                point = [t.detach().requires_grad_(True) for t in at]
+                output = self.forward(inputs, replace=dict(zip(self.param_names, point)))
+                value = self.loss.batch_sum(output, target) * scale
+                grads = torch.autograd.grad(value, point, allow_unused=True, materialize_grads=True)
+            return value.detach(), list(grads), output.detach()
         if isinstance(self.parallel, Sharded):
             with self.parallel.summed_gradients(), _stashed_gradients(self.model):
                 output = self.forward(inputs)
@@ -593,6 +850,9 @@ class CurvatureOperator(ModelOperator):
 
     def _transpose(self) -> "CurvatureOperator":
         return self
+
+    def _parameter_shapes(self) -> list[torch.Size]:
+        return list(self.param_shapes)
 
     # ================================================================ internals
     def _products(self, V: list[Tensor], only: set[int] | None = None) -> tuple[list[Tensor], list[Tensor], list[int]]:
@@ -630,8 +890,9 @@ class CurvatureOperator(ModelOperator):
     def _apply_into(self, X: Tensor, out: Tensor | None) -> Tensor:
         """``A @ X`` for a checked (D, k) block, into ``out`` (checked (D, k); None: a new tensor)."""
         k = X.shape[1]
-        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
-            self._check_replicated(X)
+        replicated = isinstance(self.parallel, Replicated) and self._sums_over_local_data
+        if replicated:
+            self.parallel.check_same_block(X, self.device)
         Vt = X.T.contiguous()
         V = [t.view(k, *s) for t, s in zip(Vt.split(self.param_numels, dim=1), self.param_shapes)]
         # The product's accumulators are views into out's rows when those are contiguous (a
@@ -640,11 +901,11 @@ class CurvatureOperator(ModelOperator):
         offered = rows if rows is not None and rows.is_contiguous() else None
         self._destination = offered
         try:
-            products, losses, loss_batches = self._products(V)
+            products, losses, loss_batches = self._run_local(lambda: self._products(V))
         finally:
             self._destination = None
         flat = self._as_flat_block(products, k, offered)
-        if isinstance(self.parallel, Replicated) and self._sums_over_local_data:
+        if replicated:
             self.parallel.all_reduce_(flat)  # the (k, D) rows: contiguous, as NCCL needs (out may not be)
         if out is None:
             result = flat.T.contiguous()
@@ -654,13 +915,23 @@ class CurvatureOperator(ModelOperator):
             result = out
         # Two agreements, in this order: a NaN loss on one rank spreads NaN into every rank's
         # (reduced) product, and the message must name the rank whose loss caused it.
-        self._agree(self._nonfinite_loss_error(losses, loss_batches, what="loss"))
+        self._agree(self._data_change_error() or self._nonfinite_loss_error(losses, loss_batches, what="loss"))
         finite = all_finite(result)
         if self.parallel is not None:
             self._agree(None if finite else FloatingPointError("the curvature product is NaN or Inf"))
         elif not finite:
             self._raise_nonfinite_product(V)
         return result
+
+    def _run_local(self, work: Callable[[], Any]) -> Any:
+        """Run this rank's pass over its data so that an exception reaches every rank.
+
+        Under DDP the pass makes no collective call and its error is agreed on; under FSDP
+        the pass is collective and a failure is reported as in :meth:`Parallel.fail_out_of_step`.
+        """
+        if self.parallel is None:
+            return work()
+        return self.parallel.run_local(work, self.device, collective=isinstance(self.parallel, Sharded))
 
     def _sum_over_ranks(self, tensors: Sequence[Tensor]) -> None:
         """Under DDP, sum each tensor over the ranks in place (one flat all-reduce); else nothing."""
@@ -670,19 +941,6 @@ class CurvatureOperator(ModelOperator):
         self.parallel.all_reduce_(flat)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view(t.shape))
-
-    def _check_replicated(self, X: Tensor) -> None:
-        """Under DDP every rank must pass the same vectors: compare column checksums."""
-        sums = X.to(torch.float64).sum(0)
-        table = self.parallel.all_gather_numbers(sums.tolist() + X.to(torch.float64).abs().sum(0).tolist(), self.device)
-        spread = (table - table[0]).abs().max()
-        scale = table.abs().max()
-        if float(spread) > 1e3 * float(torch.finfo(self.torch_dtype).eps) * (1.0 + float(scale)):
-            raise ValueError(
-                "under DistributedDataParallel every rank must multiply the same vectors, but the "
-                f"ranks' inputs differ (checksums spread {float(spread):.3g}); seed random vectors "
-                "identically on all ranks"
-            )
 
     def _count(self) -> tuple[int, float]:
         count = 0
@@ -696,6 +954,8 @@ class CurvatureOperator(ModelOperator):
         except (TypeError, ValueError) as caught:
             error = caught
         self._agree(error)
+        # This process's share, which every pass over the data recounts (_data_change_error).
+        self._local_normaliser = total
         total_count = count
         if self.parallel is not None:
             table = self.parallel.all_gather_numbers([count, total], self.device).cpu()
@@ -717,9 +977,35 @@ class CurvatureOperator(ModelOperator):
             )
         return count, total
 
+    def _data_change_error(self) -> ValueError | None:
+        """An error if the last whole pass over the data found other batches than construction did.
+
+        The normaliser of a mean loss (and the batch count) are fixed at construction: if the
+        data changed since (a batch appended, targets replaced), the products would follow
+        neither the old objective nor the new one. The recount is that of :meth:`_count`, the
+        same numbers summed in the same order, so unchanged data compare equal exactly.
+        """
+        counts = self.__dict__.pop("_pass_counts", None)
+        if counts is None:
+            return None
+        count, shares = counts
+        total = 0.0
+        for share in shares:
+            total += float(share)
+        changed_normaliser = self.loss.reduction == "mean" and total != self._local_normaliser
+        if count == self.num_batches and not changed_normaliser:
+            return None
+        return ValueError(
+            f"data changed since the operator was built: it now yields {count} batches with "
+            f"{total:g} loss terms (normaliser), it had {self.num_batches} with {self._local_normaliser:g} "
+            "when the operator was built (its normalisation is that of the data it was built "
+            f"on); build a new {type(self).__name__} for the new data"
+        )
+
     def _check_deterministic(self) -> None:
         if self.num_batches == 0:  # a DDP rank without data: nothing to check here, but it
-            self._agree(None)      # joins the two agreements the other ranks make below
+            self._agree(None)      # joins the three agreements the other ranks make below
+            self._agree(None)
             self._agree(None)
             return
         error: Exception | None = None
@@ -732,11 +1018,16 @@ class CurvatureOperator(ModelOperator):
             )
         self._agree(error)
         inputs, target = _to_device(first[0], self.device), _to_device(first[1], self.device)
-        values, grads = [], []
-        for _ in range(2):
-            value, g, output = self._loss_gradient(inputs, target, 1.0)
-            values.append(value)
-            grads.append(torch.cat([x.reshape(-1) for x in g]))
+
+        def evaluate_twice() -> tuple[list[Tensor], list[Tensor], Tensor]:
+            values, grads = [], []
+            for _ in range(2):
+                value, g, output = self._loss_gradient(inputs, target, 1.0)
+                values.append(value)
+                grads.append(torch.cat([x.reshape(-1) for x in g]))
+            return values, grads, output
+
+        values, grads, output = self._run_local(evaluate_twice)
         try:
             self._compare_evaluations(values, grads, output, inputs, target)
         except (ValueError, FloatingPointError) as caught:
@@ -757,10 +1048,13 @@ class CurvatureOperator(ModelOperator):
                 f"(dropout left on, or a random layer?).{hint} Pass "
                 "check_deterministic=False only if you accept a randomised operator."
             )
-        if self.loss.kind != "custom":
+        terms = float(self.loss.batch_normaliser(target, inputs))
+        if self.loss.kind != "custom" and (terms > 0 or self.loss.reduction == "sum"):
+            # A batch without counted terms (all targets ignore_index, or class weights 0: a
+            # padding-only batch) has the mean 0/0 in torch; there is nothing to compare.
             with torch.no_grad():
                 reference = self.loss.fn(output.detach(), target)
-                ours = values[0] / (float(self.loss.batch_normaliser(target, inputs)) if self.loss.reduction == "mean" else 1.0)
+                ours = values[0] / (terms if self.loss.reduction == "mean" else 1.0)
             if not torch.allclose(ours.to(reference.dtype), reference, rtol=tol, atol=tol * 1e-3):
                 raise ValueError(
                     f"curvops does not reproduce this {type(self.loss.fn).__name__} configuration "
@@ -950,6 +1244,21 @@ class OutputSpaceOperator(CurvatureOperator):
 
 
 # ==================================================================== helpers
+def _is_scalar(x: Any) -> bool:
+    """A number or a 0-d tensor (what ``@`` refuses and ``*``/``**`` take as a scalar)."""
+    return bool(np.isscalar(x)) or (torch.is_tensor(x) and x.dim() == 0)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of the scipy interface: the parameters' own, float32 for bfloat16."""
+    return np.dtype(np.float32) if dtype == torch.bfloat16 else np.dtype(str(dtype).removeprefix("torch."))
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy dtype (the results handed back to numpy)."""
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
 @contextlib.contextmanager
 def _stashed_gradients(model: nn.Module) -> Iterator[None]:
     """Run a ``backward()`` without touching the user's ``.grad``: stash them, restore after."""

@@ -6,12 +6,34 @@ EKFAC keeps KFAC's eigenbasis ``Q_G ⊗ Q_A`` per block and replaces the eigenva
     S[i, j] = c Σ_n Σ_k ( Q_Gᵀ (Σ_r g_{n,r,k} a_{n,r}ᵀ) Q_A )[i, j]²,
 
 ``n`` the samples, ``r`` the weight-sharing positions of the layer (one without weight
-sharing), ``k`` the output-space vectors of the chosen ``fisher_type`` and ``c`` the
-objective's scale — the same quantities as KFAC's factors. The block is
-``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ``, so ``S`` is the diagonal of the per-sample
-curvature block in the Kronecker eigenbasis: where the ``s_k`` factorise each sample's
-loss Hessian exactly (one loss row per sample: ``(N, C)`` outputs), EKFAC's eigenvalues
-are *exactly* ``diag((Q_G ⊗ Q_A)ᵀ B (Q_G ⊗ Q_A))`` for the exact GGN/Fisher block ``B``.
+sharing; the per-sample gradient sums over them), ``k`` the output-space vectors of the
+chosen ``fisher_type`` and ``c`` the objective's scale — the same quantities as KFAC's
+factors. The block is ``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ``.
+
+What ``S`` is: for vectors ``γ_m`` with ``Σ_m γ_m γ_mᵀ = B``, ``Σ_m ((Q_G ⊗ Q_A)ᵀ γ_m)² =
+diag((Q_G ⊗ Q_A)ᵀ B (Q_G ⊗ Q_A))``, so EKFAC's eigenvalues are the diagonal of the curvature
+block ``B`` in the Kronecker eigenbasis, exactly when the per-sample gradients factorise
+``B``:
+
+- ``"type-2"``: ``B`` the GGN block. The columns ``s_k`` factorise each *loss row*'s Hessian
+  (:meth:`LossSpec.hessian_sqrt_columns`), so the per-sample gradients factorise the GGN
+  only if every sample has one loss row. With several (outputs ``(N, T, C)``, maps
+  ``(N, C, H, W)``) the per-sample gradient of column ``k`` sums the rows' columns, and its
+  square adds products between different rows of one sample that the GGN does not have
+  (George et al.'s per-sample gradient is that of one column of the Hessian square root,
+  which for a sequence has ``T·C`` columns per sample: ``T`` times KFAC's backward
+  passes). Such outputs are refused.
+- ``"mc"``: ``B`` the Monte-Carlo Fisher. Draws of different loss rows are independent and
+  have mean zero, so the cross-row products vanish in expectation: given the eigenbasis,
+  ``E[S] = diag((Q_G ⊗ Q_A)ᵀ GGN (Q_G ⊗ Q_A))`` for any number of rows per sample.
+- ``"empirical"``: ``B`` the empirical Fisher of
+  :class:`~curvops.operators.fisher.FisherOperator`, whose terms are the samples (MSE,
+  BCE, custom losses: exact) or, for cross-entropy, the positions: cross-entropy with
+  several positions per sample is refused like type-2.
+
+The samples are the first dimension of every layer's output, which must be that of the
+model output (a model that folds positions into the batch before a layer would make one
+layer "sample" a part of a loss row; refused).
 
 Per-sample gradients (``out × in`` each) are not formed where avoidable: without weight
 sharing ``S = (ĝ∘ĝ)ᵀ (â∘â)`` from the projected rows ``ĝ = g Q_G``, ``â = a Q_A``; with
@@ -22,10 +44,13 @@ in chunks of samples.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from curvops._finite import all_finite
+from curvops.operators._loss import LossSpec
 from curvops.operators.kfac import (
     _CHUNK_ELEMENTS,
     KroneckerEigen,
@@ -42,7 +67,19 @@ class EKFACOperator(_KroneckerOperator):
     Same parameters, layout, block structure and supported layers/losses as
     :class:`~curvops.operators.kfac.KFACOperator`; ``kfac_approx`` only affects the
     eigenbasis (KFAC's factors). Two passes over the data at construction: the Kronecker
-    factors, then the corrected eigenvalues.
+    factors, then the corrected eigenvalues: the diagonal of the exact curvature block in
+    KFAC's eigenbasis (module docstring), exactly for ``"type-2"`` and ``"empirical"``, in
+    expectation for ``"mc"``.
+
+    Raises
+    ------
+    ValueError
+        Besides KFAC's: ``fisher_type="type-2"`` with several loss rows per sample
+        (outputs ``(N, T, C)``, ``(N, C, H, W)``, ...), and ``"empirical"`` with
+        cross-entropy over several positions per sample, whose exact corrected eigenvalues
+        would need a backward pass per row (use ``fisher_type="mc"`` or
+        :class:`~curvops.operators.kfac.KFACOperator`); a layer whose first dimension is
+        not the model output's sample dimension.
 
     Attributes
     ----------
@@ -51,6 +88,45 @@ class EKFACOperator(_KroneckerOperator):
     corrected_eigenvalues : list of Tensor
         Per block ``S`` of shape (out, q), in the eigenbasis of :meth:`eigendecomposition`.
     """
+
+    def _check_output(self, output: Tensor, outputs: dict[str, Tensor], index: int) -> None:
+        # Refuse, before any statistics are summed, the outputs whose per-sample gradients do
+        # not factorise the block of fisher_type (see the module docstring).
+        samples = _output_samples(self.loss, output)
+        for name, z in outputs.items():
+            layer_samples = _layer_samples(z, self._layer_by_name(name).module)
+            if layer_samples != samples:
+                raise ValueError(
+                    f"EKFACOperator: layer {name!r} sees {layer_samples} samples in batch {index} where the model "
+                    f"output (shape {tuple(output.shape)}) has {samples}: the corrected eigenvalues need per-sample "
+                    "gradients, with every layer's first dimension indexing the output's samples (a reshape "
+                    "that folds positions into the batch dimension mixes them). Use KFACOperator, or keep the "
+                    "batch dimension first through the model"
+                )
+        rows = _loss_rows(self.loss, output) // max(samples, 1)
+        if rows > 1 and self.fisher_type == "type-2":
+            raise ValueError(
+                f"EKFACOperator(fisher_type='type-2') with {rows} loss rows per sample (model output of batch "
+                f"{index}: shape {tuple(output.shape)}) is not supported: the exact corrected eigenvalues need "
+                f"the gradient of every row's Hessian square-root columns separately, {rows} times KFAC's "
+                "backward passes, and summing the rows first would add cross-row products (silently wrong). "
+                "Use fisher_type='mc' (an unbiased estimate of the same eigenvalues), KFACOperator, or give "
+                "each sample one loss row (fold the positions into the batch dimension of the data if the "
+                "model treats them independently)"
+            )
+        if rows > 1 and self.fisher_type == "empirical" and self.loss.kind == "cross_entropy":
+            raise ValueError(
+                f"EKFACOperator(fisher_type='empirical') with cross-entropy over {rows} positions per sample "
+                f"(model output of batch {index}: shape {tuple(output.shape)}) is not supported: the empirical "
+                "Fisher's terms are the positions (as in FisherOperator(kind='empirical')), whose gradients "
+                f"would each need a backward pass ({rows} times KFAC's), and summing them per sample would add "
+                "cross-position products (silently wrong). Use fisher_type='mc', "
+                "KFACOperator(fisher_type='empirical'), or one position per sample"
+            )
+        super()._check_output(output, outputs, index)
+
+    def _layer_by_name(self, name: str) -> _Layer:
+        return next(layer for layer in self._layers if layer.name == name)
 
     def _after_factors(self) -> None:
         self._eigen: list[KroneckerEigen] = []
@@ -150,6 +226,29 @@ class EKFACOperator(_KroneckerOperator):
         return (f"EKFACOperator(D={self.shape[0]}, blocks={len(self.blocks)}, fisher_type={self.fisher_type!r}, "
                 f"kfac_approx={self.kfac_approx!r}, loss={self.loss.kind}/{self.loss.reduction}, "
                 f"dtype={self.torch_dtype}, device={self.device})")
+
+
+def _output_samples(loss: LossSpec, output: Tensor) -> int:
+    """Number of samples of a model output: its first dimension (an unbatched output is one)."""
+    unbatched = output.dim() == 0 or (output.dim() == 1 and loss.kind == "cross_entropy" and loss.flat is None)
+    return 1 if unbatched else int(output.shape[0])
+
+
+def _loss_rows(loss: LossSpec, output: Tensor) -> int:
+    """Number of loss rows of a model output (the blocks of :meth:`LossSpec.hessian_sqrt_columns`)."""
+    if loss.flat is not None:
+        return int(loss.fn.flat_output(output.detach()).shape[0])
+    if loss.kind == "cross_entropy":
+        return 1 if output.dim() <= 1 else math.prod(output.shape) // int(output.shape[1])
+    if output.dim() <= 1:
+        return max(output.numel(), 1)
+    return math.prod(output.shape[:-1])
+
+
+def _layer_samples(z: Tensor, module: torch.nn.Module) -> int:
+    """Number of samples of a layer output, as :meth:`_KroneckerOperator._grad_rows` splits it."""
+    unbatched = z.dim() == 3 if isinstance(module, torch.nn.Conv2d) else z.dim() <= 1
+    return 1 if unbatched else int(z.shape[0])
 
 
 def _projected_second_moment(g_hat: Tensor, a_hat: Tensor | None) -> Tensor:

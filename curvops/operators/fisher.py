@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvops.operators._loss import check_mc_samples, resolve_seed
 from curvops.operators.base import OutputSpaceOperator, ParamSelection
 
 _KINDS = ("mc", "empirical")
@@ -40,22 +41,24 @@ class FisherOperator(OutputSpaceOperator):
     kind : {"mc", "empirical"}, optional
         Which Fisher (default ``"mc"``).
     mc_samples : int, optional
-        Number of label draws per term for ``kind="mc"`` (default 1).
-    seed : int, optional
-        Seed of the label draws (default 0).
+        Number of label draws per term for ``kind="mc"`` (default 1). Products refuse
+        (``MemoryError``) a number whose draws for one batch would not fit in the device's
+        free memory.
+    seed : int or None, optional
+        Seed of the label draws, a non-negative integer (default 0). ``None``: a fresh seed
+        from the operating system's entropy, drawn once at construction and stored in
+        :attr:`seed` (the operator is still one fixed matrix; pass that seed to reproduce it).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 kind: str = "mc", mc_samples: int = 1, seed: int = 0,
+                 kind: str = "mc", mc_samples: int = 1, seed: int | None = 0,
                  check_deterministic: bool = True) -> None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if not (isinstance(mc_samples, int) and mc_samples >= 1):
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.kind = kind
-        self.mc_samples = mc_samples
-        self.seed = int(seed)
+        self.mc_samples = check_mc_samples(mc_samples)
+        self.seed = resolve_seed(seed)
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         if kind == "mc" and self.loss.kind == "custom":
             raise ValueError(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.operators._forward_ad import tangent_shortcuts
+from curvops.operators._forward_ad import tangent_rules
 from curvops.operators.base import OutputSpaceOperator, ParamSelection
 
 
@@ -49,6 +49,8 @@ class GGNOperator(OutputSpaceOperator):
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
                  fused_head: bool | str | nn.Module = False, head_chunk_rows: int | None = None,
                  check_deterministic: bool = True) -> None:
+        if fused_head is not None and not isinstance(fused_head, (bool, str, nn.Module)):
+            raise TypeError(f"fused_head must be a bool, a module name or a module, got {type(fused_head).__name__}")
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         self.head: nn.Linear | None = None
         self.head_chunk_rows = head_chunk_rows
@@ -113,7 +115,7 @@ class GGNOperator(OutputSpaceOperator):
         for index, inputs, target in self._batches(only):
             if keep_graph:
                 # Column 0: one dual forward keeps the graph up to the head's input.
-                with torch.enable_grad(), fwAD.dual_level():
+                with torch.enable_grad(), fwAD.dual_level(), tangent_rules():
                     duals = {n: fwAD.make_dual(p, t[0]) for n, p, t in zip(self.param_names, self.params, V)}
                     hidden, stand_in, output = self._forward_to_head(inputs, duals)
                     hidden, first = fwAD.unpack_dual(hidden)
@@ -167,26 +169,34 @@ class GGNOperator(OutputSpaceOperator):
             loss_batches.append(index)
         return out, losses, loss_batches
 
-    def _hidden_jvp(self, inputs: Any, tangents: list[Tensor], like: Tensor) -> Tensor:
-        """Tangent of the head's input (rows, hidden) for one parameter tangent, without a graph."""
+    def _hidden_jvp(self, inputs: Any, tangents: list[Tensor], like: Tensor | None = None) -> Tensor:
+        """Tangent of the head's input for one parameter tangent, without a graph: shaped like
+        ``like`` (rows, hidden), or as the head's input when None."""
         import torch.autograd.forward_ad as fwAD
 
-        with torch.no_grad(), fwAD.dual_level(), tangent_shortcuts():
-            duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(self.param_names, self.params, tangents)}
-            tangent = fwAD.unpack_dual(self._forward_to_head(inputs, duals)[0]).tangent
+        # Gradients enabled (no graph: detached parameters) for tangent_rules' no-grad regions.
+        with torch.enable_grad(), fwAD.dual_level(), tangent_rules():
+            duals = self._detached_parameters()
+            duals.update((n, fwAD.make_dual(p.detach(), t)) for n, p, t in zip(self.param_names, self.params, tangents))
+            hidden, tangent = fwAD.unpack_dual(self._forward_to_head(inputs, duals)[0])
+        like = hidden if like is None else like
         return torch.zeros_like(like) if tangent is None else tangent.reshape(like.shape)
 
     def _hidden_jvp_block(self, inputs: Any, tangents: list[Tensor]) -> Tensor:
         """Tangents of the head's input for a block of parameter tangents (vmap over the block)."""
         primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+        others = self._detached_parameters()
 
         def hidden_of(params: dict[str, Tensor]) -> Tensor:
-            return self._forward_to_head(inputs, params)[0]
+            return self._forward_to_head(inputs, {**others, **params})[0]
 
         def tangent_of(*ts: Tensor) -> Tensor:
             return torch.func.jvp(hidden_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
 
-        with torch.no_grad():
+        if self._forward_writes_buffers():  # vmap cannot batch running-statistics updates
+            return torch.stack([self._hidden_jvp(inputs, [t[col] for t in tangents])
+                                for col in range(tangents[0].shape[0])])
+        with torch.enable_grad(), tangent_rules(shortcuts=False):
             return torch.func.vmap(tangent_of)(*tangents)
 
     @staticmethod
@@ -211,7 +221,15 @@ def _find_head(model: nn.Module, head: bool | str | nn.Module) -> nn.Linear:
             linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
             module = linears[-1] if linears else None
     elif isinstance(head, str):
-        module = model.get_submodule(head)
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"fused_head={head!r}: the model has no submodule of that name; name its output "
+                f"nn.Linear (its linear layers: {', '.join(linears[-5:]) or 'none'}), pass the module, "
+                "or pass True to find it"
+            ) from None
     elif isinstance(head, nn.Module):
         if not any(m is head for m in model.modules()):
             raise ValueError("fused_head: the given module is not a submodule of the model")

@@ -8,18 +8,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.operators._forward_ad import own_storage
+from curvops.operators._forward_ad import first_unverified_operation, own_storage
 from curvops.operators._parallel import Sharded
 from curvops.operators.base import CurvatureOperator, ParamSelection
 
 _METHODS = ("autograd", "finite_difference")
 
 #: Messages of the errors that make reverse over forward unusable for a model: an operation
-#: without a forward-mode derivative, or one whose forward-mode rule cannot be differentiated
-#: again (torch 2.13: the tangent rules of softmax and log_softmax reuse an ``exp`` output in
-#: place, so attention fails in the backward pass with a version-counter error). A genuine
-#: in-place bug of the model fails double backward the same way and is raised there.
+#: without a forward-mode derivative (the dual forward pass raises), or a tangent rule that
+#: cannot be differentiated again (a version-counter error in the backward pass, as torch
+#: 2.13's softmax rule gives; softmax is not a verified operation, so this is a safety net).
+#: A genuine in-place bug of the model fails double backward the same way and is raised there.
 _FORWARD_MODE_FAILURES = ("forward AD", "forward-mode", "jvp", "modified by an inplace operation")
+
+
+class _UnverifiedOperation(Exception):
+    """Reverse over forward met an operation whose forward-mode rule is not verified (its name)."""
 
 
 class HessianOperator(CurvatureOperator):
@@ -34,13 +38,17 @@ class HessianOperator(CurvatureOperator):
         block by double backward, one differentiable gradient per batch reused for all k
         columns; a single vector by reverse over forward (one dual forward pass
         keeping the graph of the output and of its tangent ``J v``, one backward pass of
-        ``⟨∇_z ℓ, J v⟩``), which forms fewer matrix products; it is checked once against
-        double backward, which replaces it where torch's forward-mode rules are wrong
-        when differentiated (``layer_norm`` on torch 2.13).
+        ``⟨∇_z ℓ, J v⟩``), which forms fewer matrix products; it is used only while the
+        model runs operations whose forward-mode rules are verified to be right when
+        differentiated (checked on every batch; not ``layer_norm``, ``batch_norm`` in train
+        mode or ``softmax`` on torch 2.13), and double backward replaces it for good otherwise.
         ``"finite_difference"``: central differences of gradients,
         ``Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)``; needs no double backward (the
         path for FSDP and for layers without second derivatives) and costs two
-        gradient passes per vector.
+        gradient passes per vector. The model is evaluated at ``θ ± εv`` out of place
+        (``torch.func.functional_call``): its parameters and their version counters are
+        not touched, so a graph built before the product still backpropagates. Under
+        FSDP the shards are shifted in place and restored, version counters included.
     fd_eps : float, optional
         Step of the finite differences as a perturbation *norm*, ``‖εv‖``. Default:
         :meth:`finite_difference_step`, ``10 · u^(1/3) · (1 + ‖θ‖/√D)``. Central
@@ -86,13 +94,14 @@ class HessianOperator(CurvatureOperator):
     #: batch serves all k columns.
     #:
     #: Reverse over forward differentiates torch's forward-mode rules, and some of those are
-    #: not right when differentiated: on torch 2.13 ``layer_norm``'s gives a Hessian 25% off
-    #: (its tangent treats the saved statistics as constants), and softmax's fails outright.
-    #: So before its first use the operator checks it against double backward on the first
-    #: batch with a seeded random vector, and uses double backward for good if the two
-    #: disagree beyond ``10 · √u`` relative or the forward-mode pass raises. (Transformers
-    #: fail it; with both rules rewritten, GPT-2 measured slower by reverse over forward
-    #: anyway: ``benchmarks/results/lm_h200_2026-12-02.md``.)
+    #: not right when differentiated (``layer_norm``'s and train-mode ``batch_norm``'s: a
+    #: Hessian 15-25% off with no error), so it is right only by construction: every
+    #: batch's output graph is checked, before its backward pass, to hold only operations
+    #: whose rules are verified
+    #: (:func:`~curvops.operators._forward_ad.first_unverified_operation`). On the
+    #: first other operation, or a forward-mode pass that raises (an operation without a
+    #: forward-mode rule), the operator switches to double backward for good and recomputes
+    #: the product. The check is structural, so no data can fool it.
     _reverse_over_forward: bool = True
 
     def _use_reverse_over_forward(self, k: int) -> bool:
@@ -101,32 +110,20 @@ class HessianOperator(CurvatureOperator):
     def _products(self, V, only=None):
         if self.method == "finite_difference":
             return self._finite_difference_products(V, only)
-        if self._use_reverse_over_forward(V[0].shape[0]) and self._reverse_over_forward_agrees():
-            return self._reverse_over_forward_products(V, only)
-        return self._double_backward_products(V, only)
-
-    def _reverse_over_forward_agrees(self) -> bool:
-        """Whether reverse over forward matches double backward on this model (checked once)."""
-        verdict = self.__dict__.get("_forward_mode_verdict")
-        if verdict is None:
-            generator = torch.Generator(device=self.device).manual_seed(0)
-            probe = [torch.randn((1, *s), generator=generator, dtype=self.torch_dtype, device=self.device)
-                     for s in self.param_shapes]
-            first = {0}
+        if self._use_reverse_over_forward(V[0].shape[0]):
             try:
-                fast = self._reverse_over_forward_products(probe, first)[0]
+                result = self._reverse_over_forward_products(V, only)
+            except _UnverifiedOperation:
+                pass
             except (NotImplementedError, RuntimeError) as error:
                 if not any(sign in str(error) for sign in _FORWARD_MODE_FAILURES):
                     raise
-                verdict = False
             else:
-                exact = self._double_backward_products(probe, first)[0]
-                difference = self._global_norm([a - b for a, b in zip(fast, exact)])
-                scale = self._global_norm(exact)
-                tolerance = 10.0 * float(torch.finfo(self.torch_dtype).eps) ** 0.5
-                verdict = bool(difference <= tolerance * scale)
-            self._forward_mode_verdict = verdict
-        return verdict
+                self._forward_mode_verdict = True
+                return result
+            # The model runs an operation whose forward-mode rule is unverified or missing.
+            self._forward_mode_verdict = False
+        return self._double_backward_products(V, only)
 
     def _double_backward_products(self, V, only):
         out = self._zeros_like_block(V[0].shape[0])
@@ -159,6 +156,9 @@ class HessianOperator(CurvatureOperator):
         column = [own_storage(v[0]) for v in V]
         for index, inputs, target in self._batches(only):
             output, tangent = self._jvp(inputs, column, keep_graph=True, tangent_graph=True)
+            unverified = first_unverified_operation(output)
+            if unverified is not None:
+                raise _UnverifiedOperation(unverified)
             with torch.enable_grad():
                 value = self.loss.batch_sum(output, target) * self.scale
                 if output.requires_grad:
@@ -185,9 +185,11 @@ class HessianOperator(CurvatureOperator):
                     continue
                 eps = step / norm
                 for sign in (1.0, -1.0):
-                    shift(V, col, sign * eps)
+                    # One process: the gradient at new tensors θ₀ ± εv, the model untouched;
+                    # FSDP: θ shifted in place (at is None).
+                    at = shift(V, col, sign * eps)
                     for index, inputs, target in self._batches(only):
-                        value, grads, _ = self._loss_gradient(inputs, target, self.scale)
+                        value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at)
                         for o, g in zip(out, grads):
                             o[col].add_(g, alpha=sign)
                         losses.append(value)

@@ -25,7 +25,11 @@ class JacobianOperator(ModelOperator):
     ``J @ V`` uses forward-mode AD (one vmapped ``jvp`` per batch for a whole block);
     ``J.T @ U`` (:class:`TransposedJacobianOperator`) reverse mode, one forward pass per
     batch kept for the backward passes of all columns. No loss is involved; targets in
-    ``data`` are ignored.
+    ``data`` are ignored. ``J`` is exactly the adjoint of ``Jᵀ``: the forward-mode rules are
+    made to agree with reverse mode where torch's differ (embedding padding rows, regions
+    under ``torch.no_grad()``: constants in both). Products leave the model's buffers
+    untouched (batch norm in train mode: its batch statistics are functions of the
+    parameters; its running statistics are not updated).
 
     Parameters
     ----------
@@ -87,7 +91,13 @@ class JacobianOperator(ModelOperator):
         """``Jᵀ U`` for a checked (M, k) block: one kept forward and k backward passes per batch."""
         k = U.shape[1]
         out = self._zeros_like_block(k)
-        for (index, inputs, _), u in zip(self._batches(), U.split(self.output_numels, dim=0)):
+        pieces = U.split(self.output_numels, dim=0)
+        count = 0
+        for index, inputs, _ in self._batches():
+            count += 1
+            if index >= self.num_batches:
+                continue  # refused below, with the count
+            u = pieces[index]
             with torch.enable_grad():
                 output = self.forward(inputs)
             if output.shape != self.output_shapes[index]:
@@ -97,12 +107,18 @@ class JacobianOperator(ModelOperator):
             for col in range(k):
                 for o, g in zip(out, self._vjp(output, cotangents[col], retain_graph=col < k - 1)):
                     o[col].add_(g)
+        if count != self.num_batches:
+            raise ValueError(f"data changed since the operator was built: it now yields {count} batches, "
+                             f"it had {self.num_batches}; build a new JacobianOperator for the new data")
         result = self._as_flat_block(out, k).T.contiguous()
         if not all_finite(result):
             raise FloatingPointError("the transposed Jacobian product is NaN or Inf")
         return result
 
     def _check_rows(self, rows: list[Tensor]) -> None:
+        if len(rows) != self.num_batches:
+            raise ValueError(f"data changed since the operator was built: it now yields {len(rows)} batches, "
+                             f"it had {self.num_batches}; build a new JacobianOperator for the new data")
         for index, (r, numel) in enumerate(zip(rows, self.output_numels)):
             if r.shape[1] != numel:
                 raise ValueError(f"batch {index} gives {r.shape[1]} output entries, expected {numel}: the data changed")

@@ -50,7 +50,10 @@ The columns ``s_k`` are backpropagated for all loss terms of a batch at once. Wi
 row of the *model output* they are an exact factorisation; if one layer row feeds several
 output rows (attention, a conv followed by a linear layer on flattened features under
 "expand", ...), products between different output rows enter ``G`` — the usual KFAC
-approximation, as in curvlinops. With ``ignore_index`` the ignored positions contribute
+approximation, as in curvlinops. For MSE and BCE the last output dimension is the feature
+dimension (a row is every other index): a Conv2d's ``(N, C, H, W)`` map as the model
+output is refused with ``"type-2"`` (its columns would couple the channels of each
+location); return it channels-last. With ``ignore_index`` the ignored positions contribute
 nothing to ``G`` but their inputs still enter ``A`` (the layer does not know which
 targets are counted).
 """
@@ -147,21 +150,20 @@ class _KroneckerOperator(CurvatureOperator):
                  data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
                  fisher_type: str = "type-2", mc_samples: int = 1, kfac_approx: str = "expand",
                  separate_weight_and_bias: bool = False, unsupported: str = "raise",
-                 seed: int = 0, check_deterministic: bool = True) -> None:
+                 seed: int | None = 0, check_deterministic: bool = True) -> None:
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         if kfac_approx not in KFAC_APPROXIMATIONS:
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
-        if not (isinstance(mc_samples, int) and not isinstance(mc_samples, bool) and mc_samples >= 1):
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        from curvops.operators._loss import LossSpec, check_mc_samples, resolve_seed
+
+        mc_samples = check_mc_samples(mc_samples)
         if fisher_type != "mc" and mc_samples != 1:
             raise ValueError(f"mc_samples={mc_samples} only makes sense with fisher_type='mc'")
         if unsupported not in ("raise", "exclude"):
             raise ValueError(f"unsupported must be 'raise' or 'exclude', got {unsupported!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        from curvops.operators._loss import LossSpec
-
         kind = LossSpec.from_loss(loss_fn).kind
         if kind == "custom" and fisher_type != "empirical":
             raise ValueError(
@@ -173,7 +175,7 @@ class _KroneckerOperator(CurvatureOperator):
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = bool(separate_weight_and_bias)
-        self.seed = int(seed)
+        self.seed = resolve_seed(seed)
         inner, parallel = detect_parallel(model)
         if isinstance(parallel, Sharded):
             raise NotImplementedError(
@@ -195,6 +197,30 @@ class _KroneckerOperator(CurvatureOperator):
 
     def _after_factors(self) -> None:
         """Hook for subclasses: runs once the Kronecker factors and blocks exist."""
+
+    def _check_output(self, output: Tensor, outputs: dict[str, Tensor], index: int) -> None:
+        """Refuse a batch (model output, layer outputs) before its statistics are summed.
+
+        MSE and BCE factorise their Hessian with one column per index of the output's last
+        dimension (:meth:`LossSpec.hessian_sqrt_columns`): the last dimension is the feature
+        dimension. A Conv2d's ``(N, C, H, W)`` map as the model output has a spatial last
+        dimension, so every column would hold all channels of a location and ``G`` would get
+        products between channels that the loss Hessian does not have (rank-deficient ``G``
+        even for one conv layer and one datum, where KFAC is exact). Subclasses extend this.
+        """
+        if self.fisher_type != "type-2" or self.loss.kind not in ("mse", "bce") or self.loss.flat is not None:
+            return
+        for layer in self._layers:
+            if isinstance(layer.module, nn.Conv2d) and outputs.get(layer.name) is output and output.dim() == 4:
+                loss = "nn.MSELoss" if self.loss.kind == "mse" else "nn.BCEWithLogitsLoss"
+                raise ValueError(
+                    f"{type(self).__name__}(fisher_type='type-2') with {loss} takes the output's last dimension "
+                    f"as the feature dimension, but the model output (shape {tuple(output.shape)}) is the "
+                    f"(N, C, H, W) map of Conv2d {layer.name!r}, whose last dimension is spatial: the loss "
+                    "Hessian's columns would couple the channels of every location and G would be wrong. "
+                    "Put the channels last (return output.permute(0, 2, 3, 1) and permute the targets "
+                    "alike), or use fisher_type='mc'"
+                )
 
     # ------------------------------------------------------------ layers
     def _build_layers(self, owners: dict[int, list[tuple[str, nn.Module, str]]]) -> list[_Layer]:
@@ -371,6 +397,7 @@ class _KroneckerOperator(CurvatureOperator):
             # which are checked once at the end. Checking the (small) output names the batch.
             if not all_finite(output):
                 raise FloatingPointError(f"the model output of batch {index} is NaN or Inf")
+            self._check_output(output, outputs, index)
             if check:
                 self._check_layer_gradients(output, target, outputs, {n: r[3] for n, r in results.items() if r})
                 check = False
@@ -516,8 +543,10 @@ class KFACOperator(_KroneckerOperator):
         Selected parameters that are not the weight/bias of a supported layer raise a
         ``ValueError`` naming them (default), or with ``"exclude"`` are left out of the
         operator (listed in ``op.excluded_params``; ``op.param_names`` is what remains).
-    seed : int, optional
-        Seed of the label draws for ``"mc"`` (default 0).
+    seed : int or None, optional
+        Seed of the label draws for ``"mc"``, a non-negative integer (default 0). ``None``:
+        a fresh seed from the operating system's entropy, drawn once and stored in
+        :attr:`seed`.
     check_deterministic : bool, optional
         Besides the base class's checks, verify on the first batch that every selected
         weight's and bias's gradient equals ``Σ_rows g aᵀ`` (``Σ_rows g``) from its layer's
@@ -690,6 +719,9 @@ class KroneckerInverseOperator(TorchLinearOperator):
 
     def _transpose(self) -> "KroneckerInverseOperator":
         return self
+
+    def _parameter_shapes(self) -> list[torch.Size]:
+        return list(self.param_shapes)
 
     def __repr__(self) -> str:
         return f"KroneckerInverseOperator(D={self.shape[0]}, of={self._parent_name}, {self._description})"

@@ -12,8 +12,10 @@ class TorchNativeOperator(scipy.sparse.linalg.LinearOperator):
     """Minimal implementation of the curvops torch-native operator protocol over a dense matrix.
 
     Records the shape of every ``matmat_torch`` call so tests can check that block products are
-    used.
+    used. Tagged symmetric, as curvops' curvature operators are: the tests wrap symmetric matrices.
     """
+
+    is_symmetric = True
 
     def __init__(self, matrix: np.ndarray, dtype: torch.dtype = torch.float64) -> None:
         super().__init__(dtype=np.dtype(np.float64), shape=matrix.shape)

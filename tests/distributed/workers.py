@@ -13,7 +13,9 @@ import copy
 import datetime
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -293,6 +295,164 @@ def crash(kind: str) -> dict[str, Any]:
     return {"finished": True}
 
 
+class Tripwire(nn.Module):
+    """An identity layer that runs ``action`` on its ``countdown``-th forward call once armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.countdown: int | None = None
+        self.action: Callable[[], None] = lambda: None
+
+    def arm(self, countdown: int, action: Callable[[], None]) -> None:
+        self.countdown, self.action = countdown, action
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.countdown is not None:
+            self.countdown -= 1
+            if self.countdown == 0:
+                self.countdown = None
+                self.action()
+        return x
+
+
+def _boom() -> None:
+    raise RuntimeError(f"boom on rank {dist.get_rank()}")
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _timed(call: Callable[[], Any]) -> dict[str, Any]:
+    """:func:`_expect` with the seconds the call took (how long the rank waited for the others)."""
+    started = time.monotonic()
+    outcome: dict[str, Any] = _expect(call)
+    outcome["seconds"] = time.monotonic() - started
+    return outcome
+
+
+def _summed_over_ranks(tensor: torch.Tensor) -> float:
+    """The sum of ``tensor``'s entries over all ranks: the same number on every rank."""
+    total = tensor.sum().reshape(1)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def _save(scenario: str, kind: str, results: dict[str, Any]) -> None:
+    with open(os.path.join(_OUT[0], f"{scenario}-{kind}-rank{dist.get_rank()}.json"), "w") as handle:
+        json.dump(results, handle, default=float)
+
+
+#: Where the running scenario writes (fault scenarios save before they break the group).
+_OUT = [""]
+
+
+class _SavedResults(dict):
+    """A scenario's results, saved after every entry: a rank that dies or hangs later still
+    leaves what it measured so far (and the tests show which step failed)."""
+
+    def __init__(self, scenario: str, kind: str) -> None:
+        super().__init__()
+        self.scenario, self.kind = scenario, kind
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        _save(self.scenario, self.kind, self)
+
+#: Forward calls after which rank 1's tripwire fires: a few products into a Lanczos run (a DDP
+#: product runs 2 forward passes on rank 1's 2 batches, a finite-difference FSDP product 4).
+TRIP_AFTER = {"ddp": 7, "fsdp": 11}
+
+
+def faults(kind: str) -> dict[str, Any]:
+    """Ranks that pass different vectors, seeds, calls or parameters; then a rank that fails mid-Lanczos.
+
+    Everything up to the failure must raise the same clear error on every rank and leave the
+    group usable. Then rank 1's forward raises in the middle of a Lanczos run; the user's
+    handler catches the error and reaches a barrier. Under DDP the error is agreed on (every
+    rank raises it, the barrier and later products work) and then rank 1 is killed in the
+    middle of a second run: rank 0 must name it. Under FSDP the other ranks wait in FSDP's
+    collectives when rank 1 fails: rank 1 raises at once, its barrier fails after the broken
+    group's short timeout and its process ends, upon which rank 0 raises naming rank 1.
+    """
+    rank = dist.get_rank()
+    data = make_data()
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    tripwire = Tripwire()
+    model = nn.Sequential(nn.Linear(5, 7), tripwire, nn.Tanh(), nn.Linear(7, 3)).double()
+    wrapped = wrap(model, kind)
+    method = "finite_difference" if kind == "fsdp" else "autograd"
+    mine = rank_batches(data, rank)
+    hessian = curvops.HessianOperator(wrapped, loss_fn, mine, method=method)
+    rows = hessian._vector_rows()
+    vector = torch.randn(rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = _SavedResults("faults", kind)
+    if kind == "ddp":
+        unit = torch.zeros(rows, dtype=torch.float64)
+        unit[rank] = 1.0
+        results["unit_vector_per_rank"] = _expect(lambda: hessian @ unit)
+        results["permuted"] = _expect(lambda: hessian @ (vector.flip(0) if rank == 1 else vector))
+        columns = torch.stack([vector, vector.roll(1)], 1)
+        results["columns_swapped"] = _expect(lambda: hessian @ (columns.flip(1) if rank == 1 else columns))
+        # The same vector computed in another order on each rank: rounding, not a difference.
+        rounded = (vector + 0.1) - 0.1 if rank == 1 else vector
+        results["rounding_differs"] = not torch.equal(rounded, vector)
+        results["rounding_accepted"] = _expect(lambda: hessian @ rounded)
+    results["block_width"] = _expect(lambda: hessian @ torch.ones(rows, 1 + rank, dtype=torch.float64))
+    results["seed_none"] = [curvops.lanczos(hessian, k=2).eigenvalues.tolist(),
+                            float(curvops.hutchinson_trace(hessian, budget=6).estimate),
+                            curvops.spectral_density(hessian, num_probes=2, lanczos_steps=4).nodes.tolist()]
+    results["algorithms"] = _expect(lambda: curvops.lanczos(hessian, k=3, seed=0) if rank == 0
+                                    else curvops.xtrace(hessian, budget=6, seed=0))
+    results["k"] = _expect(lambda: curvops.lanczos(hessian, k=2 + rank, seed=0))
+    results["seeds"] = _expect(lambda: curvops.hutchinson_trace(hessian, budget=4, seed=rank))
+    results["params"] = _expect(lambda: curvops.HessianOperator(
+        wrapped, loss_fn, mine, method=method, params="3.*" if rank == 0 else None))
+    results["params_none_match"] = _expect(lambda: curvops.HessianOperator(
+        wrapped, loss_fn, mine, method=method, params="9.*" if rank == 1 else None))
+    if kind == "ddp":  # rank 1's forward raises outside a product: agreed on too
+        if rank == 1:
+            tripwire.arm(1, _boom)
+        results["raise_in_construction"] = _expect(
+            lambda: curvops.HessianOperator(wrapped, loss_fn, mine, method=method))
+        if rank == 1:
+            tripwire.arm(1, _boom)
+        results["raise_in_gradient"] = _expect(hessian.loss_and_gradient)
+    results["still_works"] = _summed_over_ranks(hessian @ vector)
+
+    if rank == 1:
+        tripwire.arm(TRIP_AFTER[kind], _boom)
+    results["raise_mid_lanczos"] = _timed(lambda: curvops.lanczos(hessian, k=2, seed=0))
+    if kind == "fsdp" and rank == 0:  # released only when rank 1's process ends
+        return results
+    results["barrier"] = _timed(dist.barrier)
+    if kind == "fsdp":
+        return results
+    results["works_after_raise"] = _summed_over_ranks(hessian @ vector)
+    if rank == 1:
+        tripwire.arm(TRIP_AFTER[kind], _killed)
+    results["killed_mid_lanczos"] = _timed(lambda: curvops.lanczos(hessian, k=2, seed=0))
+    return results
+
+
+def killed(kind: str) -> dict[str, Any]:
+    """Rank 1 is killed in the middle of a Lanczos run: rank 0 must stop and name it."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    tripwire = Tripwire()
+    model = nn.Sequential(nn.Linear(5, 7), tripwire, nn.Tanh(), nn.Linear(7, 3)).double()
+    method = "finite_difference" if kind == "fsdp" else "autograd"
+    hessian = curvops.HessianOperator(wrap(model, kind), nn.CrossEntropyLoss(),
+                                      rank_batches(make_data(), rank), method=method)
+    results = _SavedResults("killed", kind)
+    results["rank"] = rank
+    if rank == 1:
+        tripwire.arm(TRIP_AFTER[kind], _killed)
+    results["killed_mid_lanczos"] = _timed(lambda: curvops.lanczos(hessian, k=2, seed=0))
+    return results
+
+
 def _expect(call: Callable[[], Any]) -> dict[str, str]:
     try:
         call()
@@ -305,7 +465,13 @@ SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
     "products_and_algorithms": products_and_algorithms,
     "bad_input": bad_input,
     "crash": crash,
+    "faults": faults,
+    "killed": killed,
 }
+
+#: Scenarios that leave the process group broken: they save their own results and the
+#: process ends without the final barrier.
+BREAKS_THE_GROUP = {"faults", "killed"}
 
 
 def run(rank: int, scenario: str, kind: str, out: str, port: int) -> None:
@@ -315,6 +481,16 @@ def run(rank: int, scenario: str, kind: str, out: str, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
+    _OUT[0] = out
+    if scenario in BREAKS_THE_GROUP:
+        try:
+            SCENARIOS[scenario](kind)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     try:
         results = SCENARIOS[scenario](kind)
         with open(os.path.join(out, f"{scenario}-{kind}-rank{rank}.json"), "w") as handle:

@@ -180,6 +180,31 @@ def test_conv_padding_variants_single_datum(padding_mode):
     assert _rel(K.to_dense(), GGNOperator(model, nn.MSELoss(), data).to_dense()) <= EXACT_RTOL
 
 
+class ChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_conv_map_with_elementwise_loss_needs_channels_last(loss_fn):
+    # MSE/BCE columns run over the output's last dimension. On a Conv2d's (N, C, H, W) map that
+    # is a spatial dimension: the columns couple the channels of every location, and even one
+    # conv layer under MSE (where KFAC-expand is exact) came out wrong by 100% — refused.
+    torch.manual_seed(10)
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
+    data = [(x, y.sigmoid()) for x, y in regression_data((2, 4, 4), (3, 4, 4), sizes=(2, 1))]
+    with pytest.raises(ValueError, match=r"last dimension is spatial.*channels last.*fisher_type='mc'"):
+        KFACOperator(nn.Sequential(conv), loss_fn, data)
+    KFACOperator(nn.Sequential(conv), loss_fn, data, fisher_type="mc")  # independent draws per entry: fine
+    # Channels last: the last dimension is the feature dimension; with MSE (constant Hessian)
+    # one conv layer is exact for any number of data.
+    model = nn.Sequential(conv, ChannelsLast())
+    data_last = [(x, y.permute(0, 2, 3, 1)) for x, y in data]
+    K = KFACOperator(model, loss_fn, data_last)
+    if isinstance(loss_fn, nn.MSELoss):
+        assert _rel(K.to_dense(), GGNOperator(model, loss_fn, data_last).to_dense()) <= EXACT_RTOL
+
+
 def test_mc_converges_to_type2():
     model = mlp([4, 5, 3], nn.Tanh(), seed=9)
     data = classification_data(4, 3)
