@@ -51,7 +51,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 _LAYERS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
 _RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu})
@@ -238,3 +238,52 @@ def tangent_rules(differentiated: bool = False, shortcuts: bool = True) -> Itera
     """
     with _TangentRules(differentiated, shortcuts):
         yield
+
+
+class ConstantRegions(TorchFunctionMode):
+    """Records where a forward pass hides a dependence on the parameters from reverse mode.
+
+    Reverse mode treats as constants the results of torch calls made without gradients, of
+    ``detach()``, and an embedding's padding row; their values still move with the
+    parameters. Derivatives of values (finite differences) then see what autograd's do not:
+    a finite-difference Hessian of such a model is not autograd's Hessian (nor symmetric).
+
+    After the pass, :attr:`found` names the first call without gradients or ``detach()`` that
+    took a tensor carrying a graph and returned a tensor (None if there was none), and
+    :attr:`padding_weight_used_elsewhere` whether a watched embedding weight was also read by
+    another call (a weight tied to an output head: its padding row then does get a gradient,
+    from the head).
+
+    Parameters
+    ----------
+    padding_params : sequence of int
+        Positions, in the evaluation point passed to :meth:`watch`, of the embedding weights
+        with a ``padding_idx``.
+    """
+
+    _DETACHES = frozenset({torch.Tensor.detach, torch.detach})
+
+    def __init__(self, padding_params: Any = ()) -> None:
+        super().__init__()
+        self.padding_params = list(padding_params)
+        self.found: str | None = None
+        self.padding_weight_used_elsewhere = False
+        self.watched: set[int] = set()
+
+    def watch(self, point: Any) -> "ConstantRegions":
+        """Set the tensors the forward pass runs on (one per selected parameter); returns self."""
+        self.watched = {id(point[i]) for i in self.padding_params}
+        return self
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not any(torch.is_tensor(r) for r in tree_leaves(result)):
+            return result  # shape, dtype and device queries
+        inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        hidden = not torch.is_grad_enabled() or func in self._DETACHES
+        if self.found is None and hidden and any(t.requires_grad for t in inputs):
+            self.found = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        if self.watched and func is not F.embedding and any(id(t) in self.watched for t in inputs):
+            self.padding_weight_used_elsewhere = True
+        return result

@@ -29,7 +29,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from curvops._finite import all_finite
-from curvops.operators._forward_ad import own_storage, tangent_rules
+from curvops.operators._forward_ad import ConstantRegions, own_storage, tangent_rules
 from curvops.operators._loss import LossSpec
 from curvops.operators._parallel import (
     Parallel,
@@ -812,18 +812,24 @@ class CurvatureOperator(ModelOperator):
         return 10.0 * unit_roundoff ** (1 / 3) * (1.0 + rms)
 
     def _loss_gradient(self, inputs: Any, target: Any, scale: float,
-                       at: Sequence[Tensor] | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
+                       at: Sequence[Tensor] | None = None,
+                       regions: ConstantRegions | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
         """``scale`` times the batch's loss sum, its gradient (local pieces) and the detached output.
 
         Under FSDP the gradient comes from ``backward()`` and FSDP's reduce-scatter (the sum
         over the ranks' batches); elsewhere from ``torch.autograd.grad`` (this batch only).
         ``at``: values of the selected parameters to evaluate at instead of their own (one
-        process; see :meth:`_shifted_parameters`).
+        process; see :meth:`_shifted_parameters`). ``regions``: with ``at``, a
+        :class:`~curvops.operators._forward_ad.ConstantRegions` that watches the forward pass.
         """
         if at is not None:
             with torch.enable_grad():
                 point = [t.detach().requires_grad_(True) for t in at]
-                output = self.forward(inputs, replace=dict(zip(self.param_names, point)))
+                # Parameters outside the selection enter detached: no graph through them, so
+                # what requires grad in the forward pass depends on the selected ones.
+                replace = {**self._detached_parameters(), **dict(zip(self.param_names, point))}
+                with contextlib.nullcontext() if regions is None else regions.watch(point):
+                    output = self.forward(inputs, replace=replace)
                 value = self.loss.batch_sum(output, target) * scale
                 grads = torch.autograd.grad(value, point, allow_unused=True, materialize_grads=True)
             return value.detach(), list(grads), output.detach()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.operators._forward_ad import first_unverified_operation, own_storage
+from curvops.operators._forward_ad import ConstantRegions, first_unverified_operation, own_storage
 from curvops.operators._parallel import Sharded
 from curvops.operators.base import CurvatureOperator, ParamSelection
 
@@ -49,6 +49,12 @@ class HessianOperator(CurvatureOperator):
         (``torch.func.functional_call``): its parameters and their version counters are
         not touched, so a graph built before the product still backpropagates. Under
         FSDP the shards are shifted in place and restored, version counters included.
+        Differences of values see what autograd treats as constant: the padding row of an
+        embedding is left out of the direction (autograd's Hessian has zero rows and
+        columns there), and a model whose forward pass reads the selected parameters
+        under ``torch.no_grad()`` or through ``detach()``, or reads a padding row outside
+        its embedding (a tied head), is refused with a ``ValueError`` on its first product
+        (checked once per batch; not under FSDP).
     fd_eps : float, optional
         Step of the finite differences as a perturbation *norm*, ``‖εv‖``. Default:
         :meth:`finite_difference_step`, ``10 · u^(1/3) · (1 + ‖θ‖/√D)``. Central
@@ -173,11 +179,28 @@ class HessianOperator(CurvatureOperator):
             loss_batches.append(index)
         return out, losses, loss_batches
 
+    def _padding_rows(self) -> list[tuple[int, int]]:
+        """(index into ``params``, row) of the padding row of every selected embedding weight."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return [(index[id(m.weight)], m.padding_idx) for m in self.model.modules()
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index]
+
     def _finite_difference_products(self, V, only):
         k = V[0].shape[0]
         out = self._zeros_like_block(k)
         losses, loss_batches = [], []
         step = self.finite_difference_step()
+        sharded = isinstance(self.parallel, Sharded)
+        padding = [] if sharded else self._padding_rows()
+        if padding:
+            # Autograd gives an embedding's padding row no gradient: its rows and columns of the
+            # Hessian are zero. Differences of gradients along it would see the row's real
+            # effect on the other gradients, so the direction leaves it out (then H_fd = P H P
+            # with P zeroing those rows, which is autograd's H where nothing else reads them).
+            V = [v.clone() if any(i == j for j, _ in padding) else v for i, v in enumerate(V)]
+            for i, row in padding:
+                V[i][:, row] = 0
+        checked = self.__dict__.setdefault("_structure_checked", set())
         with self._shifted_parameters() as shift:
             for col in range(k):
                 norm = self._global_norm([v[col] for v in V])
@@ -189,7 +212,14 @@ class HessianOperator(CurvatureOperator):
                     # FSDP: θ shifted in place (at is None).
                     at = shift(V, col, sign * eps)
                     for index, inputs, target in self._batches(only):
-                        value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at)
+                        if sharded or index in checked:
+                            value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at)
+                        else:  # each batch's forward is read once for what autograd does not see
+                            regions = ConstantRegions(i for i, _ in padding)
+                            value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at,
+                                                                  regions=regions)
+                            self._refuse_hidden_dependence(regions, index)
+                            checked.add(index)
                         for o, g in zip(out, grads):
                             o[col].add_(g, alpha=sign)
                         losses.append(value)
@@ -197,3 +227,20 @@ class HessianOperator(CurvatureOperator):
                 for o in out:
                     o[col].div_(2 * eps)
         return out, losses, loss_batches
+
+    def _refuse_hidden_dependence(self, regions: ConstantRegions, index: int) -> None:
+        """Refuse finite differences where autograd treats a parameter-dependent value as constant."""
+        fix = ("finite differences differentiate the loss's values, and autograd's Hessian treats that "
+               "value as a constant: the two differ (and the finite-difference matrix is not "
+               "symmetric). Use method='autograd', which is exact here")
+        if regions.found is not None:
+            raise ValueError(
+                f"batch {index}: the model's forward calls {regions.found} without gradients (under "
+                f"torch.no_grad() or detach()) on a tensor that depends on the selected parameters; {fix}"
+            )
+        if regions.padding_weight_used_elsewhere:
+            raise ValueError(
+                f"batch {index}: an embedding weight with padding_idx is also read outside the "
+                f"embedding (tied to an output head?): its padding row gets a gradient from that "
+                f"use only; {fix}, or leave that weight out of params"
+            )
