@@ -831,7 +831,10 @@ class CurvatureOperator(ModelOperator):
                 with contextlib.nullcontext() if regions is None else regions.watch(point):
                     output = self.forward(inputs, replace=replace)
                 value = self.loss.batch_sum(output, target) * scale
-                grads = torch.autograd.grad(value, point, allow_unused=True, materialize_grads=True)
+                if value.requires_grad:
+                    grads = torch.autograd.grad(value, point, allow_unused=True, materialize_grads=True)
+                else:  # the loss does not depend on the selected parameters (as autograd sees it)
+                    grads = tuple(torch.zeros_like(t) for t in point)
             return value.detach(), list(grads), output.detach()
         if isinstance(self.parallel, Sharded):
             with self.parallel.summed_gradients(), _stashed_gradients(self.model):
