@@ -211,10 +211,10 @@ def _layer_norm(x, w, b):
 
 
 def test_torch_layer_norm_rule_is_still_wrong_when_differentiated():
-    """Why LayerNorm models fail the Hessian operator's one-time check (and use double
-    backward): torch's forward-mode layer_norm rule, differentiated, disagrees with finite
-    differences. If a torch release fixes it this test fails: then measure whether reverse
-    over forward pays off for transformers before letting them pass the check."""
+    """Why layer_norm is not a verified operation (LayerNorm models use double backward):
+    torch's forward-mode layer_norm rule, differentiated, disagrees with finite differences.
+    If a torch release fixes it this test fails: then measure whether reverse over forward
+    pays off for transformers before adding it to DIFFERENTIABLE_TANGENT_RULES."""
     g = torch.Generator().manual_seed(6)
     leaves = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
               for s in ((3, 4, 5), (5,), (5,), (3, 4, 5), (5,), (5,))]

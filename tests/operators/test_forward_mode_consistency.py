@@ -3,8 +3,8 @@
 - Reverse over forward (the Hessian's single-vector product) runs only through operations
   whose forward-mode rules are verified against double backward in float64
   (``test_forward_ad.py``); any other operation sends the operator to double backward
-  whatever the data (a first batch with zero loss gradient used to fool a one-time check
-  through ``layer_norm``).
+  whatever the data (a comparison of numbers on a first batch with zero loss gradient agrees
+  trivially, through ``layer_norm`` too).
 - ``J v`` (forward mode) is the exact adjoint of ``Jᵀ u`` (reverse mode): embeddings with
   ``padding_idx`` and regions under ``torch.no_grad()`` are constants in both.
 - Batch norm in train mode: every product works, matches a reference that treats the batch

@@ -358,7 +358,7 @@ def _describe(problem: Problem) -> None:
 @example(spec=LARGE_ATTENTION)
 def test_hessian_matches_reference(spec):
     """Autograd Hessian: blocks (double backward), single vectors (reverse over forward where
-    it passes its check), to_dense, numpy paths; symmetric, also when built column by column
+    every operation is verified, else double backward), to_dense, numpy paths; symmetric, also when built column by column
     from single-vector products; no side effects."""
     problem = build_problem(spec)
     _describe(problem)
