@@ -31,8 +31,14 @@ def run(wrap: str, processes: int, extra: list[str], workdir: Path, method: str 
     if processes == 0:
         command = [sys.executable, str(EXAMPLE)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={processes}", str(EXAMPLE)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            str(EXAMPLE),
+        ]
     command += ["--wrap", wrap, "--out", str(out), *extra]
     if method is not None:
         command += ["--method", method]
@@ -41,25 +47,34 @@ def run(wrap: str, processes: int, extra: list[str], workdir: Path, method: str 
     print(completed.stdout, flush=True)
     if completed.returncode != 0:
         print(completed.stderr[-4000:], file=sys.stderr)
-        return {"wrap": wrap, "method": method, "world_size": processes,
-                "failed": completed.stderr.strip().splitlines()[-1:]}
+        return {
+            "wrap": wrap,
+            "method": method,
+            "world_size": processes,
+            "failed": completed.stderr.strip().splitlines()[-1:],
+        }
     return json.loads(out.read_text())
 
 
 def table(rows: list[dict], reference: dict) -> str:
-    lines = ["| run | Hessian product | processes | D (rank 0) | product ms | Lanczos ms / iteration | Lanczos products | "
-             "peak GiB per GPU | top eigenvalues | max rel. diff vs 1 process |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | Hessian product | processes | D (rank 0) | product ms | Lanczos ms / iteration "
+        "| Lanczos products | peak GiB per GPU | top eigenvalues | max rel. diff vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['wrap']} | {r['method']} | {r['world_size']} | failed: {' '.join(r['failed'])} |||||||")
+            failure = " ".join(r["failed"])
+            lines.append(f"| {r['wrap']} | {r['method']} | {r['world_size']} | failed: {failure} |||||||")
             continue
         diff = max(abs(a - b) / abs(b) for a, b in zip(r["top_eigenvalues"], reference["top_eigenvalues"]))
         lines.append(
-            f"| {r['wrap']} | {r['method']} | {r['world_size']} | {r['dim']:,} ({r['local_dim']:,}) | {r['product_s'] * 1e3:.1f} | "
-            f"{r['lanczos_s_per_iteration'] * 1e3:.1f} | {r['lanczos_matvecs']} | "
+            f"| {r['wrap']} | {r['method']} | {r['world_size']} | {r['dim']:,} ({r['local_dim']:,}) "
+            f"| {r['product_s'] * 1e3:.1f} | {r['lanczos_s_per_iteration'] * 1e3:.1f} "
+            f"| {r['lanczos_matvecs']} | "
             f"{', '.join(f'{p:.2f}' for p in r['peak_memory_gib_per_rank'])} | "
-            f"{', '.join(f'{v:.6g}' for v in r['top_eigenvalues'])} | {diff:.1e} |")
+            f"{', '.join(f'{v:.6g}' for v in r['top_eigenvalues'])} | {diff:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -78,11 +93,15 @@ def main() -> None:
         rows = [reference, run("none", 0, extra, workdir, "finite_difference")]
         rows += [run(w, n, extra, workdir) for n in args.gpus for w in args.wraps]
     report = table(rows, reference)
-    header = (f"# Distributed spectrum ({reference['device_name']}, {date.today().isoformat()})\n\n"
-              f"`python benchmarks/bench_distributed.py --gpus {' '.join(map(str, args.gpus))} -- {' '.join(extra)}`\n\n"
-              "Same global data in every run. `none`: one process (no torch.distributed); "
-              "`ddp`: autograd products all-reduced once per product; `fsdp`: finite differences "
-              "of gradients on parameter shards. The first row is the reference. Lanczos: k=3, tol 1e-4, same seed.\n\n")
+    header = (
+        f"# Distributed spectrum ({reference['device_name']}, {date.today().isoformat()})\n\n"
+        f"`python benchmarks/bench_distributed.py --gpus {' '.join(map(str, args.gpus))} "
+        f"-- {' '.join(extra)}`\n\n"
+        "Same global data in every run. `none`: one process (no torch.distributed); "
+        "`ddp`: autograd products all-reduced once per product; `fsdp`: finite differences "
+        "of gradients on parameter shards. The first row is the reference. "
+        "Lanczos: k=3, tol 1e-4, same seed.\n\n"
+    )
     print(header + report)
     if args.out:
         Path(args.out).write_text(header + report + "\n")

@@ -27,16 +27,17 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curvops import GGNOperator, HessianOperator  # noqa: E402
-from curvops.kernels import cross_entropy_hvp  # noqa: E402
-from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn  # noqa: E402
-from curvops.lm import CausalLMLoss, causal_lm_data  # noqa: E402
+from curvops import GGNOperator, HessianOperator, ProductStrategy
+from curvops.kernels import cross_entropy_hvp
+from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn
+from curvops.lm import CausalLMLoss, causal_lm_data
 
 GIB = 2**30
 ANCHORS = {"gradient": 236.0, "ggn": 446.0, "hessian": 781.0, "hessian_fd": 493.0}
@@ -78,8 +79,9 @@ def summed_torch_ce(loss: CausalLMLoss) -> Callable[[torch.Tensor, torch.Tensor]
     """
 
     def torch_ce(logits, labels):
-        return torch.nn.functional.cross_entropy(loss.flat_output(logits), loss.flat_target(labels),
-                                                 reduction="sum")
+        return torch.nn.functional.cross_entropy(
+            loss.flat_output(logits), loss.flat_target(labels), reduction="sum"
+        )
 
     torch_ce.reduction = "sum"
     return torch_ce
@@ -89,37 +91,38 @@ def build_gpt2(small: bool, device: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if small:
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64, attn_implementation="eager")
+        config = GPT2Config(
+            n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64, attn_implementation="eager"
+        )
         shape = (2, 64)
     else:
-        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
-                            attn_implementation="eager")
+        config = GPT2Config(
+            n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, attn_implementation="eager"
+        )
         shape = (2, 1024)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(device).eval()
     gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, config.vocab_size, shape, generator=gen).to(device)} for _ in range(4)]
+    batches = [
+        {"input_ids": torch.randint(0, config.vocab_size, shape, generator=gen).to(device)} for _ in range(4)
+    ]
     return model, batches
-
-
-class _GGNTangentWithGraph(GGNOperator):
-    """The GGN with ``J v`` from one dual forward that keeps the graph (the CPU default)."""
-
-    _tangent_with_graph = True
 
 
 class _GGNFuncJvp(GGNOperator):
     """The GGN with the no-graph tangents from ``torch.func.jvp`` (what hessian-eigenthings
-    does) instead of ``torch.autograd.forward_ad`` dual tensors: a candidate CUDA strategy."""
-
-    _tangent_with_graph = False
+    does) instead of ``torch.autograd.forward_ad`` dual tensors: a candidate CUDA strategy
+    (built with ``strategy=ProductStrategy(output_tangent="separate_tangent_pass")``)."""
 
     def _jvp(self, inputs, tangents, keep_graph):
         assert not keep_graph
         primals = {n: p.detach() for n, p in zip(self.param_names, self.params)}
         with torch.no_grad():
-            output, tangent = torch.func.jvp(lambda ps: self.forward(inputs, replace=ps), (primals,),
-                                             (dict(zip(self.param_names, tangents)),))
+            output, tangent = torch.func.jvp(
+                lambda ps: self.forward(inputs, replace=ps),
+                (primals,),
+                (dict(zip(self.param_names, tangents)),),
+            )
         return output, tangent
 
 
@@ -134,28 +137,31 @@ def eigenthings_operators(model, batches) -> dict[str, Any]:
     return {
         "eigenthings_ggn": he.GGNOperator(model, labelled, he.hf_lm_forward(), he.hf_lm_loss_of_output()),
         "eigenthings_hessian": he.HessianOperator(model, labelled, he.hf_lm_loss()),
-        "eigenthings_hessian_fd": he.HessianOperator(model, labelled, he.hf_lm_loss(),
-                                                     method="finite_difference"),
+        "eigenthings_hessian_fd": he.HessianOperator(
+            model, labelled, he.hf_lm_loss(), method="finite_difference"
+        ),
     }
 
 
 def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     model, batches = build_gpt2(args.small, device)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     num_params = sum(p.numel() for p in params)
     data = causal_lm_data(batches)
     loss = CausalLMLoss()
     kw = {"check_deterministic": False}
+    with_graph = ProductStrategy(output_tangent="dual_forward_with_graph")  # the CPU default
+    separate = ProductStrategy(output_tangent="separate_tangent_pass")
+    double_backward = ProductStrategy(hessian_vector="double_backward")  # single vectors
     ops = {
         "ggn": GGNOperator(model, loss, data, **kw),
-        "ggn_tangent_with_graph": _GGNTangentWithGraph(model, loss, data, **kw),
-        "ggn_func_jvp": _GGNFuncJvp(model, loss, data, **kw),
+        "ggn_tangent_with_graph": GGNOperator(model, loss, data, strategy=with_graph, **kw),
+        "ggn_func_jvp": _GGNFuncJvp(model, loss, data, strategy=separate, **kw),
         "ggn_fused_head": GGNOperator(model, loss, data, fused_head=True, **kw),
         "hessian": HessianOperator(model, loss, data, **kw),
         "hessian_fd": HessianOperator(model, loss, data, method="finite_difference", **kw),
-        "hessian_db": HessianOperator(model, loss, data, **kw),
+        "hessian_db": HessianOperator(model, loss, data, strategy=double_backward, **kw),
     }
-    ops["hessian_db"]._reverse_over_forward = False  # single vectors by double backward
     # The pre-change Hessian path: the same objective through F.cross_entropy's own double
     # backward (a custom callable; its normaliser differs, the cost does not).
     ops["hessian_torch_ce"] = HessianOperator(model, summed_torch_ce(loss), data, **kw)
@@ -176,12 +182,20 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         ops = {name: op for name, op in ops.items() if name in args.methods}
     rows = []
     for precision in args.precisions:
-        ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision != "fp32" else contextlib.nullcontext
+        ctx = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if precision != "fp32"
+            else contextlib.nullcontext
+        )
         with ctx():
             # Every method once per round, rounds in rotated order; each method's fastest round
             # (median of its repeats) is kept, so drifts of the machine hit all methods alike.
-            names = [name for name in ops
-                     if precision == "fp32" or name not in ("hessian_fd", "hessian_db", "hessian_torch_ce", "eigenthings_hessian_fd")]
+            names = [
+                name
+                for name in ops
+                if precision == "fp32"
+                or name not in ("hessian_fd", "hessian_db", "hessian_torch_ce", "eigenthings_hessian_fd")
+            ]
             best: dict[str, dict[str, Any]] = {}
             for round_index in range(args.rounds):
                 order = ["gradient (HF labels= loss)", "gradient (curvops loss_and_gradient)"] + names
@@ -209,23 +223,42 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                 if "ms" in best[name] and not name.startswith("gradient (HF"):
                     row["gradients"] = best[name]["ms"] / grad["ms"]
                 rows.append(row)
-            print(precision, "done; reverse over forward passed its check:",
-                  ops["hessian"].__dict__.get("_forward_mode_verdict") if "hessian" in ops else None, flush=True)
+            print(
+                precision,
+                "done; reverse over forward passed its check:",
+                ops["hessian"].single_vector_method == "reverse_over_forward" if "hessian" in ops else None,
+                flush=True,
+            )
     if not {"ggn", "ggn_fused_head", "ggn_func_jvp"} <= set(ops):
         return rows
     # Agreement of the fused head with the plain GGN on this model (float32).
     a, b = ops["ggn"] @ v, ops["ggn_fused_head"] @ v
-    rows.append({"precision": "fp32", "method": "check: ||G_fused v - G v|| / ||G v||",
-                 "value": float((a - b).norm() / a.norm())})
+    rows.append(
+        {
+            "precision": "fp32",
+            "method": "check: ||G_fused v - G v|| / ||G v||",
+            "value": float((a - b).norm() / a.norm()),
+        }
+    )
     c = ops["ggn_func_jvp"] @ v
-    rows.append({"precision": "fp32", "method": "check: ||G_func_jvp v - G v|| / ||G v||",
-                 "value": float((a - c).norm() / a.norm())})
+    rows.append(
+        {
+            "precision": "fp32",
+            "method": "check: ||G_func_jvp v - G v|| / ||G v||",
+            "value": float((a - c).norm() / a.norm()),
+        }
+    )
     if "eigenthings_ggn" in ops:
         # Its GGN averages batch means with equal weights; the batches here are of equal size,
         # so it is the same objective as ours.
         e = ops["eigenthings_ggn"].matvec(v)
-        rows.append({"precision": "fp32", "method": "check: ||G_eigenthings v - G v|| / ||G v||",
-                     "value": float((a - e).norm() / a.norm())})
+        rows.append(
+            {
+                "precision": "fp32",
+                "method": "check: ||G_eigenthings v - G v|| / ||G v||",
+                "value": float((a - e).norm() / a.norm()),
+            }
+        )
     return rows
 
 
@@ -255,10 +288,12 @@ def head(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         "materialised": materialised,
         "fused rows (default chunk)": lambda: linear_cross_entropy_ggn(h, w, hd, wd, c, return_lse=False)[:2],
         "fused rows (default chunk) + lse": lambda: linear_cross_entropy_ggn(h, w, hd, wd, c)[:2],
-        "fused rows chunk 1024": lambda: linear_cross_entropy_ggn(h, w, hd, wd, c, chunk_rows=1024,
-                                                                  return_lse=False)[:2],
-        "fused rows chunk 4096": lambda: linear_cross_entropy_ggn(h, w, hd, wd, c, chunk_rows=4096,
-                                                                  return_lse=False)[:2],
+        "fused rows chunk 1024": lambda: linear_cross_entropy_ggn(
+            h, w, hd, wd, c, chunk_rows=1024, return_lse=False
+        )[:2],
+        "fused rows chunk 4096": lambda: linear_cross_entropy_ggn(
+            h, w, hd, wd, c, chunk_rows=4096, return_lse=False
+        )[:2],
         "fused vocab tile 8192": lambda: linear_cross_entropy_ggn(h, w, hd, wd, c, strategy="vocab")[:2],
     }
     ref = [x.double() for x in materialised()]
@@ -269,24 +304,36 @@ def head(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         out = fn()
         err = max(float((o.double() - r).norm() / r.norm()) for o, r in zip(out, ref))
         base = base or res
-        rows.append({"method": name, **res, "time_vs_materialised": res["ms"] / base["ms"],
-                     "mem_vs_materialised": res["peak_gib"] / base["peak_gib"], "rel_err_vs_materialised": err})
+        rows.append(
+            {
+                "method": name,
+                **res,
+                "time_vs_materialised": res["ms"] / base["ms"],
+                "mem_vs_materialised": res["peak_gib"] / base["peak_gib"],
+                "rel_err_vs_materialised": err,
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------- profile
 def profile(args: argparse.Namespace, device: str, out_dir: str) -> dict[str, str]:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     model, batches = build_gpt2(args.small, device)
     data = causal_lm_data(batches)
     num = sum(p.numel() for p in model.parameters())
     v = torch.randn(num, device=device) * 1e-3
     tables = {}
-    for name, op in (("ggn", GGNOperator(model, CausalLMLoss(), data, check_deterministic=False)),
-                     ("ggn_fused_head", GGNOperator(model, CausalLMLoss(), data, fused_head=True,
-                                                    check_deterministic=False)),
-                     ("hessian", HessianOperator(model, CausalLMLoss(), data, check_deterministic=False))):
+    for name, op in (
+        ("ggn", GGNOperator(model, CausalLMLoss(), data, check_deterministic=False)),
+        (
+            "ggn_fused_head",
+            GGNOperator(model, CausalLMLoss(), data, fused_head=True, check_deterministic=False),
+        ),
+        ("hessian", HessianOperator(model, CausalLMLoss(), data, check_deterministic=False)),
+    ):
         op @ v
         sync()
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
@@ -301,12 +348,18 @@ def profile(args: argparse.Namespace, device: str, out_dir: str) -> dict[str, st
 
 # ---------------------------------------------------------------------------- report
 def markdown(env: dict[str, str], e2e_rows, head_rows) -> str:
-    lines = [f"GPU: {env['gpu']}; torch {env['torch']}; transformers {env['transformers']}; "
-             f"triton {env['triton']}; Python {env['python']}.", ""]
+    lines = [
+        f"GPU: {env['gpu']}; torch {env['torch']}; transformers {env['transformers']}; "
+        f"triton {env['triton']}; Python {env['python']}.",
+        "",
+    ]
     if e2e_rows:
-        lines += ["## End to end: GPT-2-small-sized model, 4 batches of 2 × 1024 tokens", "",
-                  "| precision | product | time ms | in gradients | peak extra GiB | anchor ms (gradients, GiB) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## End to end: GPT-2-small-sized model, 4 batches of 2 × 1024 tokens",
+            "",
+            "| precision | product | time ms | in gradients | peak extra GiB | anchor ms (gradients, GiB) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in e2e_rows:
             if "value" in r:
                 lines.append(f"| {r['precision']} | {r['method']} | {r['value']:.2e} | | | |")
@@ -317,45 +370,63 @@ def markdown(env: dict[str, str], e2e_rows, head_rows) -> str:
             key = {"ggn": "ggn", "hessian": "hessian", "hessian_fd": "hessian_fd"}.get(r["method"])
             anchor = ""
             if r["precision"] == "fp32" and key:
-                anchor = f"{ANCHORS[key]:.0f} ({ANCHORS[key] / ANCHORS['gradient']:.2f}, {ANCHOR_MEM[key]:.2f})"
+                anchor = (
+                    f"{ANCHORS[key]:.0f} ({ANCHORS[key] / ANCHORS['gradient']:.2f}, {ANCHOR_MEM[key]:.2f})"
+                )
             if r["precision"] == "fp32" and r["method"].startswith("gradient (HF"):
                 anchor = f"{ANCHORS['gradient']:.0f} (1.0)"
             grads = f"{r['gradients']:.2f}" if "gradients" in r else "1.0" if "HF" in r["method"] else ""
-            lines.append(f"| {r['precision']} | {r['method']} | {r['ms']:.1f} | {grads} | "
-                         f"{r['peak_gib']:.2f} | {anchor} |")
+            lines.append(
+                f"| {r['precision']} | {r['method']} | {r['ms']:.1f} | {grads} | "
+                f"{r['peak_gib']:.2f} | {anchor} |"
+            )
         lines.append("")
     if head_rows:
-        lines += ["## Head GGN product: d = 768, V = 50304, N = 16384, bf16", "",
-                  "| variant | time ms | vs materialised | peak extra GiB | vs materialised | rel. err vs materialised |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Head GGN product: d = 768, V = 50304, N = 16384, bf16",
+            "",
+            "| variant | time ms | vs materialised | peak extra GiB | vs materialised | rel. err vs materialised |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in head_rows:
-            lines.append(f"| {r['method']} | {r['ms']:.2f} | {r['time_vs_materialised']:.2f}x | {r['peak_gib']:.3f} | "
-                         f"{r['mem_vs_materialised']:.3f} | {r['rel_err_vs_materialised']:.1e} |")
+            lines.append(
+                f"| {r['method']} | {r['ms']:.2f} | {r['time_vs_materialised']:.2f}x | {r['peak_gib']:.3f} | "
+                f"{r['mem_vs_materialised']:.3f} | {r['rel_err_vs_materialised']:.1e} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--part", nargs="+", default=["e2e", "head", "profile"], choices=["e2e", "head", "profile"])
+    parser.add_argument(
+        "--part", nargs="+", default=["e2e", "head", "profile"], choices=["e2e", "head", "profile"]
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke test, also on the CPU)")
     parser.add_argument("--rounds", type=int, default=1, help="e2e: rounds in rotated order, fastest kept")
     parser.add_argument("--methods", nargs="*", default=None, help="e2e: only these products")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16-autocast"],
-                        choices=["fp32", "bf16-autocast"])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16-autocast"], choices=["fp32", "bf16-autocast"]
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
     import transformers
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "triton": triton_version,
-           "python": sys.version.split()[0]}
+    env = {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton_version,
+        "python": sys.version.split()[0],
+    }
     results: dict[str, Any] = {"env": env}
     if "head" in args.part:
         results["head"] = head(args, device)

@@ -32,17 +32,23 @@ import sys
 import time
 
 import torch
-from torch import nn
-
 from _report import emit_report  # benchmarks/ is on sys.path when a script runs
+from torch import nn
 
 MODELS = ("mlp", "cnn")
 METHODS = (
-    "gradient", "plain_double_backward",
-    "curvops_hessian", "curvops_hessian_db", "curvops_hessian_fd", "curvops_ggn",
-    "curvops_hessian_block8", "curvops_ggn_block8",
-    "curvlinops_hessian", "curvlinops_ggn",
-    "eigenthings_hessian", "eigenthings_ggn",
+    "gradient",
+    "plain_double_backward",
+    "curvops_hessian",
+    "curvops_hessian_db",
+    "curvops_hessian_fd",
+    "curvops_ggn",
+    "curvops_hessian_block8",
+    "curvops_ggn_block8",
+    "curvlinops_hessian",
+    "curvlinops_ggn",
+    "eigenthings_hessian",
+    "eigenthings_ggn",
 )
 
 
@@ -50,13 +56,20 @@ def build(model_name: str) -> tuple[nn.Module, nn.Module, list]:
     """The benchmark problem: (model, loss, 4 batches), float32, fixed seed."""
     torch.manual_seed(0)
     if model_name == "mlp":
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        model = nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
         data = [(torch.randn(512, 784), torch.randint(0, 10, (512,))) for _ in range(4)]
     elif model_name == "cnn":
         model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
         )
         data = [(torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))) for _ in range(4)]
     else:
@@ -71,9 +84,11 @@ def make_product(method: str, model: nn.Module, loss: nn.Module, data: list):
     v = torch.randn(dim)
     block = torch.randn(dim, 8)
     if method == "gradient":
+
         def run():
             for x, y in data:
                 torch.autograd.grad(loss(model(x), y), params)
+
         return run, 1
     if method == "plain_double_backward":
         vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
@@ -85,13 +100,23 @@ def make_product(method: str, model: nn.Module, loss: nn.Module, data: list):
                 for o, h in zip(out, torch.autograd.grad(g, params, vs)):
                     o.add_(h)
             return out
+
         return run, 1
     if method.startswith("curvops"):
         import curvops
+
         if "hessian" in method:
-            op = curvops.HessianOperator(model, loss, data, method="finite_difference" if method.endswith("_fd") else "autograd")
-            if method.endswith("_db"):  # single vectors by double backward instead of reverse over forward
-                op._reverse_over_forward = False
+            # "_db": single vectors by double backward instead of reverse over forward.
+            strategy = curvops.ProductStrategy(
+                hessian_vector="double_backward" if method.endswith("_db") else "auto"
+            )
+            op = curvops.HessianOperator(
+                model,
+                loss,
+                data,
+                strategy=strategy,
+                method="finite_difference" if method.endswith("_fd") else "autograd",
+            )
         else:
             op = curvops.GGNOperator(model, loss, data)
         if method.endswith("block8"):
@@ -99,11 +124,13 @@ def make_product(method: str, model: nn.Module, loss: nn.Module, data: list):
         return (lambda: op @ v), 1
     if method.startswith("curvlinops"):
         import curvlinops
+
         cls = curvlinops.HessianLinearOperator if method.endswith("hessian") else curvlinops.GGNLinearOperator
         op = cls(model, loss, params, data, check_deterministic=False)
         return (lambda: op @ v), 1
     if method.startswith("eigenthings"):
         import hessian_eigenthings as he
+
         if method.endswith("hessian"):
             op = he.HessianOperator(model, data, he.supervised_loss(loss))
         else:
@@ -138,8 +165,13 @@ def measure(model_name: str, method: str, repeats: int, threads: int) -> dict:
         end = time.perf_counter()
         times.append((end - middle) / nvec)
         ratios.append((end - middle) / nvec / (middle - start))
-    return {"per_vector": statistics.median(times), "cost": statistics.median(ratios), "ratios": ratios,
-            "peak_extra_mib": max(after - before, 0) / 1024, "dim": sum(p.numel() for p in model.parameters())}
+    return {
+        "per_vector": statistics.median(times),
+        "cost": statistics.median(ratios),
+        "ratios": ratios,
+        "peak_extra_mib": max(after - before, 0) / 1024,
+        "dim": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -178,8 +210,17 @@ def main() -> None:
         for round_index in range(args.rounds):
             shift = round_index % len(args.methods)
             for method in args.methods[shift:] + args.methods[:shift]:
-                cmd = [sys.executable, __file__, "--one", model_name, method, "--repeats", str(args.repeats),
-                       "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    model_name,
+                    method,
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(args.threads),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{model_name}/{method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -191,34 +232,50 @@ def main() -> None:
         for method, measured in runs.items():
             if measured:
                 ratios = [r for m in measured for r in m["ratios"]]
-                results[method] = {"cost": statistics.median(ratios),
-                                   "spread": (_quantile(ratios, 0.25), _quantile(ratios, 0.75)),
-                                   "per_vector": statistics.median(m["per_vector"] for m in measured),
-                                   "peak_extra_mib": max(m["peak_extra_mib"] for m in measured),
-                                   "dim": measured[0]["dim"]}
+                results[method] = {
+                    "cost": statistics.median(ratios),
+                    "spread": (_quantile(ratios, 0.25), _quantile(ratios, 0.75)),
+                    "per_vector": statistics.median(m["per_vector"] for m in measured),
+                    "peak_extra_mib": max(m["peak_extra_mib"] for m in measured),
+                    "dim": measured[0]["dim"],
+                }
             else:
                 results[method] = None
         dim = next(r["dim"] for r in results.values() if r)
-        lines += [f"## {model_name} (D = {dim:,})", "",
-                  "| method | time per vector | cost (gradients) | middle half of the ratios | peak extra |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## {model_name} (D = {dim:,})",
+            "",
+            "| method | time per vector | cost (gradients) | middle half of the ratios | peak extra |",
+            "|---|---|---|---|---|",
+        ]
         for method, r in results.items():
             if r is None:
                 lines.append(f"| {method} | failed | | | |")
                 continue
-            lines.append(f"| {method} | {1e3 * r['per_vector']:.1f} ms | {r['cost']:.2f} | "
-                         f"{r['spread'][0]:.2f}–{r['spread'][1]:.2f} | {r['peak_extra_mib']:.0f} MiB |")
+            lines.append(
+                f"| {method} | {1e3 * r['per_vector']:.1f} ms | {r['cost']:.2f} | "
+                f"{r['spread'][0]:.2f}–{r['spread'][1]:.2f} | {r['peak_extra_mib']:.0f} MiB |"
+            )
         lines.append("")
-        for single, block in (("curvops_hessian", "curvops_hessian_block8"), ("curvops_hessian_db", "curvops_hessian_block8"),
-                              ("curvops_ggn", "curvops_ggn_block8")):
+        for single, block in (
+            ("curvops_hessian", "curvops_hessian_block8"),
+            ("curvops_hessian_db", "curvops_hessian_block8"),
+            ("curvops_ggn", "curvops_ggn_block8"),
+        ):
             if results.get(single) and results.get(block):
-                lines.append(f"(D, 8) block vs 8 single products ({single}): "
-                             f"{results[single]['cost'] / results[block]['cost']:.2f}x cheaper per vector.")
-        for ours, peers in (("curvops_hessian", ("curvlinops_hessian", "eigenthings_hessian", "plain_double_backward")),
-                            ("curvops_ggn", ("curvlinops_ggn", "eigenthings_ggn"))):
+                lines.append(
+                    f"(D, 8) block vs 8 single products ({single}): "
+                    f"{results[single]['cost'] / results[block]['cost']:.2f}x cheaper per vector."
+                )
+        for ours, peers in (
+            ("curvops_hessian", ("curvlinops_hessian", "eigenthings_hessian", "plain_double_backward")),
+            ("curvops_ggn", ("curvlinops_ggn", "eigenthings_ggn")),
+        ):
             for peer in peers:
                 if results.get(peer) and results.get(ours):
-                    lines.append(f"{peer} / {ours} cost: {results[peer]['cost'] / results[ours]['cost']:.2f}x")
+                    lines.append(
+                        f"{peer} / {ours} cost: {results[peer]['cost'] / results[ours]['cost']:.2f}x"
+                    )
         lines.append("")
     emit_report(lines, args.out)
 

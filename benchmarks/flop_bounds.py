@@ -42,17 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curvops import GGNOperator, HessianOperator  # noqa: E402
+from _report import emit_report
 
-from _report import emit_report  # noqa: E402
-
-
-class _GGNKeptGraph(GGNOperator):
-    _tangent_with_graph = True
-
-
-class _GGNSeparateForward(GGNOperator):
-    _tangent_with_graph = False
+from curvops import GGNOperator, HessianOperator, ProductStrategy
 
 
 def _flops(call) -> int:
@@ -67,12 +59,19 @@ def count(model: torch.nn.Module, loss_fn: Any, data: list) -> dict[str, int]:
     hessian = HessianOperator(model, loss_fn, data, **kw)
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0))
     hessian @ v  # the one-time check of reverse over forward, outside the counts
-    double = HessianOperator(model, loss_fn, data, **kw)
-    double._reverse_over_forward = False
+    double = HessianOperator(
+        model, loss_fn, data, strategy=ProductStrategy(hessian_vector="double_backward"), **kw
+    )
+    kept = ProductStrategy(output_tangent="dual_forward_with_graph")
+    separate = ProductStrategy(output_tangent="separate_tangent_pass")
     return {
         "gradient": _flops(hessian.loss_and_gradient),
-        "ggn (kept-graph dual forward)": _flops(lambda: _GGNKeptGraph(model, loss_fn, data, **kw) @ v),
-        "ggn (separate forward)": _flops(lambda: _GGNSeparateForward(model, loss_fn, data, **kw) @ v),
+        "ggn (kept-graph dual forward)": _flops(
+            lambda: GGNOperator(model, loss_fn, data, strategy=kept, **kw) @ v
+        ),
+        "ggn (separate forward)": _flops(
+            lambda: GGNOperator(model, loss_fn, data, strategy=separate, **kw) @ v
+        ),
         "hessian (default: reverse over forward if it passes its check)": _flops(lambda: hessian @ v),
         "hessian (double backward)": _flops(lambda: double @ v),
     }
@@ -80,8 +79,13 @@ def count(model: torch.nn.Module, loss_fn: Any, data: list) -> dict[str, int]:
 
 def mlp_counts() -> dict[str, int]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
     data = [(torch.randn(512, 784), torch.randint(0, 10, (512,)))]
     return count(model, torch.nn.CrossEntropyLoss(), data)
 
@@ -91,8 +95,9 @@ def gpt2_counts(layers: int) -> dict[str, int]:
 
     from curvops.lm import CausalLMLoss, causal_lm_data
 
-    config = GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
-                        attn_implementation="eager")
+    config = GPT2Config(
+        n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, attn_implementation="eager"
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
     tokens = torch.randint(0, config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
@@ -127,9 +132,13 @@ def main() -> None:
         per_block = {k: two[k] - one[k] for k in one}
         gpt2_small = {k: one[k] + 11 * per_block[k] for k in one}
         lines += table("GPT-2-shaped LM, 1 block (d 768, vocabulary 50257, 1 x 1024 tokens)", one)
-        lines += table("GPT-2 small (12 blocks), extrapolated: 1-block count + 11 x per-block count", gpt2_small)
+        lines += table(
+            "GPT-2 small (12 blocks), extrapolated: 1-block count + 11 x per-block count", gpt2_small
+        )
         lines += table("One transformer block alone (2-block count - 1-block count)", per_block)
-    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"flop_bounds_cpu_{date}.md")
+    default = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"flop_bounds_cpu_{date}.md"
+    )
     emit_report(lines, args.out or default)
 
 

@@ -16,11 +16,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curvops.kernels import cross_entropy_hvp  # noqa: E402
-from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn  # noqa: E402
+from curvops.kernels import cross_entropy_hvp
+from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lm import materialised_head  # noqa: E402
+from bench_lm import materialised_head
 
 GIB = 2**30
 
@@ -81,21 +81,33 @@ def main() -> None:
     record("piece: u^T h", lambda: u.T @ h)
     try:
         g32 = torch.zeros(vocab, d, device=dev)
-        record("piece: addmm(g32, u^T, h, out_dtype=f32)", lambda: torch.addmm(g32, u.T, h, out_dtype=torch.float32))
+        record(
+            "piece: addmm(g32, u^T, h, out_dtype=f32)",
+            lambda: torch.addmm(g32, u.T, h, out_dtype=torch.float32),
+        )
     except Exception as exc:
         print("out_dtype", exc)
     del z, zd, u
 
     for chunk in (1024, 2048, 2668, 4096):
-        record(f"lib rows chunk {chunk}", lambda chunk=chunk: linear_cross_entropy_ggn(
-            h, w, hd, wd, c, chunk_rows=chunk, return_lse=False)[:2], ref)
+        record(
+            f"lib rows chunk {chunk}",
+            lambda chunk=chunk: linear_cross_entropy_ggn(h, w, hd, wd, c, chunk_rows=chunk, return_lse=False)[
+                :2
+            ],
+            ref,
+        )
 
     cfg = tk.DEFAULT_CONFIG
 
     def variant(chunk, *, cat_k, inplace, acc):
         def fn():
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(vocab, d, device=dev) if acc != "bf16" else torch.zeros(vocab, d, device=dev, dtype=dt)
+            grad_w = (
+                torch.zeros(vocab, d, device=dev)
+                if acc != "bf16"
+                else torch.zeros(vocab, d, device=dev, dtype=dt)
+            )
             hh = h2 if cat_k else None
             for i in range(0, n, chunk):
                 sl = slice(i, i + chunk)
@@ -120,19 +132,33 @@ def main() -> None:
                     grad_w.add_(uu.T @ hc)
                 del uu, zzd
             return grad_h, grad_w.to(dt)
+
         return fn
 
     for chunk in (2048, 4096):
         for cat_k in (False, True):
             for inplace in (False, True):
                 for acc in ("add", "out_dtype", "bf16"):
-                    record(f"variant chunk {chunk} cat_k={cat_k} inplace={inplace} acc={acc}",
-                           variant(chunk, cat_k=cat_k, inplace=inplace, acc=acc), ref)
-    record("variant chunk 1024 cat_k inplace out_dtype", variant(1024, cat_k=True, inplace=True, acc="out_dtype"), ref)
-    record("variant chunk 8192 cat_k inplace out_dtype", variant(8192, cat_k=True, inplace=True, acc="out_dtype"), ref)
+                    record(
+                        f"variant chunk {chunk} cat_k={cat_k} inplace={inplace} acc={acc}",
+                        variant(chunk, cat_k=cat_k, inplace=inplace, acc=acc),
+                        ref,
+                    )
+    record(
+        "variant chunk 1024 cat_k inplace out_dtype",
+        variant(1024, cat_k=True, inplace=True, acc="out_dtype"),
+        ref,
+    )
+    record(
+        "variant chunk 8192 cat_k inplace out_dtype",
+        variant(8192, cat_k=True, inplace=True, acc="out_dtype"),
+        ref,
+    )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_fused_head.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import sys
 
@@ -21,18 +22,32 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_lm import build_gpt2, eigenthings_operators, measure, summed_torch_ce  # noqa: E402
-from curvops import HessianOperator  # noqa: E402
-from curvops.lm import CausalLMLoss, causal_lm_data  # noqa: E402
+from bench_lm import build_gpt2, eigenthings_operators, measure, summed_torch_ce
+
+from curvops import HessianOperator
+from curvops.lm import CausalLMLoss, causal_lm_data
 
 
 def family(name: str) -> str:
     n = name.lower()
-    for key, label in (("gemm", "gemm"), ("cutlass", "gemm"), ("sm90", "gemm"), ("xmma", "gemm"),
-                       ("nvjet", "gemm"), ("softmax", "softmax"), ("_ce_hvp", "ce kernel"),
-                       ("reduce", "reduce"), ("copy", "copy/cast"), ("cast", "copy/cast"),
-                       ("layer_norm", "layer norm"), ("gelu", "gelu"), ("tanh", "gelu"),
-                       ("elementwise", "elementwise"), ("vectorized", "elementwise"), ("fill", "fill")):
+    for key, label in (
+        ("gemm", "gemm"),
+        ("cutlass", "gemm"),
+        ("sm90", "gemm"),
+        ("xmma", "gemm"),
+        ("nvjet", "gemm"),
+        ("softmax", "softmax"),
+        ("_ce_hvp", "ce kernel"),
+        ("reduce", "reduce"),
+        ("copy", "copy/cast"),
+        ("cast", "copy/cast"),
+        ("layer_norm", "layer norm"),
+        ("gelu", "gelu"),
+        ("tanh", "gelu"),
+        ("elementwise", "elementwise"),
+        ("vectorized", "elementwise"),
+        ("fill", "fill"),
+    ):
         if key in n:
             return label
     return "other"
@@ -50,8 +65,9 @@ def main() -> None:
     loss = CausalLMLoss()
     ops = {
         "ours (cross_entropy_sum)": HessianOperator(model, loss, data, check_deterministic=False).__matmul__,
-        "ours (F.cross_entropy)": HessianOperator(model, summed_torch_ce(loss), data,
-                                                  check_deterministic=False).__matmul__,
+        "ours (F.cross_entropy)": HessianOperator(
+            model, summed_torch_ce(loss), data, check_deterministic=False
+        ).__matmul__,
     }
     peer = eigenthings_operators(model, batches)
     if "eigenthings_hessian" in peer:
@@ -60,10 +76,10 @@ def main() -> None:
     v = torch.randn(num, device=device, generator=torch.Generator(device).manual_seed(0)) * 1e-3
     lines = [f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}", ""]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        results = {}
+        results: dict[str, tuple[float, float]] = {}
         for _ in range(2):  # two rounds; each product's faster one is kept
             for name, apply in ops.items():
-                res = measure(lambda apply=apply: apply(v), args.repeats)
+                res = measure(functools.partial(apply, v), args.repeats)
                 if name not in results or res["ms"] < results[name][0]:
                     results[name] = (res["ms"], res["peak_gib"])
         lines += ["| product (bf16 autocast) | ms | peak extra GiB |", "|---|---|---|"]
@@ -74,8 +90,10 @@ def main() -> None:
         tokens = sum(int(b["input_ids"][:, 1:].numel()) for b in batches)
         for name, apply in ops.items():
             b = apply(v) / (tokens if "F.cross_entropy" in name else 1)
-            lines.append(f"rel. difference to ours (cross_entropy_sum), {name}: "
-                         f"{float((a.float() - b.float()).norm() / a.float().norm()):.2e}")
+            lines.append(
+                f"rel. difference to ours (cross_entropy_sum), {name}: "
+                f"{float((a.float() - b.float()).norm() / a.float().norm()):.2e}"
+            )
         from torch.profiler import ProfilerActivity, profile
 
         for name, apply in ops.items():
@@ -85,11 +103,14 @@ def main() -> None:
                 torch.cuda.synchronize()
             events = [e for e in p.key_averages() if e.self_device_time_total > 0]
             total = sum(e.self_device_time_total for e in events) / 1e3
-            groups = collections.Counter()
+            groups: collections.Counter[str] = collections.Counter()
             for e in events:
                 groups[family(e.key)] += e.self_device_time_total / 1e3
-            lines += ["", f"## {name}: {total:.1f} ms of kernels",
-                      "families: " + ", ".join(f"{k} {t:.1f}" for k, t in groups.most_common())]
+            lines += [
+                "",
+                f"## {name}: {total:.1f} ms of kernels",
+                "families: " + ", ".join(f"{k} {t:.1f}" for k, t in groups.most_common()),
+            ]
             lines += ["| kernel | calls | ms |", "|---|---|---|"]
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
                 lines.append(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} |")

@@ -4,7 +4,7 @@ A Lanczos basis of a large model is a ``(20, D)`` row stack; restarts, Ritz vect
 Gram-Schmidt multiply it by a few coefficients. This probe runs those shapes with plain
 ``torch`` ``@`` (one subprocess per case: a CUDA fault poisons the process) and checks the
 last output column against a separate recomputation. It is the measurement behind
-``curvops.algorithms._operand.WIDE_ELEMENTS`` (products that large are split).
+``curvops.algorithms._torch_backend.WIDE_ELEMENTS`` (products that large are split).
 
 Usage::
 

@@ -6,6 +6,9 @@ on the model's device; the algorithms (Lanczos, trace and diagonal estimators,
 spectral density) work on any linear operator.
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from curvops.algorithms import (
     DensityCurve,
     DiagonalEstimate,
@@ -33,13 +36,18 @@ from curvops.operators import (
     InverseOperator,
     JacobianOperator,
     KFACOperator,
+    ProductStrategy,
     TransposedJacobianOperator,
     assume_psd,
     inverse,
     tag,
 )
 
-__version__ = "0.1.0"
+try:
+    # The installed distribution's version, which setuptools-scm derives from the git tags.
+    __version__ = _distribution_version("curvops")
+except _PackageNotFoundError:  # imported from a source tree that is not installed (PYTHONPATH)
+    __version__ = "0+unknown"
 
 __all__ = [
     "CurvatureOperator",
@@ -47,6 +55,7 @@ __all__ = [
     "InverseOperator",
     "JacobianOperator",
     "KFACOperator",
+    "ProductStrategy",
     "SolveInfo",
     "SolverWarning",
     "TransposedJacobianOperator",

@@ -39,10 +39,29 @@ class DigitsData:
 
 
 def load_digits_split(
-    *, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> DigitsData:
-    """Load scikit-learn's digits, scale pixels to ``[0, 1]`` and split at random (by ``seed``).
+    """Load scikit-learn's digits, scale pixels to ``[0, 1]`` and split at random.
+
+    Parameters
+    ----------
+    test_fraction : float, optional
+        Share of the 1,797 images held out for testing (default 0.2).
+    seed : int, optional
+        Seed of the random split (default 0).
+    dtype : torch.dtype, optional
+        Floating-point type of the pixel intensities (default float32).
+    device : torch.device or str, optional
+        Device of every tensor (default ``"cpu"``).
+
+    Returns
+    -------
+    DigitsData
+        Training and test inputs (N, 64) and labels (N,).
 
     Raises
     ------
@@ -65,12 +84,33 @@ def load_digits_split(
     return DigitsData(x[train], y[train], x[test], y[test])
 
 
-def digits_mlp(hidden: tuple[int, ...] = HIDDEN, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> nn.Sequential:
+def digits_mlp(
+    hidden: tuple[int, ...] = HIDDEN,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Sequential:
     """A tanh MLP 64 -> hidden -> 10 with weights drawn from ``seed``.
 
     tanh (rather than ReLU) has nonzero second derivatives, so the Hessian differs from the
     GGN by more than the output layer's contribution: the comparison is informative.
+
+    Parameters
+    ----------
+    hidden : tuple of int, optional
+        Widths of the hidden layers (default :data:`HIDDEN`).
+    seed : int, optional
+        Seed of torch's global generator for the initial weights (default 0).
+    dtype : torch.dtype, optional
+        Floating-point type of the weights (default float32).
+    device : torch.device or str, optional
+        Device of the weights (default ``"cpu"``).
+
+    Returns
+    -------
+    nn.Sequential
+        ``Linear, Tanh, ..., Linear`` with 10 outputs (logits).
     """
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
@@ -83,23 +123,41 @@ def digits_mlp(hidden: tuple[int, ...] = HIDDEN, *, seed: int = 0, dtype: torch.
 
 
 def train_classifier(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int = 64,
-    lr: float = 1e-2, seed: int = 0, progress: bool = False,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = False,
 ) -> list[float]:
-    """Train with Adam on cross-entropy; returns the mean training loss of every epoch.
+    """Train with Adam on cross-entropy, then put the model in eval mode.
 
     Parameters
     ----------
-    model, x, y
-        Model and training data (full tensors; shuffled every epoch with ``seed``).
-    epochs
-        Passes over the data (0 leaves the model untouched).
-    batch_size, lr
-        Mini-batch size and Adam learning rate.
-    seed
-        Seed of the shuffling.
-    progress
-        Show a tqdm progress bar (on stderr) over all mini-batch steps.
+    model : nn.Module
+        A classifier returning logits (N, C); trained in place.
+    x : Tensor, shape (N, ...)
+        Training inputs (all of them; shuffled every epoch with ``seed``).
+    y : Tensor, shape (N,)
+        Class labels.
+    epochs : int
+        Passes over the data (0 leaves the weights untouched).
+    batch_size : int, optional
+        Samples per Adam step (default 64).
+    lr : float, optional
+        Adam learning rate (default 1e-2).
+    seed : int, optional
+        Seed of the shuffling (default 0).
+    progress : bool, optional
+        Show a tqdm progress bar on stderr over all steps (default False).
+
+    Returns
+    -------
+    list of float
+        The mean training loss of every epoch.
     """
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -113,7 +171,7 @@ def train_classifier(
             order = torch.randperm(x.shape[0], generator=generator).to(x.device)
             total = 0.0
             for start in range(0, x.shape[0], batch_size):
-                index = order[start:start + batch_size]
+                index = order[start : start + batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x[index]), y[index])
                 loss.backward()
@@ -130,7 +188,22 @@ def train_classifier(
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier returning logits (N, C).
+    x : Tensor, shape (N, ...)
+        Inputs.
+    y : Tensor, shape (N,)
+        Class labels.
+
+    Returns
+    -------
+    tuple of (float, float)
+        The mean cross-entropy and the fraction of correct argmax predictions.
+    """
     logits = model(x)
     loss = float(nn.functional.cross_entropy(logits, y))
     accuracy = float((logits.argmax(1) == y).double().mean())

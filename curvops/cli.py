@@ -105,7 +105,13 @@ def _callable_spec(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``curvops`` command."""
+    """The argument parser of the ``curvops`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With the ``spectrum`` sub-command and ``--version``.
+    """
     from curvops import __version__
 
     parser = argparse.ArgumentParser(
@@ -137,42 +143,90 @@ def build_parser() -> argparse.ArgumentParser:
     what = spectrum.add_argument_group("what to compute")
     what.add_argument("--curvature", choices=CURVATURES, default="hessian", help="curvature matrix")
     what.add_argument("-k", type=_positive_int, default=10, help="number of top eigenvalues")
-    what.add_argument("--probes", type=_positive_int, default=10,
-                      help="random probes of the spectral density (SLQ)")
-    what.add_argument("--lanczos-steps", type=_positive_int, default=80,
-                      help="Lanczos steps per SLQ probe (resolution of the density)")
+    what.add_argument(
+        "--probes", type=_positive_int, default=10, help="random probes of the spectral density (SLQ)"
+    )
+    what.add_argument(
+        "--lanczos-steps",
+        type=_positive_int,
+        default=80,
+        help="Lanczos steps per SLQ probe (resolution of the density)",
+    )
     what.add_argument("--trace-method", choices=TRACE_METHODS, default="xtrace", help="trace estimator")
-    what.add_argument("--trace-matvecs", type=_positive_int, default=100,
-                      help="matrix-vector products spent on the trace estimate")
-    what.add_argument("--params", action="append", metavar="GLOB",
-                      help="restrict to parameters whose names match (repeatable; default: all)")
-    what.add_argument("--seed", type=_seed, default=0,
-                      help="seed of the initialization, training and all random probes")
+    what.add_argument(
+        "--trace-matvecs",
+        type=_positive_int,
+        default=100,
+        help="matrix-vector products spent on the trace estimate",
+    )
+    what.add_argument(
+        "--params",
+        action="append",
+        metavar="GLOB",
+        help="restrict to parameters whose names match (repeatable; default: all)",
+    )
+    what.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the initialization, training and all random probes"
+    )
 
     model = spectrum.add_argument_group("model and data (default: built-in digits MLP)")
-    model.add_argument("--model", type=_callable_spec, metavar="MODULE:FUNCTION",
-                       help="function returning your model, or (model, loss_fn)")
-    model.add_argument("--data", type=_callable_spec, metavar="MODULE:FUNCTION",
-                       help="function returning your (inputs, targets) batches")
-    model.add_argument("--loss", choices=LOSSES, default="cross_entropy",
-                       help="loss with --model (mean reduction), unless it returns (model, loss_fn)")
-    model.add_argument("--epochs", type=_nonnegative_int, default=8,
-                       help="training epochs of the built-in example (ignored with --model)")
+    model.add_argument(
+        "--model",
+        type=_callable_spec,
+        metavar="MODULE:FUNCTION",
+        help="function returning your model, or (model, loss_fn)",
+    )
+    model.add_argument(
+        "--data",
+        type=_callable_spec,
+        metavar="MODULE:FUNCTION",
+        help="function returning your (inputs, targets) batches",
+    )
+    model.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="cross_entropy",
+        help="loss with --model (mean reduction), unless it returns (model, loss_fn)",
+    )
+    model.add_argument(
+        "--epochs",
+        type=_nonnegative_int,
+        default=8,
+        help="training epochs of the built-in example (ignored with --model)",
+    )
 
     run = spectrum.add_argument_group("run")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    run.add_argument("--dtype", choices=DTYPES, default="float32", help="floating-point type of weights and data")
-    run.add_argument("--threads", type=_positive_int, default=None,
-                     help="torch CPU threads (default: 1 for the built-in example, whose products are "
-                          "too small to gain from threads; torch's default otherwise)")
-    run.add_argument("--memory-budget", type=_gibibytes, default=None, metavar="GIB",
-                     help="working memory of the trace and density algorithms, in GiB (default: half "
-                          "the memory available on the device when each starts); their probe blocks "
-                          "are chosen to fit, or the run stops before its products with the bytes needed")
-    run.add_argument("--output", "-o", type=Path, default=Path("."), metavar="DIR",
-                     help="directory for spectrum.json and spectrum.png (created if missing)")
-    run.add_argument("--density-scale", choices=("log", "linear"), default="log",
-                     help="density axis of the plot")
+    run.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="floating-point type of weights and data"
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: 1 for the built-in example, whose products are "
+        "too small to gain from threads; torch's default otherwise)",
+    )
+    run.add_argument(
+        "--memory-budget",
+        type=_gibibytes,
+        default=None,
+        metavar="GIB",
+        help="working memory of the trace and density algorithms, in GiB (default: half "
+        "the memory available on the device when each starts); their probe blocks "
+        "are chosen to fit, or the run stops before its products with the bytes needed",
+    )
+    run.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="directory for spectrum.json and spectrum.png (created if missing)",
+    )
+    run.add_argument(
+        "--density-scale", choices=("log", "linear"), default="log", help="density axis of the plot"
+    )
     run.add_argument("--no-plot", action="store_true", help="do not write spectrum.png")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     run.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
@@ -181,7 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ====================================================================== main
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``curvops`` console script; returns the exit code."""
+    """Entry point of the ``curvops`` console script and of ``python -m curvops``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit code: 0 success, 2 a bad argument (one line on stderr), 1 an error in the
+        user's ``--model``/``--data`` code or in the computation (one line; ``--traceback``
+        re-raises it), 130 interrupted. argparse's own syntax errors exit with code 2
+        through ``SystemExit``.
+    """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad syntax
@@ -208,8 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a failure in the computation: one line unless asked
         if show_traceback:
             raise
-        print(f"{PROG} {args.command}: error: {type(error).__name__}: {error} "
-              "(rerun with --traceback for details)", file=sys.stderr)
+        print(
+            f"{PROG} {args.command}: error: {type(error).__name__}: {error} "
+            "(rerun with --traceback for details)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -223,7 +294,27 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 # ====================================================================== spectrum
 def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``curvops spectrum`` with parsed arguments; returns the record written to JSON."""
+    """Run ``curvops spectrum``: estimate, print the summary, write ``spectrum.json`` (and ``.png``).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments of the ``spectrum`` sub-command (:func:`build_parser`).
+
+    Returns
+    -------
+    dict
+        The record written to ``spectrum.json`` (before JSON conversion: arrays and
+        non-finite floats are converted on writing).
+
+    Raises
+    ------
+    UsageError
+        An argument that cannot work (``--model`` without ``--data``, an unusable device,
+        ``-k`` not below the dimension, ...).
+    UserCodeError
+        The user's ``--model``/``--data`` function or module raised.
+    """
     import torch
 
     started = time.perf_counter()
@@ -241,8 +332,10 @@ def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--output {str(output)!r} exists and is not a directory")
     plot = not args.no_plot and _have_matplotlib()
     if not args.no_plot and not plot:
-        print("note: matplotlib is not installed, so no spectrum.png (pip install 'curvops[plot]')",
-              file=sys.stderr)
+        print(
+            "note: matplotlib is not installed, so no spectrum.png (pip install 'curvops[plot]')",
+            file=sys.stderr,
+        )
 
     timings: dict[str, float] = {}
     if builtin:
@@ -311,8 +404,9 @@ class _Problem:
         self.description = description
 
 
-def _builtin_problem(args: argparse.Namespace, device: Any, dtype: Any, progress: bool,
-                     timings: dict[str, float]) -> _Problem:
+def _builtin_problem(
+    args: argparse.Namespace, device: Any, dtype: Any, progress: bool, timings: dict[str, float]
+) -> _Problem:
     """Train the digits MLP (``--epochs``) and return it with its training data."""
     from torch import nn
 
@@ -324,8 +418,9 @@ def _builtin_problem(args: argparse.Namespace, device: Any, dtype: Any, progress
         raise UsageError(f"{error} (or pass --model/--data)") from None
     model = _demo.digits_mlp(seed=args.seed, dtype=dtype, device=device)
     start = time.perf_counter()
-    history = _demo.train_classifier(model, data.x_train, data.y_train, epochs=args.epochs,
-                                     seed=args.seed, progress=progress)
+    history = _demo.train_classifier(
+        model, data.x_train, data.y_train, epochs=args.epochs, seed=args.seed, progress=progress
+    )
     timings["training"] = time.perf_counter() - start
     train_loss, train_accuracy = _demo.evaluate_classifier(model, data.x_train, data.y_train)
     test_loss, test_accuracy = _demo.evaluate_classifier(model, data.x_test, data.y_test)
@@ -333,17 +428,23 @@ def _builtin_problem(args: argparse.Namespace, device: Any, dtype: Any, progress
 
     description = {
         "source": "built-in",
-        "model": "MLP " + "-".join(str(n) for n in (_demo.NUM_FEATURES, *_demo.HIDDEN, _demo.NUM_CLASSES))
-                 + " (tanh)",
+        "model": "MLP "
+        + "-".join(str(n) for n in (_demo.NUM_FEATURES, *_demo.HIDDEN, _demo.NUM_CLASSES))
+        + " (tanh)",
         "data": "sklearn.datasets.load_digits (8x8 handwritten digits, 10 classes)",
         "num_train": int(data.x_train.shape[0]),
         "num_test": int(data.x_test.shape[0]),
         "loss": "cross_entropy (mean)",
         "training": {
-            "optimizer": "Adam", "lr": 1e-2, "batch_size": 64, "epochs": args.epochs,
+            "optimizer": "Adam",
+            "lr": 1e-2,
+            "batch_size": 64,
+            "epochs": args.epochs,
             "epoch_losses": history,
-            "train_loss": train_loss, "train_accuracy": train_accuracy,
-            "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
         },
         "scikit_learn_version": sklearn.__version__,
     }
@@ -365,18 +466,25 @@ def _user_problem(args: argparse.Namespace, device: Any, dtype: Any) -> _Problem
     else:
         model, loss_fn = built, None
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--model {args.model} returned {type(model).__name__}, expected an nn.Module "
-                         "or a tuple (model, loss_fn)")
+        raise UsageError(
+            f"--model {args.model} returned {type(model).__name__}, expected an nn.Module "
+            "or a tuple (model, loss_fn)"
+        )
     if loss_fn is None:
-        loss_fn = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss,
-                   "bce": nn.BCEWithLogitsLoss}[args.loss]()
+        loss_fn = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[
+            args.loss
+        ]()
     elif not callable(loss_fn):
-        raise UsageError(f"--model {args.model} returned a loss that is not callable: {type(loss_fn).__name__}")
+        raise UsageError(
+            f"--model {args.model} returned a loss that is not callable: {type(loss_fn).__name__}"
+        )
     data = _call_user(make_data, args.data)
     if iter(data) is data:
         # The operators pass over the data many times: a generator would be exhausted.
-        raise UsageError(f"--data {args.data} returned a one-shot iterator; return a list of "
-                         "batches or a non-shuffling DataLoader")
+        raise UsageError(
+            f"--data {args.data} returned a one-shot iterator; return a list of "
+            "batches or a non-shuffling DataLoader"
+        )
     # Weights and floating-point data in the requested dtype and device; dropout and batch-norm
     # statistics frozen (eval mode), since the curvature must be that of one fixed function.
     model = model.to(device=device, dtype=dtype).eval()
@@ -421,8 +529,9 @@ def _load_callable(spec: str, option: str) -> Callable[[], Any]:
     except ModuleNotFoundError as error:
         raise UsageError(f"{option} {spec}: cannot import {error.name!r}") from None
     except Exception as error:  # the module itself failed while importing
-        raise UserCodeError(f"{option} {spec}: importing {target!r} raised "
-                            f"{type(error).__name__}: {error}") from error
+        raise UserCodeError(
+            f"{option} {spec}: importing {target!r} raised {type(error).__name__}: {error}"
+        ) from error
     function = getattr(module, name, None)
     if function is None:
         raise UsageError(f"{option} {spec}: {target!r} has no attribute {name!r}")
@@ -483,8 +592,9 @@ def _make_operator(args: argparse.Namespace, problem: _Problem, device: Any) -> 
         if args.curvature == "ggn":
             return GGNOperator(problem.model, problem.loss_fn, problem.data, params=params)
         if args.curvature == "fisher":
-            return FisherOperator(problem.model, problem.loss_fn, problem.data, params=params,
-                                  kind="mc", seed=args.seed)
+            return FisherOperator(
+                problem.model, problem.loss_fn, problem.data, params=params, kind="mc", seed=args.seed
+            )
         return KFACOperator(problem.model, problem.loss_fn, problem.data, params=params, seed=args.seed)
     except ValueError as error:
         # Parameter patterns that match nothing, unsupported layers for KFAC, a loss the
@@ -513,8 +623,9 @@ class _Counted:
         return result
 
 
-def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
-              timings: dict[str, float]) -> dict[str, Any]:
+def _estimate(
+    args: argparse.Namespace, operator: Any, progress: bool, timings: dict[str, float]
+) -> dict[str, Any]:
     """Run Lanczos, the trace estimator and SLQ; time each."""
     from curvops import hutchpp_trace, lanczos, spectral_density, xtrace
     from curvops._demo import _bar
@@ -535,8 +646,9 @@ def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
     start = time.perf_counter()
     try:
         method = xtrace if args.trace_method == "xtrace" else hutchpp_trace
-        results["trace"] = method(_Counted(operator, bar), args.trace_matvecs, seed=args.seed,
-                                  memory_budget=args.memory_budget)
+        results["trace"] = method(
+            _Counted(operator, bar), args.trace_matvecs, seed=args.seed, memory_budget=args.memory_budget
+        )
     finally:
         bar.close()
     timings["trace"] = time.perf_counter() - start
@@ -545,9 +657,13 @@ def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
     bar = _bar(total=args.probes * steps, desc="spectral density (SLQ)", unit="matvec", enabled=progress)
     start = time.perf_counter()
     try:
-        results["density"] = spectral_density(_Counted(operator, bar), num_probes=args.probes,
-                                              lanczos_steps=args.lanczos_steps, seed=args.seed,
-                                              memory_budget=args.memory_budget)
+        results["density"] = spectral_density(
+            _Counted(operator, bar),
+            num_probes=args.probes,
+            lanczos_steps=args.lanczos_steps,
+            seed=args.seed,
+            memory_budget=args.memory_budget,
+        )
     finally:
         bar.close()
     timings["density"] = time.perf_counter() - start
@@ -555,8 +671,16 @@ def _estimate(args: argparse.Namespace, operator: Any, progress: bool,
 
 
 # ---------------------------------------------------------------------- report
-def _record(args: argparse.Namespace, problem: _Problem, operator: Any, results: dict[str, Any],
-            timings: dict[str, float], device: Any, dtype: Any, threads: int | None) -> dict[str, Any]:
+def _record(
+    args: argparse.Namespace,
+    problem: _Problem,
+    operator: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    device: Any,
+    dtype: Any,
+    threads: int | None,
+) -> dict[str, Any]:
     """Everything the run produced, as a JSON-ready dict."""
     import scipy
     import torch
@@ -584,8 +708,10 @@ def _record(args: argparse.Namespace, problem: _Problem, operator: Any, results:
             "which": "largest algebraic (LA)",
             "values": _floats(eigen.eigenvalues),
             "residual_norms": _floats(eigen.residual_norms),
-            "relative_residuals": [r / max(abs(v), np.finfo(float).tiny)
-                                   for v, r in zip(_floats(eigen.eigenvalues), _floats(eigen.residual_norms))],
+            "relative_residuals": [
+                r / max(abs(v), np.finfo(float).tiny)
+                for v, r in zip(_floats(eigen.eigenvalues), _floats(eigen.residual_norms))
+            ],
             "converged": [bool(c) for c in _to_numpy(eigen.converged)],
             "num_matvecs": int(eigen.num_matvecs),
             "num_restarts": int(eigen.num_restarts),
@@ -607,25 +733,40 @@ def _record(args: argparse.Namespace, problem: _Problem, operator: Any, results:
             "num_matvecs": density.num_matvecs,
             "spectral_range": list(density.spectral_range),
             "sigma": curve.sigma,
-            "curve": {"grid": curve.grid, "density": curve.density, "lower": curve.lower,
-                      "upper": curve.upper, "standard_error": curve.standard_error},
+            "curve": {
+                "grid": curve.grid,
+                "density": curve.density,
+                "lower": curve.lower,
+                "upper": curve.upper,
+                "standard_error": curve.standard_error,
+            },
             "slq": density.to_dict(),
         },
         "settings": {
-            "curvature": args.curvature, "k": args.k, "probes": args.probes,
-            "lanczos_steps": args.lanczos_steps, "trace_method": args.trace_method,
-            "trace_matvecs": args.trace_matvecs, "params": args.params, "seed": args.seed,
+            "curvature": args.curvature,
+            "k": args.k,
+            "probes": args.probes,
+            "lanczos_steps": args.lanczos_steps,
+            "trace_method": args.trace_method,
+            "trace_matvecs": args.trace_matvecs,
+            "params": args.params,
+            "seed": args.seed,
             "memory_budget_bytes": args.memory_budget,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads() if threads is None else threads,
             "epochs": args.epochs if args.model is None else None,
-            "model": args.model, "data": args.data,
+            "model": args.model,
+            "data": args.data,
             "loss": args.loss if args.model is not None else "cross_entropy",
         },
         "seed": args.seed,
         "versions": {
-            "curvops": curvops.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "python": platform.python_version(),
+            "curvops": curvops.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "python": platform.python_version(),
             "platform": platform.platform(),
         },
         "command": [PROG, *getattr(args, "argv", [])],
@@ -687,19 +828,28 @@ def _summary(record: dict[str, Any], written: list[Path]) -> str:
         training = problem["training"]
         lines.append(
             f"  trained {training['epochs']} epochs on {problem['num_train']:,} samples: "
-            f"train loss {training['train_loss']:.4f}, train accuracy {100 * training['train_accuracy']:.1f}%, "
+            f"train loss {training['train_loss']:.4f}, "
+            f"train accuracy {100 * training['train_accuracy']:.1f}%, "
             f"test accuracy {100 * training['test_accuracy']:.1f}% ({problem['num_test']:,} samples)"
         )
-    lines.append(f"  loss at these weights {record['loss_at_weights']:.6g}, "
-                 f"gradient norm {record['gradient_norm']:.3g}")
+    lines.append(
+        f"  loss at these weights {record['loss_at_weights']:.6g}, "
+        f"gradient norm {record['gradient_norm']:.3g}"
+    )
     eigen = record["eigenvalues"]
-    lines += ["", f"Top {len(eigen['values'])} eigenvalues (Lanczos, {eigen['num_matvecs']} matvecs)",
-              f"  {'#':>3}  {'eigenvalue':>12}  {'residual':>10}  {'rel. residual':>13}  converged",
-              f"  {'-' * 3}  {'-' * 12}  {'-' * 10}  {'-' * 13}  ---------"]
+    lines += [
+        "",
+        f"Top {len(eigen['values'])} eigenvalues (Lanczos, {eigen['num_matvecs']} matvecs)",
+        f"  {'#':>3}  {'eigenvalue':>12}  {'residual':>10}  {'rel. residual':>13}  converged",
+        f"  {'-' * 3}  {'-' * 12}  {'-' * 10}  {'-' * 13}  ---------",
+    ]
     for index, (value, residual, relative, converged) in enumerate(
-            zip(eigen["values"], eigen["residual_norms"], eigen["relative_residuals"], eigen["converged"]), 1):
-        lines.append(f"  {index:>3}  {value:>12.6g}  {residual:>10.2e}  {relative:>13.2e}  "
-                     f"{'yes' if converged else 'NO'}")
+        zip(eigen["values"], eigen["residual_norms"], eigen["relative_residuals"], eigen["converged"]), 1
+    ):
+        lines.append(
+            f"  {index:>3}  {value:>12.6g}  {residual:>10.2e}  {relative:>13.2e}  "
+            f"{'yes' if converged else 'NO'}"
+        )
     lines.append(f"  residual = ||{symbol}v - λv||; the eigenvalue error is at most the residual")
     trace = record["trace"]
     name = {"xtrace": "XTrace", "hutchpp": "Hutch++"}[trace["method"]]
@@ -707,22 +857,32 @@ def _summary(record: dict[str, Any], written: list[Path]) -> str:
     if trace["exact"]:
         lines.append(f"  tr({symbol}) = {trace['estimate']:.6g} (exact: budget >= D)")
     else:
-        lines.append(f"  tr({symbol}) = {_format_uncertain(trace['estimate'], trace['standard_error'])} "
-                     f"(1 s.e.; {name}, {trace['num_matvecs']} matvecs)")
-    lines.append(f"  tr({symbol}) = {_format_uncertain(trace['slq_estimate'], trace['slq_standard_error'])} "
-                 "(1 s.e.; first SLQ moment, cross-check)")
+        lines.append(
+            f"  tr({symbol}) = {_format_uncertain(trace['estimate'], trace['standard_error'])} "
+            f"(1 s.e.; {name}, {trace['num_matvecs']} matvecs)"
+        )
+    lines.append(
+        f"  tr({symbol}) = {_format_uncertain(trace['slq_estimate'], trace['slq_standard_error'])} "
+        "(1 s.e.; first SLQ moment, cross-check)"
+    )
     if trace["closed_form"] is not None:
         lines.append(f"  tr({symbol}) = {trace['closed_form']:.6g} (closed form of the Kronecker factors)")
     density = record["density"]
     low, high = density["spectral_range"]
-    lines += ["", "Spectral density (SLQ)",
-              f"  {density['num_probes']} probes x {density['lanczos_steps']} Lanczos steps "
-              f"({density['num_matvecs']} matvecs), Ritz values in [{low:.4g}, {high:.4g}], "
-              f"broadening sigma = {density['sigma']:.3g}"]
+    lines += [
+        "",
+        "Spectral density (SLQ)",
+        f"  {density['num_probes']} probes x {density['lanczos_steps']} Lanczos steps "
+        f"({density['num_matvecs']} matvecs), Ritz values in [{low:.4g}, {high:.4g}], "
+        f"broadening sigma = {density['sigma']:.3g}",
+    ]
     timings = record["timings_s"]
     parts = [f"{key} {value:.1f} s" for key, value in timings.items() if key != "total"]
-    lines += ["", "time: " + ", ".join(parts) + f"; total {timings.get('total', float('nan')):.1f} s",
-              "wrote " + ", ".join(str(path) for path in written)]
+    lines += [
+        "",
+        "time: " + ", ".join(parts) + f"; total {timings.get('total', float('nan')):.1f} s",
+        "wrote " + ", ".join(str(path) for path in written),
+    ]
     return "\n".join(lines)
 
 
@@ -738,11 +898,23 @@ def _plot(record: dict[str, Any], results: dict[str, Any], path: Path, *, log_sc
     eigenvalues = record["eigenvalues"]["values"]
     symbol = _CURVATURE_SYMBOLS[record["curvature"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=150, layout="constrained")
-    ax.plot(curve.grid, curve.density, color="C0", linewidth=1.5,
-            label=f"SLQ ({density.num_probes} probes × {density.nodes.shape[1]} steps)")
+    ax.plot(
+        curve.grid,
+        curve.density,
+        color="C0",
+        linewidth=1.5,
+        label=f"SLQ ({density.num_probes} probes × {density.nodes.shape[1]} steps)",
+    )
     if density.num_probes > 1:
-        ax.fill_between(curve.grid, curve.lower, curve.upper, color="C0", alpha=0.25, linewidth=0,
-                        label="± 2 s.e. across probes")
+        ax.fill_between(
+            curve.grid,
+            curve.lower,
+            curve.upper,
+            color="C0",
+            alpha=0.25,
+            linewidth=0,
+            label="± 2 s.e. across probes",
+        )
     if log_scale:
         ax.set_yscale("log")
         top = float(curve.upper.max())
@@ -751,26 +923,53 @@ def _plot(record: dict[str, Any], results: dict[str, Any], path: Path, *, log_sc
     else:
         ax.set_ylim(0, float(curve.upper.max()) * 1.05)
     for index, value in enumerate(eigenvalues):
-        ax.axvline(value, color="C3", linewidth=0.8, alpha=0.7, linestyle="--",
-                   label=f"top-{len(eigenvalues)} eigenvalues" if index == 0 else None)
-    ax.plot(eigenvalues, np.full(len(eigenvalues), 1.0), transform=ax.get_xaxis_transform(),
-            linestyle="none", marker="v", color="C3", markersize=5, clip_on=False)
+        ax.axvline(
+            value,
+            color="C3",
+            linewidth=0.8,
+            alpha=0.7,
+            linestyle="--",
+            label=f"top-{len(eigenvalues)} eigenvalues" if index == 0 else None,
+        )
+    ax.plot(
+        eigenvalues,
+        np.full(len(eigenvalues), 1.0),
+        transform=ax.get_xaxis_transform(),
+        linestyle="none",
+        marker="v",
+        color="C3",
+        markersize=5,
+        clip_on=False,
+    )
     ax.set_xlabel(f"eigenvalue λ of {symbol}")
     ax.set_ylabel("spectral density" + (" (log scale)" if log_scale else ""))
     problem = record["problem"]
     # pad: room for the eigenvalue markers drawn on the top edge
-    ax.set_title(f"{record['curvature_name']}: {problem['model']}, D = {record['num_parameters']:,}",
-                 fontsize=10, pad=12)
+    ax.set_title(
+        f"{record['curvature_name']}: {problem['model']}, D = {record['num_parameters']:,}",
+        fontsize=10,
+        pad=12,
+    )
     trace = record["trace"]
     if trace["exact"]:
         text = f"tr({symbol}) = {trace['estimate']:.4g} (exact)"
     else:
         name = {"xtrace": "XTrace", "hutchpp": "Hutch++"}[trace["method"]]
-        text = (f"tr({symbol}) = {_format_uncertain(trace['estimate'], 2 * trace['standard_error'])}\n"
-                f"({name}, ± 2 s.e., {trace['num_matvecs']} matvecs)")
+        text = (
+            f"tr({symbol}) = {_format_uncertain(trace['estimate'], 2 * trace['standard_error'])}\n"
+            f"({name}, ± 2 s.e., {trace['num_matvecs']} matvecs)"
+        )
     text += f"\nλ_max = {eigenvalues[0]:.4g}"
-    ax.text(0.98, 0.96, text, transform=ax.transAxes, ha="right", va="top", fontsize=8,
-            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
+    ax.text(
+        0.98,
+        0.96,
+        text,
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+        bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9},
+    )
     # Below the axes: inside, it would cover the outliers the plot is about.
     fig.legend(loc="outside lower center", ncols=3, fontsize=7.5, frameon=False)
     ax.grid(True, which="major", alpha=0.3)

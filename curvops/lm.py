@@ -35,15 +35,21 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "CausalLMLoss", "CausalLMData", "causal_lm_data", "causal_lm_operator",
-    "transformer_blocks", "block_params", "attention_params", "mlp_params",
+    "CausalLMLoss",
+    "CausalLMData",
+    "causal_lm_data",
+    "causal_lm_operator",
+    "transformer_blocks",
+    "block_params",
+    "attention_params",
+    "mlp_params",
 ]
 
 
@@ -74,29 +80,93 @@ class CausalLMLoss(nn.CrossEntropyLoss):
     :class:`curvops.operators._loss.LossSpec`.
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", weight: Optional[Tensor] = None,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(
+            weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
 
     def flat_output(self, x: Tensor) -> Tensor:
-        """Logit-shaped (…, T, V) tensor as rows (…·T, V), a view where the layout allows."""
+        """A logit-shaped tensor as rows, one per position.
+
+        Parameters
+        ----------
+        x : Tensor, shape (…, T, V)
+            Logits (or a tangent of them).
+
+        Returns
+        -------
+        Tensor, shape (…·T, V)
+            A view where the layout allows, else a copy.
+        """
         return x.reshape(-1, x.shape[-1])
 
     def flat_target(self, labels: Tensor) -> Tensor:
-        """Labels (…, T) as the shifted targets (…·T,): position t gets label t + 1, the last ``ignore_index``."""
+        """Labels as the targets of the rows of :meth:`flat_output`: shifted by one position.
+
+        Parameters
+        ----------
+        labels : Tensor, shape (…, T), integer
+            Token labels; ``ignore_index`` where a position does not count.
+
+        Returns
+        -------
+        Tensor, shape (…·T,)
+            Position ``t`` gets label ``t + 1``; the last position gets ``ignore_index``.
+
+        Raises
+        ------
+        TypeError
+            If ``labels`` is not an integer tensor.
+        """
         if not torch.is_tensor(labels) or labels.is_floating_point():
             raise TypeError("CausalLMLoss needs integer token labels of shape (batch, sequence)")
         shifted = F.pad(labels[..., 1:], (0, 1), value=self.ignore_index)
         return shifted.reshape(-1)
 
-    def forward(self, logits: Any, labels: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, logits: Any, labels: Tensor) -> Tensor:
+        """The next-token loss.
+
+        Parameters
+        ----------
+        logits : Tensor, shape (…, T, V), or a model output with a ``logits`` tensor
+            The model's output (Hugging Face ``ModelOutput`` or plain logits).
+        labels : Tensor, shape (…, T), integer
+            Token labels, unshifted (position ``t`` of the logits is scored against
+            ``labels[..., t + 1]``).
+
+        Returns
+        -------
+        Tensor, 0-d
+            The mean (over counted tokens) or sum, as ``reduction`` says.
+
+        Raises
+        ------
+        ValueError
+            If the shapes of ``logits`` and ``labels`` do not match.
+        TypeError
+            If ``logits`` is neither a tensor nor has a ``logits`` tensor, or ``labels``
+            is not an integer tensor.
+        """
         logits = _logits_of(logits)
         if logits.dim() < 2 or logits.shape[:-1] != labels.shape:
-            raise ValueError(f"logits (…, T, V) and labels (…, T) do not match: {tuple(logits.shape)} vs {tuple(labels.shape)}")
-        return F.cross_entropy(self.flat_output(logits), self.flat_target(labels), weight=self.weight,
-                               ignore_index=self.ignore_index, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing)
+            raise ValueError(
+                "logits (…, T, V) and labels (…, T) do not match: "
+                f"{tuple(logits.shape)} vs {tuple(labels.shape)}"
+            )
+        return F.cross_entropy(
+            self.flat_output(logits),
+            self.flat_target(labels),
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -109,11 +179,30 @@ def _logits_of(output: Any) -> Tensor:
 
 
 class CausalLMData:
-    """Re-iterable ``(inputs, labels)`` view of causal-LM batches (see :func:`causal_lm_data`)."""
+    """Re-iterable ``(inputs, labels)`` view of causal-LM batches (made by :func:`causal_lm_data`).
+
+    Parameters
+    ----------
+    batches : iterable
+        Re-iterable batches: dicts of tensors, tensors of token ids (B, T), or
+        ``(inputs, labels)`` pairs (see :func:`causal_lm_data`).
+    labels_key : str, optional
+        Key of the labels in dict batches (default ``"labels"``).
+    ignore_index : int, optional
+        Label given to padding (``attention_mask == 0``) when the labels are made from
+        ``input_ids`` (default -100).
+
+    Raises
+    ------
+    TypeError
+        If ``batches`` is a one-shot iterator (the operators pass over the data many times).
+    """
 
     def __init__(self, batches: Iterable[Any], labels_key: str = "labels", ignore_index: int = -100) -> None:
         if iter(batches) is batches:
-            raise TypeError("batches must be re-iterable (a list or a non-shuffling DataLoader), not a one-shot iterator")
+            raise TypeError(
+                "batches must be re-iterable (a list or a non-shuffling DataLoader), not a one-shot iterator"
+            )
         self.batches = batches
         self.labels_key = labels_key
         self.ignore_index = ignore_index
@@ -145,11 +234,15 @@ class CausalLMData:
             return inputs, labels
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return batch[0], batch[1]
-        raise TypeError(f"batch {index} must be token ids, a dict of tensors or an (inputs, labels) pair, "
-                        f"got {type(batch).__name__}")
+        raise TypeError(
+            f"batch {index} must be token ids, a dict of tensors or an (inputs, labels) pair, "
+            f"got {type(batch).__name__}"
+        )
 
 
-def causal_lm_data(batches: Iterable[Any], *, labels_key: str = "labels", ignore_index: int = -100) -> CausalLMData:
+def causal_lm_data(
+    batches: Iterable[Any], *, labels_key: str = "labels", ignore_index: int = -100
+) -> CausalLMData:
     """The operators' ``(inputs, labels)`` batches from causal-LM batches.
 
     Parameters
@@ -176,9 +269,16 @@ def causal_lm_data(batches: Iterable[Any], *, labels_key: str = "labels", ignore
     return CausalLMData(batches, labels_key=labels_key, ignore_index=ignore_index)
 
 
-def causal_lm_operator(curvature: str, model: nn.Module, batches: Iterable[Any], *,
-                       params: Any = None, ignore_index: int = -100, reduction: str = "mean",
-                       **kwargs: Any) -> Any:
+def causal_lm_operator(
+    curvature: str,
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    params: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    **kwargs: Any,
+) -> Any:
     """A curvature operator of a causal LM's next-token loss over ``batches``.
 
     Parameters
@@ -199,6 +299,18 @@ def causal_lm_operator(curvature: str, model: nn.Module, batches: Iterable[Any],
     **kwargs
         Passed to the operator (``method=`` for the Hessian, ``fused_head=`` for the GGN,
         ``kind=``/``mc_samples=`` for the Fisher, ``check_deterministic=``).
+
+    Returns
+    -------
+    HessianOperator, GGNOperator or FisherOperator
+        The operator of the mean next-token loss over all counted tokens of ``batches``
+        (or their sum, with ``reduction="sum"``), shape (D, D).
+
+    Raises
+    ------
+    ValueError
+        If ``curvature`` is not one of the three (and whatever the operator raises for its
+        arguments).
     """
     from curvops.operators import FisherOperator, GGNOperator, HessianOperator
 
@@ -217,6 +329,16 @@ def transformer_blocks(model: nn.Module) -> tuple[str, int]:
     The stack is the longest ``nn.ModuleList`` of modules with parameters (GPT-2:
     ``"transformer.h"``, Llama: ``"model.layers"``); ties go to the first registered.
 
+    Parameters
+    ----------
+    model : nn.Module
+        A transformer language model.
+
+    Returns
+    -------
+    tuple of (str, int)
+        The stack's qualified name in ``model.named_modules()`` and its number of blocks.
+
     Raises
     ------
     ValueError
@@ -224,10 +346,11 @@ def transformer_blocks(model: nn.Module) -> tuple[str, int]:
     """
     best: tuple[str, int] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if all(any(True for _ in m.parameters()) for m in module):
-                if best is None or len(module) > best[1]:
-                    best = (name, len(module))
+        if not (isinstance(module, nn.ModuleList) and len(module) > 0):
+            continue
+        parameterised = all(any(True for _ in m.parameters()) for m in module)
+        if parameterised and (best is None or len(module) > best[1]):
+            best = (name, len(module))
     if best is None:
         raise ValueError("the model has no nn.ModuleList of blocks; pass glob patterns to params= instead")
     return best
@@ -247,23 +370,49 @@ def _layers(model: nn.Module, layers: int | Sequence[int] | None) -> tuple[str, 
 def block_params(model: nn.Module, layer: int) -> list[str]:
     """``params=`` patterns selecting every parameter of one transformer block.
 
-    GPT-2: ``block_params(model, 0) == ["transformer.h.0.*"]``; negative ``layer``
-    counts from the end.
+    GPT-2: ``block_params(model, 0) == ["transformer.h.0.*"]``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformer language model (its blocks found by :func:`transformer_blocks`).
+    layer : int
+        Index of the block; negative counts from the end.
+
+    Returns
+    -------
+    list of str
+        One glob pattern, for ``params=`` of an operator.
+
+    Raises
+    ------
+    IndexError
+        If ``layer`` is out of range.
+    ValueError
+        If the model has no stack of blocks.
     """
     prefix, chosen = _layers(model, layer)
     return [f"{prefix}.{chosen[0]}.*"]
 
 
-def _part_params(model: nn.Module, layers: int | Sequence[int] | None, keys: tuple[str, ...], what: str) -> list[str]:
+def _part_params(
+    model: nn.Module, layers: int | Sequence[int] | None, keys: tuple[str, ...], what: str
+) -> list[str]:
     prefix, chosen = _layers(model, layers)
     blocks = model.get_submodule(prefix)
+    assert isinstance(blocks, nn.ModuleList)  # transformer_blocks found a ModuleList there
     patterns = []
     for i in chosen:
-        names = [n for n, m in blocks[i].named_children()
-                 if any(fnmatch.fnmatchcase(n.lower(), k) for k in keys) and any(True for _ in m.parameters())]
+        names = [
+            n
+            for n, m in blocks[i].named_children()
+            if any(fnmatch.fnmatchcase(n.lower(), k) for k in keys) and any(True for _ in m.parameters())
+        ]
         if not names:
-            raise ValueError(f"block {prefix}.{i} has no {what} submodule (children: "
-                             f"{[n for n, _ in blocks[i].named_children()]})")
+            raise ValueError(
+                f"block {prefix}.{i} has no {what} submodule (children: "
+                f"{[n for n, _ in blocks[i].named_children()]})"
+            )
         patterns += [f"{prefix}.{i}.{n}.*" for n in names]
     return patterns
 
@@ -275,6 +424,25 @@ def attention_params(model: nn.Module, layers: int | Sequence[int] | None = None
     ``attention`` (GPT-2 ``attn``, Llama ``self_attn``, BERT ``attention``). GPT-2:
     ``["transformer.h.0.attn.*", "transformer.h.1.attn.*", ...]``; the single glob
     ``"transformer.h.*.attn.*"`` selects the same.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformer language model (its blocks found by :func:`transformer_blocks`).
+    layers : int or sequence of int, optional
+        Block indices (negative count from the end); default every block.
+
+    Returns
+    -------
+    list of str
+        Glob patterns, one per selected child module, for ``params=`` of an operator.
+
+    Raises
+    ------
+    IndexError
+        If a layer index is out of range.
+    ValueError
+        If the model has no stack of blocks, or a selected block has no such child.
     """
     return _part_params(model, layers, ("*attn*", "*attention*"), "attention")
 
@@ -284,5 +452,24 @@ def mlp_params(model: nn.Module, layers: int | Sequence[int] | None = None) -> l
 
     The MLP of a block is its child module whose name contains ``mlp``, ``ffn`` or
     ``feed_forward``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformer language model (its blocks found by :func:`transformer_blocks`).
+    layers : int or sequence of int, optional
+        Block indices (negative count from the end); default every block.
+
+    Returns
+    -------
+    list of str
+        Glob patterns, one per selected child module, for ``params=`` of an operator.
+
+    Raises
+    ------
+    IndexError
+        If a layer index is out of range.
+    ValueError
+        If the model has no stack of blocks, or a selected block has no such child.
     """
     return _part_params(model, layers, ("*mlp*", "*ffn*", "*feed_forward*"), "MLP")

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvops import FisherOperator, GGNOperator, HessianOperator
-from curvops.lm import (CausalLMLoss, attention_params, block_params, causal_lm_data, causal_lm_operator,
-                        mlp_params, transformer_blocks)
+from curvops.lm import (
+    CausalLMLoss,
+    attention_params,
+    block_params,
+    causal_lm_data,
+    causal_lm_operator,
+    mlp_params,
+    transformer_blocks,
+)
 
 DT = torch.float64
 VOCAB = 101
@@ -24,8 +31,16 @@ VOCAB = 101
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                     attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        attn_implementation="eager",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config).to(DT).eval()
 
 
@@ -71,8 +86,13 @@ class TinyLM(nn.Module):
 
 
 def selected(model: nn.Module, patterns) -> list[nn.Parameter]:
-    op = GGNOperator(model, CausalLMLoss(), [(torch.zeros(1, 2, dtype=torch.long),) * 2], params=patterns,
-                     check_deterministic=False)
+    op = GGNOperator(
+        model,
+        CausalLMLoss(),
+        [(torch.zeros(1, 2, dtype=torch.long),) * 2],
+        params=patterns,
+        check_deterministic=False,
+    )
     return op.params
 
 
@@ -116,7 +136,9 @@ def dense_ggn(logits_of, model: nn.Module, params: list[nn.Parameter], labels: t
     loss = shifted_loss(z, labels)
     (g,) = torch.autograd.grad(loss, z, create_graph=True)
     # The CE Hessian is block-diagonal over positions: class k's column of every block at once.
-    blocks = torch.stack([torch.autograd.grad(g[..., k].sum(), z, retain_graph=True)[0] for k in range(vocab)], dim=-1)
+    blocks = torch.stack(
+        [torch.autograd.grad(g[..., k].sum(), z, retain_graph=True)[0] for k in range(vocab)], dim=-1
+    )
     jac = jac.reshape(*z.shape, -1)
     return torch.einsum("btkd,btkl,btle->de", jac, blocks, jac)
 
@@ -131,7 +153,8 @@ def test_loss_equals_hf_labels_loss():
         ours32 = CausalLMLoss()(out.logits.float(), labels)
     # Hugging Face's loss upcasts the logits to float32 (from float64 here).
     assert out.loss.dtype == torch.float32
-    assert torch.allclose(ours32, out.loss, rtol=1e-6) and torch.allclose(ours.float(), out.loss, rtol=1e-6)
+    assert torch.allclose(ours32, out.loss, rtol=1e-6)
+    assert torch.allclose(ours.float(), out.loss, rtol=1e-6)
     assert torch.equal(ours, CausalLMLoss()(out.logits, labels))
 
 
@@ -147,21 +170,26 @@ def test_operator_loss_counts_tokens_across_batches():
         ref = shifted_loss(model(**inputs).logits, labels)
         hf = model(**inputs, labels=labels).loss
     loss, _ = op.loss_and_gradient()
-    assert torch.allclose(loss, ref, rtol=1e-12) and torch.allclose(loss.float(), hf, rtol=1e-6)
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(loss.float(), hf, rtol=1e-6)
 
 
 def test_causal_lm_data_conversions():
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     labels = torch.tensor([[7, 8, -100], [9, 9, 9]])
-    data = causal_lm_data([{"input_ids": ids, "attention_mask": mask},
-                           {"input_ids": ids, "labels": labels}, ids, (ids, labels)])
+    data = causal_lm_data(
+        [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids, "labels": labels}, ids, (ids, labels)]
+    )
     batches = list(data)
-    assert len(data) == 4 and len(list(data)) == 4  # re-iterable
+    assert len(data) == 4
+    assert len(list(data)) == 4
     assert torch.equal(batches[0][1], torch.tensor([[1, 2, -100], [4, 5, 6]]))
     assert batches[0][0].keys() == {"input_ids", "attention_mask"}
-    assert torch.equal(batches[1][1], labels) and "labels" not in batches[1][0]
-    assert batches[2][0] is ids and batches[2][1] is ids
+    assert torch.equal(batches[1][1], labels)
+    assert "labels" not in batches[1][0]
+    assert batches[2][0] is ids
+    assert batches[2][1] is ids
     assert batches[3][1] is labels
     with pytest.raises(TypeError):
         causal_lm_data(iter([ids]))
@@ -169,8 +197,9 @@ def test_causal_lm_data_conversions():
 
 def test_flat_target_shifts():
     loss = CausalLMLoss()
-    assert torch.equal(loss.flat_target(torch.tensor([[1, 2, 3], [4, -100, 6]])),
-                       torch.tensor([2, 3, -100, -100, 6, -100]))
+    assert torch.equal(
+        loss.flat_target(torch.tensor([[1, 2, 3], [4, -100, 6]])), torch.tensor([2, 3, -100, -100, 6, -100])
+    )
 
 
 # ----------------------------------------------------------------------- parameter filters
@@ -183,7 +212,8 @@ def test_parameter_filters_gpt2():
     assert mlp_params(model, [1]) == ["transformer.h.1.mlp.*"]
     by_helper = selected(model, attention_params(model))
     by_glob = selected(model, "transformer.h.*.attn.*")
-    assert [id(p) for p in by_helper] == [id(p) for p in by_glob] and len(by_glob) == 8
+    assert [id(p) for p in by_helper] == [id(p) for p in by_glob]
+    assert len(by_glob) == 8
     with pytest.raises(IndexError):
         block_params(model, 2)
 
@@ -217,7 +247,9 @@ def test_ggn_matches_dense_reference_gpt2(fused):
     batches = hf_batches()
     op = causal_lm_operator("ggn", model, batches, params=SMALL, fused_head=fused, head_chunk_rows=5)
     inputs, labels = concatenated(batches)
-    ref = dense_ggn(lambda o: torch.func.functional_call(model, o, (), inputs).logits, model, op.params, labels)
+    ref = dense_ggn(
+        lambda o: torch.func.functional_call(model, o, (), inputs).logits, model, op.params, labels
+    )
     assert torch.allclose(op.to_dense(), ref, rtol=1e-9, atol=1e-11)
 
 
@@ -234,8 +266,13 @@ def test_attention_of_every_layer_block_products_gpt2():
     loss = shifted_loss(model(**inputs).logits, labels)
     grads = torch.autograd.grad(loss, H.params, create_graph=True)
     g = torch.cat([x.reshape(-1) for x in grads])
-    ref = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(g @ V[:, i], H.params, retain_graph=True)])
-                       for i in range(V.shape[1])], dim=1)
+    ref = torch.stack(
+        [
+            torch.cat([x.reshape(-1) for x in torch.autograd.grad(g @ V[:, i], H.params, retain_graph=True)])
+            for i in range(V.shape[1])
+        ],
+        dim=1,
+    )
     assert torch.allclose(H @ V, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
     ggn = G @ V
     assert torch.allclose(Gf @ V, ggn, rtol=1e-10, atol=1e-13 * float(ggn.abs().max()))
@@ -243,11 +280,17 @@ def test_attention_of_every_layer_block_products_gpt2():
     assert float(V[:, 0] @ ggn[:, 0]) > 0
 
 
-@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
-def test_fused_head_all_parameters_tied_embedding_gpt2(with_graph, monkeypatch):
+@pytest.mark.parametrize(
+    "output_tangent",
+    ["dual_forward_with_graph", "separate_tangent_pass"],
+    ids=["tangent_with_graph", "separate_forward"],
+)
+@pytest.mark.parametrize("batched_columns", [True, False], ids=["batched", "column_by_column"])
+def test_fused_head_all_parameters_tied_embedding_gpt2(output_tangent, batched_columns):
     """Every parameter, including the head weight tied to the input embedding; both ways of
-    forming ``J v`` (the CPU default keeps the graph in the dual forward, CUDA's does not)."""
-    from curvops.operators.base import OutputSpaceOperator
+    forming ``J v`` (the CPU default keeps the graph in the dual forward, CUDA's does not)
+    and both ways of organising a block's tangents."""
+    from curvops import ProductStrategy
 
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -255,8 +298,8 @@ def test_fused_head_all_parameters_tied_embedding_gpt2(with_graph, monkeypatch):
     G = causal_lm_operator("ggn", model, batches)
     V = torch.randn(G.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(1))
     ggn = G @ V
-    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
-    Gf = causal_lm_operator("ggn", model, batches, fused_head=True, head_chunk_rows=4)
+    strategy = ProductStrategy(output_tangent=output_tangent, batched_columns=batched_columns)
+    Gf = causal_lm_operator("ggn", model, batches, fused_head=True, head_chunk_rows=4, strategy=strategy)
     assert torch.allclose(Gf @ V, ggn, rtol=1e-10, atol=1e-13 * float(ggn.abs().max()))
     assert torch.allclose(Gf @ V[:, 1], ggn[:, 1], rtol=1e-10, atol=1e-13 * float(ggn.abs().max()))
 
@@ -274,14 +317,22 @@ def test_fisher_through_causal_lm_loss_equals_flattened_plain_ce():
         def forward(self, **inputs):
             return self.inner(**inputs).logits.reshape(-1, VOCAB)
 
-    flat_data = [(b, F.pad(b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)[:, 1:], (0, 1),
-                           value=-100).reshape(-1)) for b in batches]
+    flat_data = [
+        (
+            b,
+            F.pad(
+                b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)[:, 1:], (0, 1), value=-100
+            ).reshape(-1),
+        )
+        for b in batches
+    ]
     wrapped = Shifted(model)
     V = torch.randn(1056, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
     for kind in ("mc", "empirical"):
         ours = causal_lm_operator("fisher", model, batches, params="transformer.h.0.attn.c_proj.*", kind=kind)
-        ref = FisherOperator(wrapped, nn.CrossEntropyLoss(), flat_data, params="inner.transformer.h.0.attn.c_proj.*",
-                             kind=kind)
+        ref = FisherOperator(
+            wrapped, nn.CrossEntropyLoss(), flat_data, params="inner.transformer.h.0.attn.c_proj.*", kind=kind
+        )
         expected = ref @ V
         assert torch.allclose(ours @ V, expected, rtol=1e-10, atol=1e-13 * float(expected.abs().max()))
 
@@ -297,8 +348,13 @@ def test_fused_head_rejects_post_processed_logits():
         def forward(self, **inputs):
             return self.inner(**inputs).logits * 0.5
 
-    op = GGNOperator(Scaled(model), CausalLMLoss(), causal_lm_data(hf_batches()), params="inner.transformer.ln_f.*",
-                     fused_head=True)
+    op = GGNOperator(
+        Scaled(model),
+        CausalLMLoss(),
+        causal_lm_data(hf_batches()),
+        params="inner.transformer.ln_f.*",
+        fused_head=True,
+    )
     with pytest.raises(ValueError, match="not the head's output"):
         op @ torch.ones(op.shape[0], dtype=DT)
 
@@ -342,9 +398,11 @@ def test_plain_module_lm_hessian_and_ggn():
         return s / counted
 
     assert torch.allclose(H.to_dense(), dense_hessian(total_loss, H.params), rtol=1e-9, atol=1e-12)
-    ref_ggn = sum(dense_ggn(lambda o, x=x: torch.func.functional_call(model, o, (x,)), model, G.params, y)
-                  * (int((y[:, 1:] != -100).sum()) / counted)
-                  for x, y in data)
+    ref_ggn = sum(
+        dense_ggn(lambda o, x=x: torch.func.functional_call(model, o, (x,)), model, G.params, y)
+        * (int((y[:, 1:] != -100).sum()) / counted)
+        for x, y in data
+    )
     assert torch.allclose(G.to_dense(), ref_ggn, rtol=1e-9, atol=1e-12)
     assert torch.allclose(Gf.to_dense(), ref_ggn, rtol=1e-9, atol=1e-12)
 
@@ -354,12 +412,18 @@ def test_plain_module_lm_hessian_and_ggn():
 def test_gpu_gpt2_vocab_50257_fused_head_and_hessian():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=64,
-                                     attn_implementation="eager")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=64, attn_implementation="eager"
+    )
     model = transformers.GPT2LMHeadModel(config).cuda().eval()
     gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 50257, (2, 32), generator=gen),
-                "attention_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(2)]
+    batches = [
+        {
+            "input_ids": torch.randint(0, 50257, (2, 32), generator=gen),
+            "attention_mask": torch.ones(2, 32, dtype=torch.long),
+        }
+        for _ in range(2)
+    ]
     params = ["transformer.h.1.*", "transformer.wte.weight"]
     G = causal_lm_operator("ggn", model, batches, params=params)
     Gf = causal_lm_operator("ggn", model, batches, params=params, fused_head=True, head_chunk_rows=40)

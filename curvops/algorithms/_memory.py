@@ -22,11 +22,24 @@ DEFAULT_FRACTION = 0.5
 
 
 def qr_workspace_columns(operand: Any, width: int) -> float:
-    """Columns of workspace of :meth:`~curvops.algorithms._operand.Operand.qr_in_place` on a
+    """Columns of workspace of :meth:`~curvops.algorithms.vectors.Operand.qr_in_place` on a
     ``(D, width)`` block: three pieces (a piece's ``Q``, LAPACK's copy of it, and its product with
     the stacked ``Q``) of at most ``QR_PIECE_ELEMENTS`` entries (also what the row-pieced column
-    reductions use)."""
-    from curvops.algorithms._operand import QR_PIECE_ELEMENTS
+    reductions use).
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    width
+        Columns ``b`` of the block.
+
+    Returns
+    -------
+    float
+        Length-``D`` columns of workspace.
+    """
+    from curvops.algorithms.vectors import QR_PIECE_ELEMENTS
 
     return 3 * min(width, QR_PIECE_ELEMENTS / operand.local_dim)
 
@@ -36,6 +49,16 @@ def available_bytes(operand: Any) -> int | None:
 
     CPU: ``psutil.virtual_memory().available`` if psutil is installed, else ``MemAvailable`` of
     ``/proc/meminfo`` (Linux); CUDA: free memory from ``torch.cuda.mem_get_info``.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+
+    Returns
+    -------
+    int or None
+        Bytes available, or None.
     """
     device = getattr(operand, "device", None)
     if device is not None and device.type == "cuda":
@@ -62,9 +85,28 @@ def available_bytes(operand: Any) -> int | None:
 
 def resolve_budget(operand: Any, memory_budget: Any) -> float:
     """The budget in bytes: ``memory_budget`` if given, else :data:`DEFAULT_FRACTION` of
-    :func:`available_bytes` (``inf`` where that is unknown)."""
+    :func:`available_bytes` (``inf`` where that is unknown).
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    memory_budget
+        Bytes, or None for the default.
+
+    Returns
+    -------
+    float
+        The budget in bytes (``inf`` where unknown).
+
+    Raises
+    ------
+    ValueError
+        If ``memory_budget`` is not a positive number.
+    """
     if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) or not memory_budget > 0:
+        is_number = isinstance(memory_budget, numbers.Real) and not isinstance(memory_budget, bool)
+        if not is_number or not float(memory_budget) > 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         return float(memory_budget)
     available = available_bytes(operand)
@@ -72,12 +114,34 @@ def resolve_budget(operand: Any, memory_budget: Any) -> float:
 
 
 def column_bytes(operand: Any) -> int:
-    """Bytes of one length-``D`` column (this process's rows) in the working dtype."""
+    """Bytes of one length-``D`` column (this process's rows) in the working dtype.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+
+    Returns
+    -------
+    int
+        Bytes per column.
+    """
     return operand.local_dim * operand.itemsize
 
 
 def format_bytes(count: float) -> str:
-    """``1.5 GiB`` style (binary units)."""
+    """``1.5 GiB`` style (binary units).
+
+    Parameters
+    ----------
+    count
+        Bytes.
+
+    Returns
+    -------
+    str
+        The size with a binary unit.
+    """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
@@ -90,7 +154,35 @@ def plan_columns(
     what: str, fix: str,
 ) -> int:
     """Largest ``u <= wanted`` with ``(fixed_columns + u * per_unit_columns)`` columns within
-    ``budget``; ``MemoryError`` naming the bytes needed for ``u = 1`` and the ``fix`` if none."""
+    ``budget``; ``MemoryError`` naming the bytes needed for ``u = 1`` and the ``fix`` if none.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    budget
+        Bytes available.
+    fixed_columns
+        Columns needed whatever ``u``.
+    per_unit_columns
+        Columns per unit.
+    wanted
+        Largest ``u`` wanted.
+    what
+        The call, for the message.
+    fix
+        What to change, for the message.
+
+    Returns
+    -------
+    int
+        ``u``.
+
+    Raises
+    ------
+    MemoryError
+        If not even one unit fits.
+    """
     size = column_bytes(operand)
     spare = budget / size - fixed_columns
     units = wanted if math.isinf(spare) else min(wanted, int(spare // per_unit_columns))
@@ -113,6 +205,37 @@ def plan_block(
 
     ``option`` names the argument that sets it (``"block_size"``); ``fix`` says what else to
     change when even one unit does not fit.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    requested
+        Units asked for, or None.
+    default
+        Units when none are asked for.
+    memory_budget
+        Bytes, or None for the default.
+    fixed_columns
+        Columns needed whatever the units.
+    per_unit_columns
+        Columns per unit.
+    what
+        The call, for the message.
+    option
+        The argument that sets the units.
+    fix
+        What else to change, for the message.
+
+    Returns
+    -------
+    int
+        Units per block.
+
+    Raises
+    ------
+    MemoryError
+        If the requested units, or one unit, do not fit.
     """
     budget = resolve_budget(operand, memory_budget)
     wanted = default if requested is None else requested

@@ -10,20 +10,12 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from curvops.algorithms._checks import ProbeKind, check_int, check_probe, check_seed
 from curvops.algorithms._memory import PRODUCT_COLUMNS, plan_block
-from curvops.algorithms._operand import (
-    Operand,
-    ProbeKind,
-    as_operand,
-    check_int,
-    check_probe,
-    check_seed,
-)
+from curvops.algorithms.lanczos_core import tridiagonalize_probes
+from curvops.algorithms.vectors import as_operand
 
 _FORMAT = "curvops.spectral_density/1"
-# A Lanczos coefficient below this many eps * ||T|| is rounding noise: the probe's Krylov space
-# is invariant and its quadrature is already exact.
-_BREAKDOWN_FACTOR = 10.0
 #: Columns of working memory per probe besides its basis: the new vector, its projection's
 #: temporary and the block product (:data:`~curvops.algorithms._memory.PRODUCT_COLUMNS`).
 _WORK_COLUMNS = 2 + PRODUCT_COLUMNS
@@ -67,7 +59,9 @@ class DensityCurve:
 
 @dataclass(frozen=True)
 class SpectralDensity:
-    """Stochastic Lanczos quadrature approximation of the spectral density ``(1/D) sum_i delta(t - lambda_i)``.
+    """Stochastic Lanczos quadrature approximation of the spectral density.
+
+    The density is ``(1/D) sum_i delta(t - lambda_i)``.
 
     Each probe ``p`` contributes a Gauss quadrature rule with nodes ``nodes[p]`` (Ritz values)
     and weights ``weights[p]`` (squared first components of the Ritz vectors, summing to 1); the
@@ -109,7 +103,13 @@ class SpectralDensity:
         return float(used.min()), float(used.max())
 
     def default_sigma(self) -> float:
-        """Default broadening: 1% of the spectral range (``1e-3`` if all nodes coincide at 0)."""
+        """Default broadening: 1% of the spectral range (``1e-3`` if all nodes coincide at 0).
+
+        Returns
+        -------
+        float
+            The width ``sigma`` in eigenvalue units.
+        """
         low, high = self.spectral_range
         width = high - low
         if width > 0:
@@ -117,19 +117,57 @@ class SpectralDensity:
         return 0.01 * abs(high) if high != 0 else 1e-3
 
     def default_grid(self, num_points: int = 1024, sigma: float | None = None) -> np.ndarray:
-        """Equispaced grid covering the spectral range plus ``5 sigma`` on each side."""
+        """Equispaced grid covering the spectral range plus ``5 sigma`` on each side.
+
+        Parameters
+        ----------
+        num_points
+            Grid size ``G``. Default 1024.
+        sigma
+            Broadening width in eigenvalue units; default :meth:`default_sigma`.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(G,)`` grid points (eigenvalue units).
+        """
         sigma = self.default_sigma() if sigma is None else sigma
         low, high = self.spectral_range
         return np.linspace(low - 5 * sigma, high + 5 * sigma, num_points)
 
     def probe_moments(self, order: int) -> np.ndarray:
-        """``(P,)`` per-probe moments ``sum_j w_pj theta_pj^order`` (each unbiased for ``tr(A^order)/D``
-        and exact Gauss quadrature of ``u^T A^order u`` for ``order <= 2 m - 1``)."""
+        """Per-probe moments ``sum_j w_pj theta_pj^order``.
+
+        Each is unbiased for ``tr(A^order) / D`` and the exact Gauss quadrature of
+        ``u^T A^order u`` for ``order <= 2 m - 1``.
+
+        Parameters
+        ----------
+        order
+            Moment order ``>= 0``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(P,)`` moments (eigenvalue units to the power ``order``).
+        """
         order = check_int(order, "order", 0)
         return np.sum(self.weights * self.nodes**order, axis=1)
 
     def moment(self, order: int) -> tuple[float, float]:
-        """Estimate of ``tr(A^order) / D`` and its standard error (NaN for one probe)."""
+        """Estimate of ``tr(A^order) / D`` and its standard error.
+
+        Parameters
+        ----------
+        order
+            Moment order ``>= 0``.
+
+        Returns
+        -------
+        tuple of float
+            The mean of :meth:`probe_moments` over probes and its standard error (NaN for one
+            probe).
+        """
         samples = self.probe_moments(order)
         error = samples.std(ddof=1) / math.sqrt(samples.size) if samples.size > 1 else math.nan
         return float(samples.mean()), float(error)
@@ -155,6 +193,16 @@ class SpectralDensity:
             Grid size when ``grid`` is not given.
         log_scale
             Return ``log10`` of the density and band (floored at ``1e-12 * max density``).
+
+        Returns
+        -------
+        DensityCurve
+            The broadened density, its band and the per-probe densities on the grid.
+
+        Raises
+        ------
+        ValueError
+            If ``sigma`` is not positive.
         """
         sigma = self.default_sigma() if sigma is None else float(sigma)
         if not sigma > 0:
@@ -230,7 +278,14 @@ class SpectralDensity:
         return ax
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable dict of the raw nodes and weights and the run's metadata."""
+        """JSON-serializable dict of the raw nodes and weights and the run's metadata.
+
+        Returns
+        -------
+        dict
+            Keys ``format``, ``dim``, ``num_probes``, ``lanczos_steps``, ``num_matvecs``,
+            ``probe``, ``seed``, ``nodes`` and ``weights`` (nested lists).
+        """
         return {
             "format": _FORMAT,
             "dim": self.dim,
@@ -244,7 +299,18 @@ class SpectralDensity:
         }
 
     def to_json(self, path: str | None = None) -> str:
-        """JSON string of :meth:`to_dict`; also written to ``path`` if given."""
+        """JSON string of :meth:`to_dict`; also written to ``path`` if given.
+
+        Parameters
+        ----------
+        path
+            File to write the string to (UTF-8); default none.
+
+        Returns
+        -------
+        str
+            The JSON text.
+        """
         text = json.dumps(self.to_dict())
         if path is not None:
             with open(path, "w", encoding="utf-8") as handle:
@@ -253,7 +319,23 @@ class SpectralDensity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralDensity:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Parameters
+        ----------
+        data
+            A dict made by :meth:`to_dict`.
+
+        Returns
+        -------
+        SpectralDensity
+            The restored result.
+
+        Raises
+        ------
+        ValueError
+            If ``data`` is not a record of this format.
+        """
         if data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} record (format={data.get('format')!r})")
         return cls(
@@ -267,55 +349,19 @@ class SpectralDensity:
 
     @classmethod
     def from_json(cls, text: str) -> SpectralDensity:
-        """Inverse of :meth:`to_json` (pass the JSON text)."""
+        """Inverse of :meth:`to_json`.
+
+        Parameters
+        ----------
+        text
+            The JSON text (not a path).
+
+        Returns
+        -------
+        SpectralDensity
+            The restored result.
+        """
         return cls.from_dict(json.loads(text))
-
-
-def _batched_lanczos(
-    operand: Operand, start: Any, steps: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Independent Lanczos runs for the columns of ``start`` (D, b), sharing block products.
-
-    Full reorthogonalization (two classical Gram-Schmidt passes) of every probe's new vector
-    against that probe's basis. Returns ``alphas (b, steps)``, ``betas (b, steps)`` and the
-    number of completed steps per probe (smaller than ``steps`` after an invariant subspace).
-    """
-    num = start.shape[1]
-    basis = operand.zeros((num, steps, operand.local_dim))
-    basis[:, 0] = (start / operand.from_host(operand.column_norms(start))).T
-    alphas, betas = np.zeros((num, steps)), np.zeros((num, steps))
-    lengths = np.full(num, steps)
-    scale = np.zeros(num)
-    active = np.arange(num)
-    for j in range(steps):
-        everyone = active.size == num
-        # Slicing (not fancy indexing) while all probes are active avoids copying the basis.
-        past = basis[:, : j + 1] if everyone else basis[active.tolist(), : j + 1]
-        current = past[:, j]
-        w = operand.matmat_rows(current)
-        if j > 0:
-            w = w - operand.from_host(betas[active, j - 1])[:, None] * past[:, j - 1]
-        alpha = operand.column_dots(current.T, w.T)
-        w = w - operand.from_host(alpha)[:, None] * current
-        for _ in range(2):
-            coefficients = operand.stacked_inner(past, w)
-            w = w - operand.matmul(operand.from_host(coefficients)[:, None, :], past)[:, 0]
-            alpha += coefficients[:, j]
-        beta = operand.column_norms(w.T)
-        alphas[active, j] = alpha
-        if j + 1 == steps:
-            break
-        scale[active] = np.maximum(scale[active], np.maximum(np.abs(alpha), beta))
-        finished = beta <= _BREAKDOWN_FACTOR * operand.eps * scale[active]
-        lengths[active[finished]] = j + 1
-        going = ~finished
-        betas[active[going], j] = beta[going]
-        new_vectors = w[going.nonzero()[0].tolist()] / operand.from_host(beta[going])[:, None]
-        basis[active[going].tolist(), j + 1] = new_vectors
-        active = active[going]
-        if active.size == 0:
-            break
-    return alphas, betas, lengths
 
 
 def spectral_density(
@@ -329,10 +375,11 @@ def spectral_density(
     memory_budget: float | None = None,
     dim: int | None = None,
 ) -> SpectralDensity:
-    """Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019).
+    """Spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019).
 
     For each random probe ``u`` (normalized), ``lanczos_steps`` Lanczos steps with full
-    reorthogonalization give a tridiagonal ``T = U diag(theta) U^T``; ``(theta_j, U_{0j}^2)`` is
+    reorthogonalization (:func:`curvops.algorithms.lanczos_core.tridiagonalize_probes`) give a
+    tridiagonal ``T = U diag(theta) U^T``; ``(theta_j, U_{0j}^2)`` is
     the Gauss quadrature rule of the measure ``sum_i (u^T q_i)^2 delta(t - lambda_i)`` whose
     expectation is the spectral density ``(1/D) sum_i delta(t - lambda_i)``. Probes run together,
     sharing one block product ``A @ V`` per step.
@@ -390,11 +437,11 @@ def spectral_density(
     starts = operand.probes(num_probes, probe, rng)
     for first in range(0, num_probes, batch):
         count = min(batch, num_probes - first)
-        alphas, betas, lengths = _batched_lanczos(operand, starts[:, first : first + count], steps)
+        tridiagonals = tridiagonalize_probes(operand, starts[:, first : first + count], steps)
         for offset in range(count):
-            length = lengths[offset]
+            length = tridiagonals.lengths[offset]
             theta, vectors = scipy.linalg.eigh_tridiagonal(
-                alphas[offset, :length], betas[offset, : length - 1]
+                tridiagonals.alphas[offset, :length], tridiagonals.betas[offset, : length - 1]
             )
             row = first + offset
             nodes[row, :length] = theta

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvops.algorithms._checks import ProbeKind
 from curvops.algorithms._memory import PRODUCT_COLUMNS, plan_columns, qr_workspace_columns, resolve_budget
-from curvops.algorithms._operand import Array, ProbeKind
 from curvops.algorithms.trace import (
     _PAIR_CONDITION_LIMIT,
     ScalarEstimate,
@@ -23,6 +23,7 @@ from curvops.algorithms.trace import (
     mean_and_standard_error,
     probe_images,
 )
+from curvops.algorithms.vectors import Array
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,17 @@ def hutchinson_diagonal(
         running sums and results; per probe its product, the operator's temporaries and three
         elementwise products). Default 32, or as many as fit ``memory_budget``.
     memory_budget
-        As in :func:`~curvops.algorithms.trace.hutchinson_trace`.
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device); ``MemoryError`` before any product, naming the bytes needed, if one probe (or
+        the given ``block_size``) does not fit.
     dim
         Operator dimension; required only for callables.
+
+    Returns
+    -------
+    DiagonalEstimate
+        The estimate ``(D,)``, its standard error per entry, the matvecs used and whether it is
+        exact.
     """
     operand, budget, block_size, rng = _setup(
         A, budget, probe, seed, block_size, dim, 1, memory_budget, PRODUCT_COLUMNS + 3,
@@ -144,8 +153,9 @@ def xdiag(
 
     Parameters
     ----------
-    A, seed, dim
-        As in :func:`hutchinson_diagonal`.
+    A
+        Square ``(D, D)`` operator (curvops/torch-native, torch tensor, scipy LinearOperator,
+        numpy array, or callable with ``dim``).
     budget
         Total matvecs, ``>= 2`` (odd budgets leave one unused); ``budget >= D`` is exact.
     probe
@@ -210,9 +220,9 @@ def xdiag(
     else:
         try:
             transposed = blockwise_product(operand, basis, step, transpose=True)
-        except NotImplementedError as error:
+        except NotImplementedError as failure:
             raise ValueError(
-                f"xdiag needs products with A^T and the operator's rmatmat failed ({error}): pass "
+                f"xdiag needs products with A^T and the operator's rmatmat failed ({failure}): pass "
                 "symmetric=True if A is symmetric"
             ) from None
     mean, error = _xdiag_from_sketch(operand, basis, transposed, probes, triangular)
@@ -349,9 +359,23 @@ def hutchinson_squared_frobenius(
 
     Parameters
     ----------
-    A, probe, seed, block_size, memory_budget, dim
-        As in :func:`~curvops.algorithms.trace.hutchinson_trace` (working memory
-        ``4 D block_size itemsize``).
+    A
+        Square ``(D, D)`` operator (curvops/torch-native, torch tensor, scipy LinearOperator,
+        numpy array, or callable with ``dim``).
+    probe
+        ``"rademacher"`` (default) or ``"gaussian"``.
+    seed
+        Seed of the probes; the same seed gives the same result within a backend (probes are drawn per block:
+        pass ``block_size`` for results that do not depend on the memory available).
+    block_size
+        Probes per block product; working memory ``4 D block_size itemsize``. Default 32, or
+        as many as fit ``memory_budget``.
+    memory_budget
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device); ``MemoryError`` before any product, naming the bytes needed, if one probe (or
+        the given ``block_size``) does not fit.
+    dim
+        Operator dimension; required only for callables.
     budget
         Number of matvecs, ``>= 1``; ``budget >= D`` gives the exact value (``D`` matvecs).
 

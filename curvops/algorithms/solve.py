@@ -92,7 +92,13 @@ class SolveInfo:
         return bool(self.converged.all())
 
     def summary(self) -> str:
-        """One line: method, columns converged, iterations and worst relative residual."""
+        """One line: method, columns converged, iterations and worst relative residual.
+
+        Returns
+        -------
+        str
+            The summary, e.g. for a log.
+        """
         rel = self.relative_residuals
         worst = float(rel.max()) if rel.size else 0.0
         its = self.iterations
@@ -146,9 +152,33 @@ def minres(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, 
            warn: bool = True) -> tuple[Tensor, SolveInfo]:
     """MINRES (Paige & Saunders 1975) for a symmetric, possibly indefinite ``A``.
 
-    Parameters as for :func:`cg`; the preconditioner must be symmetric positive definite.
-    The recurrence's residual estimate is in the ``M``-norm when preconditioned; the
-    final check is always on the true 2-norm residual.
+    The preconditioner must be symmetric positive definite. The recurrence's residual
+    estimate is in the ``M``-norm when preconditioned; the final check is always on the true
+    2-norm residual.
+
+    Parameters
+    ----------
+    matmul : callable
+        ``X (D, c) -> A X``; A must be symmetric.
+    B : Tensor
+        Right-hand sides, (D,) or (D, k).
+    rtol, atol : float, optional
+        Stop column j at ``‖b_j − A x_j‖ ≤ rtol·‖b_j‖ + atol`` (defaults 1e-6, 0).
+    maxiter : int, optional
+        Iterations per column (default ``min(10·D, 1000)``).
+    preconditioner : callable, optional
+        ``R (D, c) -> M R`` with ``M ≈ A⁻¹`` symmetric positive definite.
+    x0 : Tensor, optional
+        Initial guess, same shape as ``B`` (default zeros).
+    warn : bool, optional
+        Issue :class:`SolverWarning` for columns that did not converge (default True).
+
+    Returns
+    -------
+    X : Tensor
+        Solutions, same shape as ``B``.
+    info : SolveInfo
+        Per-column convergence, iterations, residuals and the matvec count.
     """
     return _solve("minres", _minres_core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
                   preconditioner=preconditioner, x0=x0, warn=warn)
@@ -163,7 +193,31 @@ def lsmr(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, ma
     on ``A²``, so slower than MINRES on well-posed symmetric systems, but monotone in
     ``‖Aᵀr‖`` and meaningful for singular inconsistent systems. A preconditioner ``M``
     (symmetric positive definite) is applied from the right: ``A M y = b``, ``x = M y``,
-    so the residual stays the true one. Other parameters as for :func:`cg`.
+    so the residual stays the true one.
+
+    Parameters
+    ----------
+    matmul : callable
+        ``X (D, c) -> A X``; A must be symmetric.
+    B : Tensor
+        Right-hand sides, (D,) or (D, k).
+    rtol, atol : float, optional
+        Stop column j at ``‖b_j − A x_j‖ ≤ rtol·‖b_j‖ + atol`` (defaults 1e-6, 0).
+    maxiter : int, optional
+        Iterations per column (default ``min(10·D, 1000)``).
+    preconditioner : callable, optional
+        ``R (D, c) -> M R`` with ``M ≈ A⁻¹`` symmetric positive definite.
+    x0 : Tensor, optional
+        Initial guess, same shape as ``B`` (default zeros).
+    warn : bool, optional
+        Issue :class:`SolverWarning` for columns that did not converge (default True).
+
+    Returns
+    -------
+    X : Tensor
+        Solutions, same shape as ``B``.
+    info : SolveInfo
+        Per-column convergence, iterations, residuals and the matvec count.
     """
     return _solve("lsmr", _lsmr_core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
                   preconditioner=preconditioner, x0=x0, warn=warn)
@@ -181,10 +235,27 @@ def neumann(matmul: MatMul, B: Tensor, *, scale: float, rtol: float = 1e-6, atol
 
     Parameters
     ----------
+    matmul : callable
+        ``X (D, c) -> A X``; every eigenvalue of A must lie in ``(0, 2/α)``.
+    B : Tensor
+        Right-hand sides, (D,) or (D, k).
     scale : float
         ``α > 0``; take ``1/λ_max`` (or slightly less).
-    rtol, atol, maxiter, x0, warn
-        As for :func:`cg` (``maxiter`` counts terms, default ``min(10·D, 1000)``).
+    rtol, atol : float, optional
+        Stop column j at ``‖b_j − A x_j‖ ≤ rtol·‖b_j‖ + atol`` (defaults 1e-6, 0).
+    maxiter : int, optional
+        Terms of the series per column (default ``min(10·D, 1000)``).
+    x0 : Tensor, optional
+        Initial guess, same shape as ``B`` (default zeros).
+    warn : bool, optional
+        Issue :class:`SolverWarning` for columns that did not converge (default True).
+
+    Returns
+    -------
+    X : Tensor
+        Solutions, same shape as ``B``.
+    info : SolveInfo
+        Per-column convergence, iterations, residuals and the matvec count.
 
     Raises
     ------
@@ -218,7 +289,9 @@ class _Counter:
         self.count += X.shape[1]
         out = self.matmul(X)
         if out.shape != X.shape:
-            raise ValueError(f"the operator returned shape {tuple(out.shape)} for a block of shape {tuple(X.shape)}")
+            raise ValueError(
+                f"the operator returned shape {tuple(out.shape)} for a block of shape {tuple(X.shape)}"
+            )
         return out
 
 
@@ -308,7 +381,8 @@ def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, wa
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(bnorm > 0, rnorm / np.where(bnorm > 0, bnorm, 1.0), 0.0)
     info = SolveInfo(method=name, iterations=iterations, residual_norms=rnorm, relative_residuals=relative,
-                     converged=converged, num_matvecs=mm.count, rounds=rounds, rtol=float(rtol), atol=float(atol))
+                     converged=converged, num_matvecs=mm.count, rounds=rounds, rtol=float(rtol),
+                     atol=float(atol))
     if warn and not info.all_converged:
         bad = np.nonzero(~converged)[0]
         worst = bad[np.argmax(relative[bad])]
@@ -353,8 +427,8 @@ def _apply_pc(preconditioner: MatMul | None, R: Tensor) -> Tensor:
         return R
     Z = preconditioner(R)
     if not torch.is_tensor(Z) or Z.shape != R.shape:
-        raise ValueError(f"the preconditioner returned {tuple(Z.shape) if torch.is_tensor(Z) else type(Z).__name__} "
-                         f"for a block of shape {tuple(R.shape)}")
+        returned = tuple(Z.shape) if torch.is_tensor(Z) else type(Z).__name__
+        raise ValueError(f"the preconditioner returned {returned} for a block of shape {tuple(R.shape)}")
     return Z
 
 
@@ -390,8 +464,9 @@ def _cg_core(mm, pc, R0, target, budget):
         Ap = mm(p)
         pAp = _coldot(p, Ap)
         # Relative to ‖p‖² so that the test is scale-free; > 0 for any PD operator.
-        bad_curv = torch.where(pAp > 0, torch.zeros_like(pAp), pAp / _coldot(p, p).clamp_min(torch.finfo(p.dtype).tiny))
-        alpha = torch.where(pAp > 0, s["rz"] / pAp.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(pAp))
+        tiny = torch.finfo(p.dtype).tiny
+        bad_curv = torch.where(pAp > 0, torch.zeros_like(pAp), pAp / _coldot(p, p).clamp_min(tiny))
+        alpha = torch.where(pAp > 0, s["rz"] / pAp.clamp_min(tiny), torch.zeros_like(pAp))
         s["x"] = s["x"] + alpha * p
         r = s["r"] - alpha * Ap
         z = _apply_pc(pc, r)
@@ -427,11 +502,11 @@ def _minres_core(mm, pc, R0, target, budget):
     }
     it = 0
     while True:
-        phibar, beta, ratio = _host(s["phibar"], s["beta"], s["ratio"])
-        if (beta < 0).any():
+        phibar_host, beta_host, ratio_host = _host(s["phibar"], s["beta"], s["ratio"])
+        if (beta_host < 0).any():
             raise ValueError("the preconditioner is not positive definite: rᵀMr < 0")
-        tgt = target[block.cols] * ratio
-        done = (phibar <= tgt) | (it >= budget[block.cols]) | (beta <= 0)
+        tgt = target[block.cols] * ratio_host
+        done = (phibar_host <= tgt) | (it >= budget[block.cols]) | (beta_host <= 0)
         s = block.retire(done, s["x"], it, s)
         if block.cols.size == 0:
             break
@@ -497,10 +572,10 @@ def _lsmr_core(mm, pc, R0, target, budget):
     }
     it = 0
     while True:
-        normr, normar, normA2 = _host(s["normr"], s["normar"], s["normA2"])
+        normr_host, normar_host, normA2_host = _host(s["normr"], s["normar"], s["normA2"])
         # normar = ‖(AM)ᵀ r‖ ≈ 0 with r ≠ 0: a least-squares point of a singular system.
-        stalled = normar <= 10 * eps * np.sqrt(normA2) * normr
-        done = (normr <= target[block.cols]) | (it >= budget[block.cols]) | stalled
+        stalled = normar_host <= 10 * eps * np.sqrt(normA2_host) * normr_host
+        done = (normr_host <= target[block.cols]) | (it >= budget[block.cols]) | stalled
         # Store x = M y for the retiring columns.
         if done.any():
             s = block.retire(done, _apply_pc(pc, s["y"]) if pc is not None else s["y"], it, s)
@@ -563,7 +638,8 @@ def _neumann_core(mm, scale, R0, target, budget):
         finite = np.isfinite(vnorm)
         if (~finite).any() or (vnorm > _DIVERGENCE_FACTOR * r0h).any():
             raise FloatingPointError(
-                f"the Neumann series diverges (residual grew to {np.nanmax(np.where(finite, vnorm / r0h, np.inf)):.3g}× "
+                f"the Neumann series diverges (residual grew to "
+                f"{np.nanmax(np.where(finite, vnorm / r0h, np.inf)):.3g}× "
                 f"the initial one after {it} terms): scale={scale:g} is too large (it must be < 2/λ_max) "
                 "or the operator with its damping is not positive definite"
             )

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 import scipy.linalg
 
+from curvops.algorithms._checks import ProbeKind, check_int, check_probe, check_seed
 from curvops.algorithms._memory import (
     PRODUCT_COLUMNS,
     plan_block,
@@ -16,15 +17,7 @@ from curvops.algorithms._memory import (
     qr_workspace_columns,
     resolve_budget,
 )
-from curvops.algorithms._operand import (
-    Array,
-    Operand,
-    ProbeKind,
-    as_operand,
-    check_int,
-    check_probe,
-    check_seed,
-)
+from curvops.algorithms.vectors import Array, Operand, as_operand
 
 DEFAULT_BLOCK_SIZE = 32
 
@@ -53,17 +46,64 @@ class ScalarEstimate:
 
 
 def check_budget(budget: Any, minimum: int = 1) -> int:
-    """Validate a matvec budget."""
+    """Validate a matvec budget.
+
+    Parameters
+    ----------
+    budget
+        Matvec budget.
+    minimum
+        Smallest allowed budget (default 1).
+
+    Returns
+    -------
+    int
+        The budget.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If it is not an integer ``>= minimum``.
+    """
     return check_int(budget, "budget", minimum)
 
 
 def check_block_size(block_size: int | None) -> int:
-    """Validate the probe block size (``None`` -> default 32)."""
+    """Validate the probe block size (``None`` -> default 32).
+
+    Parameters
+    ----------
+    block_size
+        Probes per block product, or None.
+
+    Returns
+    -------
+    int
+        The block size.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If it is not an integer ``>= 1``.
+    """
     return DEFAULT_BLOCK_SIZE if block_size is None else check_int(block_size, "block_size", 1)
 
 
 def identity_images(operand: Operand, block_size: int) -> Iterator[tuple[int, int, Array]]:
-    """Yield ``(start, stop, A[:, start:stop])`` for consecutive column blocks of ``A``."""
+    """Yield ``(start, stop, A[:, start:stop])`` for consecutive column blocks of ``A``.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    block_size
+        Columns per block product.
+
+    Yields
+    ------
+    tuple
+        ``start``, ``stop`` and the ``(D, stop - start)`` product.
+    """
     for start in range(0, operand.dim, block_size):
         stop = min(start + block_size, operand.dim)
         yield start, stop, operand.matmat(operand.identity_columns(start, stop))
@@ -72,14 +112,44 @@ def identity_images(operand: Operand, block_size: int) -> Iterator[tuple[int, in
 def probe_images(
     operand: Operand, num_probes: int, kind: str, rng: Any, block_size: int
 ) -> Iterator[tuple[Array, Array]]:
-    """Yield ``(Z, A Z)`` for consecutive ``(D, b)`` blocks of random probes, ``b <= block_size``."""
+    """Yield ``(Z, A Z)`` for consecutive ``(D, b)`` blocks of random probes, ``b <= block_size``.
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    num_probes
+        Probes in total.
+    kind
+        ``"rademacher"`` or ``"gaussian"``.
+    rng
+        The operand's generator.
+    block_size
+        Probes per block product.
+
+    Yields
+    ------
+    tuple
+        The ``(D, b)`` probes and their product.
+    """
     for start in range(0, num_probes, block_size):
         probes = operand.probes(min(block_size, num_probes - start), kind, rng)
         yield probes, operand.matmat(probes)
 
 
 def mean_and_standard_error(samples: np.ndarray) -> tuple[float, float]:
-    """Sample mean and its standard error ``std(ddof=1) / sqrt(n)`` (NaN for ``n == 1``)."""
+    """Sample mean and its standard error ``std(ddof=1) / sqrt(n)`` (NaN for ``n == 1``).
+
+    Parameters
+    ----------
+    samples
+        ``(n, ...)`` samples along axis 0.
+
+    Returns
+    -------
+    tuple of float
+        The mean and its standard error.
+    """
     count = samples.shape[0]
     mean = float(samples.mean())
     if count < 2:
@@ -104,7 +174,33 @@ def probe_block_size(
     fixed_columns: float = 0.0,
 ) -> int:
     """Probes per block: ``block_size`` if given (``MemoryError`` if it does not fit the memory
-    budget), else the default 32 or as many as fit, at least 1 (``MemoryError`` otherwise)."""
+    budget), else the default 32 or as many as fit, at least 1 (``MemoryError`` otherwise).
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    block_size
+        Requested probes per block, or None.
+    memory_budget
+        Bytes the algorithm may use, or None (half the device's available memory).
+    per_probe_columns
+        Length-``D`` columns of working memory per probe.
+    what
+        The call, for the ``MemoryError`` message.
+    fixed_columns
+        Columns needed whatever the block size (default 0).
+
+    Returns
+    -------
+    int
+        Probes per block.
+
+    Raises
+    ------
+    MemoryError
+        If the requested block, or a single probe, does not fit.
+    """
     if block_size is not None:
         check_block_size(block_size)
     return plan_block(
@@ -202,12 +298,25 @@ def hutchpp_trace(
 
     Parameters
     ----------
-    A, probe, seed, block_size, memory_budget, dim
-        As in :func:`hutchinson_trace`; ``probe`` is used for both the sketch and the probes.
-        Working memory: ``2 s`` columns for the sketch (its probes, then ``Q`` in place of
-        ``A S``), then ``s + 7 block_size`` (``Q``, each block's probes, their deflation and
-        its product), times ``D itemsize``; ``block_size`` and the sketch's product blocks are
-        chosen to fit.
+    A
+        Square ``(D, D)`` operator (curvops/torch-native, torch tensor, scipy LinearOperator,
+        numpy array, or callable with ``dim``).
+    probe
+        ``"rademacher"`` (default) or ``"gaussian"``, for both the sketch and the probes.
+    seed
+        Seed of the probes; the same seed gives the same result within a backend (pass
+        ``block_size`` for results that do not depend on the memory available).
+    block_size
+        Probes per block product of the Hutchinson part. Working memory: ``2 s`` columns for
+        the sketch (its probes, then ``Q`` in place of ``A S``), then ``s + 7 block_size``
+        (``Q``, each block's probes, their deflation and its product), times ``D itemsize``;
+        ``block_size`` and the sketch's product blocks are chosen to fit ``memory_budget``.
+    memory_budget
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device); ``MemoryError`` before any product, naming the bytes needed, if one probe (or
+        the given ``block_size``) does not fit.
+    dim
+        Operator dimension; required only for callables.
     budget
         Total matvecs, ``>= 1``; ``budget >= D`` gives the exact trace with ``D`` matvecs.
 
@@ -258,6 +367,16 @@ def leave_one_out_projectors(triangular: np.ndarray) -> np.ndarray | list[np.nda
     (``s_i`` = normalized column ``i`` of ``R^{-T}``: orthogonal to every column of ``R`` but
     the ``i``-th), or, if ``R`` is numerically singular (rank of ``A`` below the sketch size),
     the explicit list of ``s x s`` projectors computed by SVD.
+
+    Parameters
+    ----------
+    triangular
+        ``(s, s)`` upper triangular ``R`` of the sketch's QR.
+
+    Returns
+    -------
+    numpy.ndarray or list of numpy.ndarray
+        ``S`` ``(s, s)``, or the ``s`` explicit projectors.
     """
     size = triangular.shape[0]
     singular_values = np.linalg.svd(triangular, compute_uv=False)
@@ -287,6 +406,16 @@ def jackknife_standard_error(leave_one_out: np.ndarray) -> Any:
     the variance by the estimator's interactions between probes (second- and higher-order
     terms of its Hoeffding decomposition), which dominate where the error falls faster than
     ``1 / sqrt(m)``. NaN for ``m < 2``.
+
+    Parameters
+    ----------
+    leave_one_out
+        ``(..., m)`` numpy array or torch tensor.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``(...)`` standard errors.
     """
     count = leave_one_out.shape[-1]
     if count < 2:
@@ -427,7 +556,24 @@ def _xtrace_leave_one_out_by_qr(
 def blockwise_product(operand: Operand, block: Array, step: int, transpose: bool = False) -> Array:
     """``A @ block`` (``A^T @ block`` with ``transpose``) formed ``step`` columns at a time into
     one ``(D, b)`` result (a product of ``b`` columns at once may need ``b`` times an operator's
-    per-column working memory)."""
+    per-column working memory).
+
+    Parameters
+    ----------
+    operand
+        The operator in the vector layer.
+    block
+        ``(D, b)`` block.
+    step
+        Columns per product.
+    transpose
+        Multiply by ``A^T`` (default False).
+
+    Returns
+    -------
+    Array
+        ``(D, b)`` product.
+    """
     multiply = operand.rmatmat if transpose else operand.matmat
     width = block.shape[1]
     if step >= width:
@@ -458,8 +604,13 @@ def xtrace(
 
     Parameters
     ----------
-    A, seed, dim
-        As in :func:`hutchinson_trace`.
+    A
+        Square ``(D, D)`` operator (curvops/torch-native, torch tensor, scipy LinearOperator,
+        numpy array, or callable with ``dim``).
+    seed
+        Seed of the probes; the same seed gives the same result within a backend.
+    dim
+        Operator dimension; required only for callables.
     budget
         Total matvecs, ``>= 2`` (an odd budget leaves one matvec unused); ``budget >= D`` gives
         the exact trace with ``D`` matvecs.
@@ -547,8 +698,13 @@ def xnystrace(
 
     Parameters
     ----------
-    A, seed, dim
-        As in :func:`hutchinson_trace`.
+    A
+        Square ``(D, D)`` operator (curvops/torch-native, torch tensor, scipy LinearOperator,
+        numpy array, or callable with ``dim``).
+    seed
+        Seed of the probes; the same seed gives the same result within a backend.
+    dim
+        Operator dimension; required only for callables.
     budget
         Total matvecs ``m >= 2``; ``budget >= D`` gives the exact trace with ``D`` matvecs.
     probe
@@ -558,7 +714,10 @@ def xnystrace(
         must carry the tag ``is_positive_semidefinite`` (GGN, Fisher, KFAC, EKFAC,
         ``curvops.operators.inverse.assume_psd(A)``).
     memory_budget
-        As in :func:`xtrace`; working memory ``(2 m + 4 c) D itemsize`` and the QR's pieces.
+        Bytes the algorithm may use (default: half the memory available on the operator's
+        device). Its working memory is ``(2 m + 4 c) D itemsize`` and the QR's pieces: the
+        probes and ``Y``, and products with ``A`` of ``c <= m`` columns at a time, ``c`` chosen
+        to fit.
 
     Returns
     -------
@@ -573,7 +732,8 @@ def xnystrace(
         If ``A`` is not known to be positive semi-definite, or the probes' Gram matrix
         ``Omega^T A Omega`` shows that it is not.
     MemoryError
-        As in :func:`xtrace`.
+        Before any product, naming the bytes needed, if the probes do not fit
+        ``memory_budget``.
     """
     if not (assume_psd or bool(getattr(A, "is_positive_semidefinite", False))):
         raise ValueError(
@@ -607,7 +767,8 @@ def xnystrace(
     operand.subtract_scaled_columns_(images, probes, np.full(budget, -shift))  # in place
     gram = operand.inner(probes, images)
     triangular = operand.qr_in_place(images)  # images now hold Q
-    samples, leave_one_out = _xnystrace_samples((gram + gram.T) / 2, triangular, operand.inner(images, probes))
+    cross = operand.inner(images, probes)
+    samples, leave_one_out = _xnystrace_samples((gram + gram.T) / 2, triangular, cross)
     estimate = float(samples.mean()) - shift * operand.dim
     error = float(jackknife_standard_error(leave_one_out))
     return ScalarEstimate(estimate, error, operand.num_matvecs, False)

@@ -22,25 +22,25 @@ waits for hold adjacent tickets and are running or about to run: the kernel
 progresses whenever at least ``C`` programs fit on the GPU at once (``C <= 64``
 is enforced; an H100 holds hundreds). With ``fallback=True`` progress needs no
 assumption at all: a program polls at most ``MAX_SPIN`` times, then reads the
-whole row itself to get the statistics. That variant measured 5-13% slower in
-bf16 on an H100 (the extra branch costs registers and latency), so the GPU
-default leaves it out; the Triton interpreter, which runs programs one after
+whole row itself to get the statistics. The extra branch costs registers and
+latency (see the fallback column of the kernel configurations in
+benchmarks/results/ce_hvp_h100_2026-12-02.md), so the GPU default leaves it
+out; the Triton interpreter, which runs programs one after
 another, always uses it with ``MAX_SPIN = 0``: there the earlier chunks of a
 row take the whole-row path and the last chunk combines the published partials.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
-
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # Fused programs wait for their row's siblings: keep the chunks per row far
 # below the number of programs any supported GPU keeps resident.
@@ -77,11 +77,9 @@ class KernelConfig:
 
 
 # A small set: chunks that stay in registers (no spills on sm_90) and enough
-# programs to fill 132 SMs. 4096 columns per 4 warps wins in fp32 on both an H100
-# and an H200; 8192 per 4 warps wins in bf16 on both (H100: 83-92% of the copy
-# floor against 79-84%; H200: 67-73% against 65-70%; benchmarks/results/
-# ce_hvp_h100_2026-12-02.md, probe_ce_kernel.py).
-CONFIGS: List[KernelConfig] = [
+# programs to fill 132 SMs; the autotuner picks among them per shape and dtype
+# (the sweep: benchmarks/results/ce_hvp_h100_2026-12-02.md).
+CONFIGS: list[KernelConfig] = [
     KernelConfig(2048, 4),
     KernelConfig(4096, 2),
     KernelConfig(4096, 4),
@@ -94,7 +92,7 @@ CONFIGS: List[KernelConfig] = [
 DEFAULT_CONFIG = KernelConfig(4096, 4)
 # Autotune only when a call is large enough for the choice to matter.
 _AUTOTUNE_MIN_ELEMENTS = 1 << 24
-_TUNED: Dict[Tuple, KernelConfig] = {}
+_TUNED: dict[tuple, KernelConfig] = {}
 
 
 def _ce_hvp_kernel(
@@ -169,9 +167,13 @@ def _ce_hvp_kernel(
                     done = tl.atomic_add(cnt_ptr + row, 0, sem="acquire")
                     spins += 1
                 if done >= C:
-                    ms = tl.load(stats_ptr + row * C + ks, mask=kmask, other=float("-inf"), cache_modifier=".cg")
+                    ms = tl.load(
+                        stats_ptr + row * C + ks, mask=kmask, other=float("-inf"), cache_modifier=".cg"
+                    )
                     ls = tl.load(stats_ptr + NC + row * C + ks, mask=kmask, other=0.0, cache_modifier=".cg")
-                    ss = tl.load(stats_ptr + 2 * NC + row * C + ks, mask=kmask, other=0.0, cache_modifier=".cg")
+                    ss = tl.load(
+                        stats_ptr + 2 * NC + row * C + ks, mask=kmask, other=0.0, cache_modifier=".cg"
+                    )
                     big_m = tl.max(ms, axis=0)
                     scale = tl.exp(ms - big_m)
                     big_l = tl.sum(ls * scale, axis=0)
@@ -182,13 +184,17 @@ def _ce_hvp_kernel(
                     big_m = tl.full((), float("-inf"), c.dtype)
                     big_l = tl.zeros((), c.dtype)
                     big_s = tl.zeros((), c.dtype)
-                    for k in range(0, tl.cdiv(V, FB_BLOCK)):
+                    for k in range(tl.cdiv(V, FB_BLOCK)):
                         kc = k * FB_BLOCK + tl.arange(0, FB_BLOCK)
                         kmsk = kc < V
                         zk = tl.load(
-                            z_ptr + row64 * stride_zn + kc.to(tl.int64) * stride_zv, mask=kmsk, other=float("-inf")
+                            z_ptr + row64 * stride_zn + kc.to(tl.int64) * stride_zv,
+                            mask=kmsk,
+                            other=float("-inf"),
                         ).to(c.dtype)
-                        uk = tl.load(u_ptr + row64 * stride_un + kc.to(tl.int64) * stride_uv, mask=kmsk, other=0.0)
+                        uk = tl.load(
+                            u_ptr + row64 * stride_un + kc.to(tl.int64) * stride_uv, mask=kmsk, other=0.0
+                        )
                         new_m = tl.maximum(big_m, tl.max(zk, axis=0))
                         ek = tl.exp(zk - new_m)
                         old = tl.exp(big_m - new_m)
@@ -211,7 +217,9 @@ def _ce_hvp_kernel(
             big_l = l_own
             big_s = s_own
         dot = big_s / big_l
-        if WANT_LSE:
+        # Two tests, as in every WANT_LSE branch of this kernel: the outer one is a
+        # compile-time constant, and the specialisation without log-sum-exp has no branch.
+        if WANT_LSE:  # noqa: SIM102
             if chunk == 0:
                 tl.store(lse_ptr + row, (big_m + tl.log(big_l)).to(lse_ptr.dtype.element_ty))
         # p = exp(z - M) / L, reusing exp(z - m) of this chunk.
@@ -226,7 +234,7 @@ def _ce_hvp_kernel(
         tl.store(o_ptrs, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=cmask)
 
 
-_JITTED: Dict[bool, object] = {}
+_JITTED: dict[bool, object] = {}
 
 
 def _interpreting() -> bool:
@@ -245,7 +253,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _plan(v: int, cfg: KernelConfig) -> Tuple[int, int]:
+def _plan(v: int, cfg: KernelConfig) -> tuple[int, int]:
     block = min(cfg.block, max(16, _next_pow2(v)))
     block = max(block, _next_pow2(math.ceil(v / _MAX_CHUNKS)))
     return block, math.ceil(v / block)
@@ -257,14 +265,33 @@ def launch(
     coeff: Tensor,
     out: Tensor,
     cfg: KernelConfig,
-    max_spin: Optional[int] = None,
-    lse: Optional[Tensor] = None,
+    max_spin: int | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
-    """Run one configuration into ``out`` (contiguous (N, V), dtype of ``u``).
+    """Run the kernel in one configuration.
 
-    ``max_spin`` overrides the poll limit of fallback configurations (0: every
-    program but the last of its row reads the whole row). ``lse`` (contiguous (N,)),
-    when given, receives each row's log-sum-exp. ``out`` may be ``u`` (in place).
+    Parameters
+    ----------
+    logits : Tensor, shape (N, V)
+        Logits, any floating dtype; rows may be strided.
+    u : Tensor, shape (N, V)
+        Tangent; its dtype is the output's.
+    coeff : Tensor, shape (N,)
+        Row coefficients in the accumulation dtype (float32, float64 for float64 inputs).
+    out : Tensor, shape (N, V)
+        Contiguous, dtype of ``u``; receives the product. May be ``u`` (in place).
+    cfg : KernelConfig
+        The launch configuration.
+    max_spin : int, optional
+        Poll limit of fallback configurations (0: every program but the last of its row
+        reads the whole row); default ``_MAX_SPIN`` on a GPU, 0 in the interpreter.
+    lse : Tensor, shape (N,), optional
+        Contiguous; receives each row's log-sum-exp.
+
+    Returns
+    -------
+    Tensor
+        ``out``.
     """
     n, v = logits.shape
     interpret = _interpreting() and not logits.is_cuda
@@ -309,7 +336,7 @@ def launch(
     return out
 
 
-def _tune_key(logits: Tensor, u: Tensor) -> Tuple:
+def _tune_key(logits: Tensor, u: Tensor) -> tuple:
     n, v = logits.shape
     # Bucket N by powers of two: the best chunking depends on how many rows fill the GPU.
     return (v, logits.dtype, u.dtype, min(_next_pow2(n), 1 << 16), logits.device.index)
@@ -325,7 +352,8 @@ def _autotune(logits: Tensor, u: Tensor, coeff: Tensor, out: Tensor) -> KernelCo
         if plan in seen:  # small V collapses several configs into one
             continue
         seen.add(plan)
-        ms = do_bench(lambda: launch(logits, u, coeff, out, cfg), warmup=5, rep=25, return_mode="median")
+        run = functools.partial(launch, logits, u, coeff, out, cfg)
+        ms = do_bench(run, warmup=5, rep=25, return_mode="median")
         if ms < best_ms:
             best, best_ms = cfg, ms
     return best
@@ -335,17 +363,32 @@ def ce_hvp_triton(
     logits: Tensor,
     u: Tensor,
     coeff: Tensor,
-    config: Optional[KernelConfig] = None,
-    out: Optional[Tensor] = None,
-    lse: Optional[Tensor] = None,
+    config: KernelConfig | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> Tensor:
-    """Fused product; ``coeff`` is the (N,) row coefficient in the accumulation dtype.
+    """The fused product ``coeff[n] * p_n * (u_n - p_n . u_n)`` row by row.
 
-    ``config=None`` picks one: autotuned over :data:`CONFIGS` for large CUDA
-    calls (cached per V, dtypes, N bucket and device), :data:`DEFAULT_CONFIG`
-    otherwise. ``out``: a contiguous (N, V) tensor of ``u``'s dtype to write to,
-    which may be ``u`` (in place); default a new tensor. ``lse``: a
-    contiguous (N,) tensor that receives the rows' log-sum-exp.
+    Parameters
+    ----------
+    logits : Tensor, shape (N, V)
+        Logits, any floating dtype; rows may be strided.
+    u : Tensor, shape (N, V)
+        Tangent; its dtype is the output's.
+    coeff : Tensor, shape (N,)
+        Row coefficients in the accumulation dtype (float32, float64 for float64 inputs).
+    config : KernelConfig, optional
+        Default: autotuned over :data:`CONFIGS` for large CUDA calls (cached per V,
+        dtypes, N bucket and device), :data:`DEFAULT_CONFIG` otherwise.
+    out : Tensor, shape (N, V), optional
+        Contiguous, dtype of ``u``; may be ``u`` (in place). Default a new tensor.
+    lse : Tensor, shape (N,), optional
+        Contiguous; receives the rows' log-sum-exp.
+
+    Returns
+    -------
+    Tensor, shape (N, V)
+        ``out``, or a new tensor of ``u``'s dtype.
     """
     n, v = logits.shape
     if out is None:

@@ -24,7 +24,7 @@ Three backends compute the same function:
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,14 +41,14 @@ def cross_entropy_hvp(
     logits: Tensor,
     u: Tensor,
     *,
-    target: Optional[Tensor] = None,
+    target: Tensor | None = None,
     ignore_index: int = -100,
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
     reduction: str = "mean",
-    normalizer: Optional[Union[float, int, Tensor]] = None,
+    normalizer: float | int | Tensor | None = None,
     backend: str = "auto",
-    out: Optional[Tensor] = None,
-    lse_out: Optional[Tensor] = None,
+    out: Tensor | None = None,
+    lse_out: Tensor | None = None,
 ) -> Tensor:
     """Multiply the cross-entropy Hessian w.r.t. the logits by ``u``, row by row.
 
@@ -153,7 +153,7 @@ def cross_entropy_hvp(
     return result if out is None else out.copy_(result)
 
 
-def _check_outputs(logits: Tensor, u: Tensor, out: Optional[Tensor], lse_out: Optional[Tensor]) -> None:
+def _check_outputs(logits: Tensor, u: Tensor, out: Tensor | None, lse_out: Tensor | None) -> None:
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
@@ -170,8 +170,12 @@ def _check_outputs(logits: Tensor, u: Tensor, out: Optional[Tensor], lse_out: Op
         if not isinstance(lse_out, Tensor):
             raise TypeError(f"lse_out must be a torch.Tensor or None, got {type(lse_out).__name__}")
         n = logits.shape[0]
-        if lse_out.shape != (n,) or not lse_out.dtype.is_floating_point or lse_out.device != logits.device \
-                or not lse_out.is_contiguous():
+        if (
+            lse_out.shape != (n,)
+            or not lse_out.dtype.is_floating_point
+            or lse_out.device != logits.device
+            or not lse_out.is_contiguous()
+        ):
             raise ValueError(
                 f"lse_out must be a contiguous floating tensor of shape ({n},) on {logits.device}, got shape "
                 f"{tuple(lse_out.shape)}, dtype {lse_out.dtype} on {lse_out.device}"
@@ -187,6 +191,7 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
         start = t.data_ptr()
         extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
         return start, start + extent * t.element_size()
+
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
 
@@ -200,8 +205,8 @@ def _acc_dtype(logits: Tensor, u: Tensor) -> torch.dtype:
 def _check_inputs(
     logits: Tensor,
     u: Tensor,
-    target: Optional[Tensor],
-    weight: Optional[Tensor],
+    target: Tensor | None,
+    weight: Tensor | None,
     reduction: str,
     backend: str,
 ) -> None:
@@ -244,11 +249,11 @@ def _check_inputs(
 def _row_coefficients(
     logits: Tensor,
     u: Tensor,
-    target: Optional[Tensor],
+    target: Tensor | None,
     ignore_index: int,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     reduction: str,
-    normalizer: Optional[Union[float, int, Tensor]],
+    normalizer: float | int | Tensor | None,
 ) -> Tensor:
     """``c[n] = weight[n] * valid[n] / normalizer`` as an (N,) tensor in the accumulation dtype."""
     acc = _acc_dtype(logits, u)
@@ -315,7 +320,7 @@ def _eager(logits: Tensor, u: Tensor, coeff: Tensor) -> Tensor:
     return _hvp_math(logits, u, coeff)
 
 
-_COMPILED: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
+_COMPILED: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
 def _compiled_math(logits: Tensor, u: Tensor, coeff: Tensor) -> Tensor:

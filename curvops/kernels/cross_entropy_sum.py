@@ -31,7 +31,7 @@ hence ``∇_z ℓ_r = a_r p_r − b_r`` and ``∇²_z ℓ_r = a_r (diag p_r − 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,37 +69,82 @@ class CERowWeights:
     """
 
     a: Tensor
-    alpha: Optional[Tensor] = None
-    target: Optional[Tensor] = None
-    beta: Optional[Tensor] = None
-    class_weight: Optional[Tensor] = None
-    dense: Optional[Tensor] = None
+    alpha: Tensor | None = None
+    target: Tensor | None = None
+    beta: Tensor | None = None
+    class_weight: Tensor | None = None
+    dense: Tensor | None = None
 
     def dot(self, z: Tensor) -> Tensor:
-        """``Σ_k b_rk z_rk`` per row for a chunk ``z`` (R, C) of the same rows; accumulation dtype."""
+        """``Σ_k b_rk z_rk`` per row.
+
+        Parameters
+        ----------
+        z : Tensor, shape (R, C)
+            A chunk of the same rows as these weights.
+
+        Returns
+        -------
+        Tensor, shape (R,)
+            In the accumulation dtype (that of ``a``).
+        """
         acc = self.a.dtype
         if self.dense is not None:
             return (self.dense * z.to(acc)).sum(dim=1)
-        out = self.alpha * z.gather(1, self.target.unsqueeze(1)).squeeze(1).to(acc)
+        alpha, target = self._hard()
+        out = alpha * z.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
         if self.beta is not None:
             spread = z.to(acc).sum(dim=1) if self.class_weight is None else z.to(acc) @ self.class_weight
             out = out + self.beta * spread
         return out
 
-    def rows(self, sl: slice) -> "CERowWeights":
-        """The same weights restricted to the rows ``sl``."""
-        def cut(t: Optional[Tensor]) -> Optional[Tensor]:
+    def _hard(self) -> tuple[Tensor, Tensor]:
+        """``(alpha, target)`` of hard targets (set together by :func:`ce_row_weights`)."""
+        if self.alpha is None or self.target is None:
+            raise ValueError("CERowWeights holds neither dense nor hard targets")
+        return self.alpha, self.target
+
+    def rows(self, sl: slice) -> CERowWeights:
+        """The same weights restricted to some rows.
+
+        Parameters
+        ----------
+        sl : slice
+            The rows to keep.
+
+        Returns
+        -------
+        CERowWeights
+            Views of this object's per-row tensors (the class weights are shared).
+        """
+
+        def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[sl]
 
-        return CERowWeights(a=self.a[sl], alpha=cut(self.alpha), target=cut(self.target), beta=cut(self.beta),
-                            class_weight=self.class_weight, dense=cut(self.dense))
+        return CERowWeights(
+            a=self.a[sl],
+            alpha=cut(self.alpha),
+            target=cut(self.target),
+            beta=cut(self.beta),
+            class_weight=self.class_weight,
+            dense=cut(self.dense),
+        )
 
     def subtract_from(self, out: Tensor, scale: Tensor) -> None:
-        """``out −= scale_r · b_r`` in place, ``out`` (R, C) in the accumulation dtype."""
+        """``out −= scale_r · b_r`` in place.
+
+        Parameters
+        ----------
+        out : Tensor, shape (R, C)
+            In the accumulation dtype; updated in place.
+        scale : Tensor, shape (R,)
+            Per-row factors.
+        """
         if self.dense is not None:
             out.sub_(scale.unsqueeze(1) * self.dense)
             return
-        out.scatter_add_(1, self.target.unsqueeze(1), (-(scale * self.alpha)).unsqueeze(1))
+        alpha, target = self._hard()
+        out.scatter_add_(1, target.unsqueeze(1), (-(scale * alpha)).unsqueeze(1))
         if self.beta is not None:
             spread = scale * self.beta
             if self.class_weight is None:
@@ -108,8 +153,14 @@ class CERowWeights:
                 out.addr_(spread, self.class_weight, alpha=-1.0)
 
 
-def ce_row_weights(logits2d: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
-                   ignore_index: int = -100, label_smoothing: float = 0.0) -> CERowWeights:
+def ce_row_weights(
+    logits2d: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> CERowWeights:
     """Factored per-row target weights of ``F.cross_entropy`` for (R, C) logits.
 
     Parameters
@@ -120,6 +171,13 @@ def ce_row_weights(logits2d: Tensor, target: Tensor, *, weight: Optional[Tensor]
         Class indices (R,) (integer) or probabilities (R, C) (floating).
     weight, ignore_index, label_smoothing
         As in :func:`torch.nn.functional.cross_entropy`.
+
+    Returns
+    -------
+    CERowWeights
+        In float32 (float64 for float64 logits): ``dense`` for probability targets,
+        ``alpha``/``target`` (and ``beta``, ``class_weight`` with label smoothing) for
+        class indices.
 
     Raises
     ------
@@ -139,7 +197,9 @@ def ce_row_weights(logits2d: Tensor, target: Tensor, *, weight: Optional[Tensor]
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
     if rows and bool(((t < 0) | (t >= num_classes)).any()):
-        raise ValueError(f"cross-entropy target out of range [0, {num_classes}) (and not ignore_index={ignore_index})")
+        raise ValueError(
+            f"cross-entropy target out of range [0, {num_classes}) (and not ignore_index={ignore_index})"
+        )
     validf = valid.to(acc)
     wt = validf if w is None else validf * w[t]
     alpha = wt * (1 - eps)
@@ -157,8 +217,11 @@ def _chunk_rows(z: Tensor) -> int:
 def _row_lse(z: Tensor, acc: torch.dtype) -> Tensor:
     """Per-row logsumexp in the accumulation dtype, chunked over rows."""
     step = _chunk_rows(z)
-    return torch.cat([torch.logsumexp(z[i:i + step].to(acc), dim=1) for i in range(0, z.shape[0], step)]) \
-        if z.shape[0] else z.new_zeros(0, dtype=acc)
+    return (
+        torch.cat([torch.logsumexp(z[i : i + step].to(acc), dim=1) for i in range(0, z.shape[0], step)])
+        if z.shape[0]
+        else z.new_zeros(0, dtype=acc)
+    )
 
 
 def _gradient(z: Tensor, g: Tensor, rw: CERowWeights) -> Tensor:
@@ -199,7 +262,7 @@ class _CrossEntropySum(torch.autograd.Function):
     """``Σ_r (a_r lse(z_r) − Σ_k b_rk z_rk)``; backward through :class:`_CrossEntropyGrad`."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, rw: CERowWeights) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, rw: CERowWeights) -> Tensor:
         acc = rw.a.dtype
         lse = _row_lse(z, acc)
         value = (rw.a * lse).sum() - rw.dot(z).sum()
@@ -208,7 +271,7 @@ class _CrossEntropySum(torch.autograd.Function):
         return value.to(z.dtype)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
         (z,) = ctx.saved_tensors
         return _CrossEntropyGrad.apply(z, g, ctx.rw), None
 
@@ -217,14 +280,14 @@ class _CrossEntropyGrad(torch.autograd.Function):
     """``g · (a p − b)``; its backward w.r.t. ``z`` is the fused loss-Hessian product."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, g: Tensor, rw: CERowWeights) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, g: Tensor, rw: CERowWeights) -> Tensor:
         ctx.save_for_backward(z, g)
         ctx.rw = rw
         return _gradient(z, g, rw)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, u: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:  # type: ignore[override]
+    def backward(ctx: Any, u: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         z, g = ctx.saved_tensors
         rw: CERowWeights = ctx.rw
         grad_z = grad_g = None
@@ -256,8 +319,14 @@ def _outside_plain_autograd(logits: Tensor) -> bool:
         return False
 
 
-def cross_entropy_sum(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = None,
-                      ignore_index: int = -100, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy_sum(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """``F.cross_entropy(..., reduction="sum")`` with a fused-kernel double backward.
 
     Parameters
@@ -287,11 +356,19 @@ def cross_entropy_sum(logits: Tensor, target: Tensor, *, weight: Optional[Tensor
     does under autocast.
     """
     if _outside_plain_autograd(logits) or not logits.is_floating_point():
-        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
-                               reduction="sum", label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits,
+            target,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
     z = _classes_last(logits)
     t = _classes_last(target) if target.is_floating_point() else target.reshape(-1)
     if t.shape[0] != z.shape[0]:
-        raise ValueError(f"target of shape {tuple(target.shape)} does not match logits of shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not match logits of shape {tuple(logits.shape)}"
+        )
     rw = ce_row_weights(z, t, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     return _CrossEntropySum.apply(z, rw)

@@ -32,7 +32,7 @@ arithmetic in float32 (float64 for float64 inputs). Results have the inputs' dty
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,12 +61,27 @@ class LinearCrossEntropyGGN(NamedTuple):
     """
 
     grad_hidden: Tensor
-    grad_weight: Optional[Tensor]
-    lse: Tensor
+    grad_weight: Tensor | None
+    lse: Tensor | None
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk such that one (rows, vocab) tensor of ``dtype`` fits ``budget_bytes``."""
+    """Rows per chunk such that one (rows, vocab) tensor fits a memory budget.
+
+    Parameters
+    ----------
+    vocab : int
+        Columns of the tensor (the vocabulary size V).
+    dtype : torch.dtype
+        Its element type.
+    budget_bytes : int, optional
+        The budget (default :data:`DEFAULT_CHUNK_BYTES`, 256 MiB).
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
     size = torch.empty((), dtype=dtype).element_size()
     return max(1, budget_bytes // max(vocab * size, 1))
 
@@ -75,13 +90,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tensor], coeff: Tensor) -> None:
+def _check(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Tensor | None, coeff: Tensor) -> None:
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected h (N, d) and weight (V, d), got {tuple(h.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected h (N, d) and weight (V, d), got {tuple(h.shape)} and {tuple(weight.shape)}"
+        )
     if h_dot.shape != h.shape:
         raise ValueError(f"h_dot must have the shape of h {tuple(h.shape)}, got {tuple(h_dot.shape)}")
     if weight_dot is not None and weight_dot.shape != weight.shape:
-        raise ValueError(f"weight_dot must have the shape of weight {tuple(weight.shape)}, got {tuple(weight_dot.shape)}")
+        raise ValueError(
+            f"weight_dot must have the shape of weight {tuple(weight.shape)}, got {tuple(weight_dot.shape)}"
+        )
     if coeff.shape != (h.shape[0],):
         raise ValueError(f"coeff must have shape ({h.shape[0]},), got {tuple(coeff.shape)}")
     dtypes = {h.dtype, weight.dtype, h_dot.dtype} | ({weight_dot.dtype} if weight_dot is not None else set())
@@ -89,10 +108,19 @@ def _check(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tensor
         raise TypeError(f"h, weight, h_dot and weight_dot must share one dtype, got {dtypes}")
 
 
-def linear_cross_entropy_ggn(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tensor],
-                             coeff: Tensor, *, weight_grad: bool = True, strategy: str = "rows",
-                             chunk_rows: Optional[int] = None, vocab_tile: int = 8192,
-                             return_lse: bool = True) -> LinearCrossEntropyGGN:
+def linear_cross_entropy_ggn(
+    h: Tensor,
+    weight: Tensor,
+    h_dot: Tensor,
+    weight_dot: Tensor | None,
+    coeff: Tensor,
+    *,
+    weight_grad: bool = True,
+    strategy: str = "rows",
+    chunk_rows: int | None = None,
+    vocab_tile: int = 8192,
+    return_lse: bool = True,
+) -> LinearCrossEntropyGGN:
     """Head part of a GGN-vector product for ``z = h Wᵀ`` and softmax cross-entropy.
 
     Parameters
@@ -146,12 +174,21 @@ def linear_cross_entropy_ggn(h: Tensor, weight: Tensor, h_dot: Tensor, weight_do
             res = _by_vocab(h, weight, h_dot, weight_dot, coeff, weight_grad, vocab_tile, return_lse)
     if res.grad_hidden.dtype == dtype:
         return res
-    return LinearCrossEntropyGGN(res.grad_hidden.to(dtype),
-                                 None if res.grad_weight is None else res.grad_weight.to(dtype), res.lse)
+    return LinearCrossEntropyGGN(
+        res.grad_hidden.to(dtype), None if res.grad_weight is None else res.grad_weight.to(dtype), res.lse
+    )
 
 
-def _by_rows(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tensor], coeff: Tensor,
-             weight_grad: bool, chunk_rows: Optional[int], return_lse: bool) -> LinearCrossEntropyGGN:
+def _by_rows(
+    h: Tensor,
+    weight: Tensor,
+    h_dot: Tensor,
+    weight_dot: Tensor | None,
+    coeff: Tensor,
+    weight_grad: bool,
+    chunk_rows: int | None,
+    return_lse: bool,
+) -> LinearCrossEntropyGGN:
     n = h.shape[0]
     vocab = weight.shape[0]
     acc = _acc(h.dtype)
@@ -174,8 +211,9 @@ def _by_rows(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tens
             u.addmm_(hc, wdt)
         # The product replaces the tangent in place (two (rows, V) tensors per chunk, not
         # three); the kernel writes the rows' log-sum-exp on the way.
-        cross_entropy_hvp(z, u, weight=coeff[sl], reduction="sum", out=u,
-                          lse_out=None if lse is None else lse[sl])
+        cross_entropy_hvp(
+            z, u, weight=coeff[sl], reduction="sum", out=u, lse_out=None if lse is None else lse[sl]
+        )
         del z
         torch.mm(u, weight, out=grad_h[sl])
         if grad_w is not None:
@@ -186,17 +224,17 @@ def _by_rows(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tens
 
 
 #: Whether ``torch.addmm(..., out_dtype=)`` (low-precision inputs, float32 output, CUDA)
-#: works here; None until first tried.
-_ADDMM_OUT_DTYPE: Optional[bool] = None
+#: works here; None until the first call decides.
+_ADDMM_OUT_DTYPE: bool | None = None
 
 
 def _add_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b``, for ``a``, ``b`` in ``acc``'s dtype or a lower one.
 
     Low-precision products go straight into the float32 accumulator where cuBLAS
-    offers it (``out_dtype``): no rounded (V, d) partial, no separate add pass over it
-    (H200, d = 768, V = 50304, 2048-row chunks: 12.2 vs 13.0 ms for the head product, and
-    one bf16 rounding of ∂W instead of one per chunk).
+    offers it (``out_dtype``): no rounded (V, d) partial, no separate add pass over it,
+    and one bf16 rounding of ∂W instead of one per chunk (the timing: "Head GGN product"
+    in benchmarks/results/lm_h200_2026-12-02.md).
     """
     global _ADDMM_OUT_DTYPE
     if a.dtype == acc.dtype:
@@ -215,8 +253,16 @@ def _add_product_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.add_(a @ b)
 
 
-def _by_vocab(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Tensor], coeff: Tensor,
-              weight_grad: bool, tile: int, return_lse: bool) -> LinearCrossEntropyGGN:
+def _by_vocab(
+    h: Tensor,
+    weight: Tensor,
+    h_dot: Tensor,
+    weight_dot: Tensor | None,
+    coeff: Tensor,
+    weight_grad: bool,
+    tile: int,
+    return_lse: bool,
+) -> LinearCrossEntropyGGN:
     if tile < 1:
         raise ValueError(f"vocab_tile must be positive, got {tile}")
     n = h.shape[0]
@@ -225,11 +271,11 @@ def _by_vocab(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Ten
     coeff = coeff.to(acc)
 
     def tiles(j: int) -> tuple[Tensor, Tensor]:
-        wj = weight[j:j + tile]
+        wj = weight[j : j + tile]
         z = (h @ wj.t()).to(acc)
         zd = h_dot @ wj.t()
         if weight_dot is not None:
-            zd.addmm_(h, weight_dot[j:j + tile].t())
+            zd.addmm_(h, weight_dot[j : j + tile].t())
         return z, zd.to(acc)
 
     # Pass 1: running max m, l = Σ exp(z − m), s = Σ exp(z − m) ż per row.
@@ -255,7 +301,7 @@ def _by_vocab(h: Tensor, weight: Tensor, h_dot: Tensor, weight_dot: Optional[Ten
         u = torch.exp(z - lse.unsqueeze(1))
         u.mul_(zd.sub_(mean_dot.unsqueeze(1))).mul_(coeff.unsqueeze(1))
         u = u.to(h.dtype)
-        grad_h.add_(u @ weight[j:j + tile])
+        grad_h.add_(u @ weight[j : j + tile])
         if grad_w is not None:
-            torch.mm(u.t(), h, out=grad_w[j:j + tile])
+            torch.mm(u.t(), h, out=grad_w[j : j + tile])
     return LinearCrossEntropyGGN(grad_h.to(h.dtype), grad_w, lse if return_lse else None)

@@ -3,18 +3,18 @@
 torch's forward-AD rules for ``linear`` and the convolutions materialise the missing
 tangent of an input that carries none (the data entering the first layer) as an expanded
 zero tensor and multiply it with the weight: one full matrix product per such layer, plus,
-when the graph is kept, its backward. On an MLP 784-256-256-10 that is a third of a
-gradient per forward. :func:`tangent_rules` routes these layers to the two products
-that are needed: ``f(x, W)`` for the primal and ``f(x, Ẇ) (+ ḃ)`` for the tangent.
+when the graph is kept, its backward (see benchmarks/results/flop_bounds_*).
+:func:`tangent_rules` routes these layers to the two products that are needed: ``f(x, W)``
+for the primal and ``f(x, Ẇ) (+ ḃ)`` for the tangent.
 
 With ``differentiated=True`` (the tangent is differentiated afterwards: the
 reverse-over-forward Hessian product) relu's rule is replaced too: torch's
 ``threshold_backward(ẋ, x, 0)``, differentiated, returns an activation-sized zero tensor for
 ``x`` that is then added into its gradient. Here the tangent is
 ``threshold_backward(ẋ, relu(x).detach(), 0)``: the same values, with no graph through ``x``
-(relu's second derivative is zero almost everywhere: the same product); on an H200 such a
-rule made the product 9-10% faster and the CNN's peak 15% lower. Without a graph torch's
-rule is already right.
+(relu's second derivative is zero almost everywhere: the same product), so the product does
+less work and holds less memory (see benchmarks/results/reverse_over_forward_*). Without a
+graph torch's rule is already right.
 
 Two rules make forward mode the exact adjoint of reverse mode (``J v`` of the GGN,
 Fisher and Jacobian operators against their ``Jᵀ u``), where torch's rules differ:
@@ -31,7 +31,7 @@ Fisher and Jacobian operators against their ``Jᵀ u``), where torch's rules dif
 
 Reverse over forward (the Hessian product) differentiates the tangent rules, and some of
 torch's are wrong when differentiated: ``layer_norm``'s and ``batch_norm``'s treat their saved
-statistics as constants (Hessian products 15-25% off, no error; PyTorch issues 196699 and
+statistics as constants (Hessian products silently wrong; PyTorch issues 196699 and
 196700), softmax's reuses an output in place (the backward pass fails). So that product runs
 only through operations on :data:`DIFFERENTIABLE_TANGENT_RULES`, whose rules are verified
 against double backward in float64 (``tests/operators/test_forward_ad.py``), and the
@@ -89,8 +89,8 @@ def _relu(func, args, kwargs):
         return NotImplemented
     primal = torch.relu(x_primal)
     # torch's own formula with the primal detached: the tangent's graph then runs through
-    # ẋ alone (its backward is threshold_backward again). A float-by-bool mask product costs
-    # ~8x as much on the CPU (the bool mask is cast to a float copy first).
+    # ẋ alone (its backward is threshold_backward again). A float-by-bool mask product would
+    # first cast the mask to a float copy.
     return fwAD.make_dual(primal, torch.ops.aten.threshold_backward(x_tangent, primal.detach(), 0))
 
 
@@ -115,11 +115,11 @@ def _detached(result: Any) -> Any:
 class _TangentRules(TorchFunctionMode):
     def __init__(self, differentiated: bool, shortcuts: bool) -> None:
         super().__init__()
-        self.rules = {F.embedding: _embedding}
+        self.rules: dict[Any, Callable[..., Any]] = {F.embedding: _embedding}
         if shortcuts:
-            self.rules.update({f: _linear_like for f in _LAYERS})
+            self.rules.update(dict.fromkeys(_LAYERS, _linear_like))
             if differentiated:
-                self.rules.update({f: _relu for f in _RELUS})
+                self.rules.update(dict.fromkeys(_RELUS, _relu))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,26 +143,63 @@ class _TangentRules(TorchFunctionMode):
 #: ``batch_norm``, ``group_norm``, ``instance_norm`` (rules wrong when differentiated),
 #: ``softmax``/``log_softmax`` (rules not differentiable), in-place updates of views
 #: (``CopySlices``: the operation inside is not known) and custom ``autograd.Function``\ s.
-DIFFERENTIABLE_TANGENT_RULES = frozenset({
-    # the parameters (leaves) and their dual views (``fwAD.make_dual``)
-    "torch::autograd::AccumulateGrad", "torch::autograd::Identity",
-    # products
-    "AddmmBackward0", "MmBackward0", "BmmBackward0", "MvBackward0", "ConvolutionBackward0",
-    "EmbeddingBackward0",
-    # shapes and selections
-    "TBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "ExpandBackward0",
-    "TransposeBackward0", "PermuteBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
-    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "CloneBackward0", "CatBackward0",
-    "StackBackward0",
-    # elementwise
-    "AddBackward0", "SubBackward0", "RsubBackward1", "MulBackward0", "DivBackward0",
-    "NegBackward0", "PowBackward0", "ExpBackward0", "LogBackward0", "SqrtBackward0", "RsqrtBackward0",
-    "TanhBackward0", "SigmoidBackward0", "ReluBackward0", "GeluBackward0", "SiluBackward0",
-    "WhereBackward0", "MaskedFillBackward0",
-    # reductions and pooling
-    "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "AvgPool2DBackward0",
-    "MaxPool2DWithIndicesBackward0",
-})
+DIFFERENTIABLE_TANGENT_RULES = frozenset(
+    {
+        # the parameters (leaves) and their dual views (``fwAD.make_dual``)
+        "torch::autograd::AccumulateGrad",
+        "torch::autograd::Identity",
+        # products
+        "AddmmBackward0",
+        "MmBackward0",
+        "BmmBackward0",
+        "MvBackward0",
+        "ConvolutionBackward0",
+        "EmbeddingBackward0",
+        # shapes and selections
+        "TBackward0",
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsafeViewBackward0",
+        "ExpandBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "SliceBackward0",
+        "SelectBackward0",
+        "IndexBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "CloneBackward0",
+        "CatBackward0",
+        "StackBackward0",
+        # elementwise
+        "AddBackward0",
+        "SubBackward0",
+        "RsubBackward1",
+        "MulBackward0",
+        "DivBackward0",
+        "NegBackward0",
+        "PowBackward0",
+        "ExpBackward0",
+        "LogBackward0",
+        "SqrtBackward0",
+        "RsqrtBackward0",
+        "TanhBackward0",
+        "SigmoidBackward0",
+        "ReluBackward0",
+        "GeluBackward0",
+        "SiluBackward0",
+        "WhereBackward0",
+        "MaskedFillBackward0",
+        # reductions and pooling
+        "SumBackward0",
+        "SumBackward1",
+        "MeanBackward0",
+        "MeanBackward1",
+        "AvgPool2DBackward0",
+        "MaxPool2DWithIndicesBackward0",
+    }
+)
 
 #: Operations whose rule is verified for some arguments only: a predicate on the autograd
 #: node. Batch norm in eval mode normalises by the running statistics, constants: its rule
@@ -213,8 +250,11 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     zero-filled buffer, at every call; copying once per product, before the loop over
     batches, avoids one allocation, fill and copy of the parameter per batch.
     """
-    if t.storage_offset() == 0 and t.is_contiguous() and \
-            t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if (
+        t.storage_offset() == 0
+        and t.is_contiguous()
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    ):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -270,7 +310,7 @@ class ConstantRegions(TorchFunctionMode):
         self.padding_weight_used_elsewhere = False
         self.watched: set[int] = set()
 
-    def watch(self, point: Any) -> "ConstantRegions":
+    def watch(self, point: Any) -> ConstantRegions:
         """Set the tensors the forward pass runs on (one per selected parameter); returns self."""
         self.watched = {id(point[i]) for i in self.padding_params}
         return self

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 #: Cross-entropy with at least this many classes goes through the fused functions of
 #: :mod:`curvops.kernels.cross_entropy_sum` (double backward without (N, C) temporaries: the
 #: large-vocabulary case); below it ``F.cross_entropy``, whose double backward is cheaper
-#: when rows are short (10 classes: the custom functions and their row weights took ~4% of
-#: the profiled CPU time of an MLP Hessian product).
+#: when rows are short (see benchmarks/results/ce_hvp_*).
 FUSED_CE_MIN_CLASSES = 1024
 
 _KINDS = ("cross_entropy", "mse", "bce", "custom")
@@ -61,13 +60,25 @@ class LossSpec:
 
     kind: str
     reduction: str
-    fn: Callable[[Tensor, Any], Tensor]
-    flat: "LossSpec | None" = field(default=None, repr=False, compare=False)
+    #: The user's loss; for the built-in kinds an ``nn`` loss module whose attributes
+    #: (``weight``, ``ignore_index``, ...) the closed forms read.
+    fn: Any
+    flat: LossSpec | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_loss(cls, loss_fn: Callable[[Tensor, Any], Tensor]) -> "LossSpec":
+    def from_loss(cls, loss_fn: Callable[[Tensor, Any], Tensor]) -> LossSpec:
         """Classify ``loss_fn`` and check that its reduction is supported.
+
+        Parameters
+        ----------
+        loss_fn : callable
+            ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` or any callable
+            ``(output, target) -> scalar``.
+
+        Returns
+        -------
+        LossSpec
 
         Raises
         ------
@@ -77,7 +88,10 @@ class LossSpec:
             If its ``reduction`` is neither ``"mean"`` nor ``"sum"``.
         """
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be a loss module or a callable (output, target) -> scalar, got {type(loss_fn).__name__}")
+            raise TypeError(
+                "loss_fn must be a loss module or a callable (output, target) -> scalar, "
+                f"got {type(loss_fn).__name__}"
+            )
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             kind = "cross_entropy"
         elif isinstance(loss_fn, nn.MSELoss):
@@ -93,13 +107,31 @@ class LossSpec:
                 "'mean' or 'sum' (the curvature of a vector of losses is not defined)"
             )
         if kind == "cross_entropy" and callable(getattr(loss_fn, "flat_target", None)):
-            return cls(kind=kind, reduction=reduction, fn=loss_fn,
-                       flat=cls(kind=kind, reduction=reduction, fn=loss_fn))
+            return cls(
+                kind=kind,
+                reduction=reduction,
+                fn=loss_fn,
+                flat=cls(kind=kind, reduction=reduction, fn=loss_fn),
+            )
         return cls(kind=kind, reduction=reduction, fn=loss_fn)
 
     # -------------------------------------------------------------- batch values
     def batch_sum(self, output: Tensor, target: Any) -> Tensor:
-        """Unnormalised sum of the loss terms of one batch (scalar tensor)."""
+        """Unnormalised sum of the loss terms of one batch.
+
+        Parameters
+        ----------
+        output : Tensor
+            The model output of one batch (for cross-entropy the classes along dimension 1).
+        target : Tensor or object
+            The batch's targets, as the loss takes them.
+
+        Returns
+        -------
+        Tensor
+            0-d: the sum of the batch's loss terms (a custom ``mean`` loss: its value times
+            the batch size).
+        """
         f = self.fn
         if self.flat is not None:
             return self.flat.batch_sum(f.flat_output(output), f.flat_target(target))
@@ -108,14 +140,25 @@ class LossSpec:
         if self.kind == "cross_entropy":
             num_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
             if num_classes < FUSED_CE_MIN_CLASSES:
-                return F.cross_entropy(output, target, weight=f.weight, ignore_index=f.ignore_index,
-                                       reduction="sum", label_smoothing=f.label_smoothing)
+                return F.cross_entropy(
+                    output,
+                    target,
+                    weight=f.weight,
+                    ignore_index=f.ignore_index,
+                    reduction="sum",
+                    label_smoothing=f.label_smoothing,
+                )
             # Same value as F.cross_entropy(reduction="sum"); its double backward (the
             # Hessian path) applies the loss Hessian through the fused kernel.
             from curvops.kernels.cross_entropy_sum import cross_entropy_sum
 
-            return cross_entropy_sum(output, target, weight=f.weight, ignore_index=f.ignore_index,
-                                     label_smoothing=f.label_smoothing)
+            return cross_entropy_sum(
+                output,
+                target,
+                weight=f.weight,
+                ignore_index=f.ignore_index,
+                label_smoothing=f.label_smoothing,
+            )
         if self.kind == "mse":
             return F.mse_loss(output, target, reduction="sum")
         if self.kind == "bce":
@@ -139,6 +182,13 @@ class LossSpec:
         torch broadcasts MSE targets of another shape (with a warning) and so computes a
         different loss; cross-entropy needs class indices of the output's shape without
         the class dimension 1, or class probabilities of the output's shape.
+
+        Parameters
+        ----------
+        output : Tensor
+            The model output of one batch (for cross-entropy the classes along dimension 1).
+        target : Tensor or object
+            The batch's targets, as the loss takes them.
 
         Raises
         ------
@@ -165,7 +215,11 @@ class LossSpec:
             return
         indices = shape[:1] + shape[2:] if len(shape) > 1 else ()
         if got != indices:
-            hint = " (squeeze the class dimension: targets.squeeze(1))" if got == indices[:1] + (1,) + indices[1:] else ""
+            hint = (
+                " (squeeze the class dimension: targets.squeeze(1))"
+                if got == indices[:1] + (1,) + indices[1:]
+                else ""
+            )
             raise ValueError(
                 f"{name}: class-index targets of an output of shape {shape} (classes along dimension "
                 f"{1 if len(shape) > 1 else 0}) must have shape {indices}, got {got}{hint}"
@@ -178,6 +232,19 @@ class LossSpec:
         weighted by the class weights if the loss has them, or the number of positions
         for probability targets. MSE and BCE: the number of target elements. Custom
         losses: the number of samples (first dimension).
+
+        Parameters
+        ----------
+        target : Tensor or object
+            The batch's targets.
+        inputs : Tensor or mapping, optional
+            The batch's inputs (what a custom loss counts samples of when its targets do
+            not tell).
+
+        Returns
+        -------
+        Tensor
+            0-d, ``>= 0``.
         """
         f = self.fn
         if self.flat is not None:
@@ -187,7 +254,9 @@ class LossSpec:
                 raise TypeError(f"cross-entropy targets must be a tensor, got {type(target).__name__}")
             if target.is_floating_point():
                 # Class-probability targets (N, C, d1, ...): one term per position.
-                return torch.tensor(float(target.numel() // max(target.shape[1], 1)) if target.dim() > 1 else 1.0)
+                return torch.tensor(
+                    float(target.numel() // max(target.shape[1], 1)) if target.dim() > 1 else 1.0
+                )
             valid = target != f.ignore_index
             if f.weight is None:
                 return valid.sum()
@@ -221,7 +290,9 @@ class LossSpec:
             double backward for custom losses.
         """
         if self.flat is not None:
-            rows = self.flat.output_hvp(self.fn.flat_output(output), self.fn.flat_target(target), self.fn.flat_output(u))
+            rows = self.flat.output_hvp(
+                self.fn.flat_output(output), self.fn.flat_target(target), self.fn.flat_output(u)
+            )
             return rows.reshape(output.shape)
         if self.kind == "cross_entropy":
             from curvops.kernels import cross_entropy_hvp
@@ -242,19 +313,44 @@ class LossSpec:
         return torch.zeros_like(u) if hu is None else hu
 
     def output_gradient(self, output: Tensor, target: Any) -> Tensor:
-        """Gradient of the batch sum w.r.t. the output (detached), shape of ``output``."""
+        """Gradient of the batch sum w.r.t. the output.
+
+        Parameters
+        ----------
+        output : Tensor
+            The model output of one batch (for cross-entropy the classes along dimension 1).
+        target : Tensor or object
+            The batch's targets, as the loss takes them.
+
+        Returns
+        -------
+        Tensor
+            Detached, shaped like ``output``.
+        """
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self.batch_sum(out, target), out)
         return g
 
-    def sample_output_gradients(self, output: Tensor, target: Any, num_samples: int,
-                                generator: torch.Generator) -> Tensor:
+    def sample_output_gradients(
+        self, output: Tensor, target: Any, num_samples: int, generator: torch.Generator
+    ) -> Tensor:
         """Output gradients with labels drawn from the model's predictive distribution.
 
         Returns ``s`` of shape ``(num_samples, *output.shape)`` such that, for every loss
         term, ``E[s sᵀ]`` equals that term's loss Hessian w.r.t. the output. This is what
         makes the Monte-Carlo Fisher an unbiased estimate of the GGN.
+
+        Parameters
+        ----------
+        output : Tensor
+            The model output of one batch (for cross-entropy the classes along dimension 1).
+        target : Tensor or object
+            The batch's targets, as the loss takes them.
+        num_samples : int
+            Draws per loss term.
+        generator : torch.Generator
+            Source of the draws (on ``output``'s device).
 
         Raises
         ------
@@ -265,8 +361,9 @@ class LossSpec:
         shape = (num_samples, *out.shape)
         _check_sample_memory(out, num_samples)
         if self.flat is not None:
-            rows = self.flat.sample_output_gradients(self.fn.flat_output(out), self.fn.flat_target(target),
-                                                     num_samples, generator)
+            rows = self.flat.sample_output_gradients(
+                self.fn.flat_output(out), self.fn.flat_target(target), num_samples, generator
+            )
             return rows.reshape(shape)
         if self.kind == "cross_entropy":
             logits2d, perm = _classes_last(out)
@@ -274,8 +371,9 @@ class LossSpec:
             # A non-finite output row (NaN in the data) draws from a stand-in distribution, so
             # the product completes and reports that batch's NaN loss by name like every other
             # operator (torch.multinomial would raise a bare RuntimeError, on CUDA an assert).
-            draws = torch.multinomial(probs.nan_to_num(nan=1.0), num_samples, replacement=True,
-                                      generator=generator)
+            draws = torch.multinomial(
+                probs.nan_to_num(nan=1.0), num_samples, replacement=True, generator=generator
+            )
             onehot = F.one_hot(draws.T, probs.shape[-1]).to(probs.dtype)  # (M, rows, C)
             coeff = self._ce_coefficients(out, target).reshape(1, -1, 1)
             s2d = coeff.sqrt().to(probs.dtype) * (probs.unsqueeze(0) - onehot)
@@ -289,7 +387,9 @@ class LossSpec:
             prob = torch.sigmoid(out)
             # Non-finite outputs: a stand-in probability, as for cross-entropy above.
             draws = torch.bernoulli(prob.nan_to_num(nan=0.5).expand(shape), generator=generator)
-            factor = self._bce_coefficients(out, target) / (prob * (1 - prob)).clamp_min(torch.finfo(out.dtype).tiny)
+            factor = self._bce_coefficients(out, target) / (prob * (1 - prob)).clamp_min(
+                torch.finfo(out.dtype).tiny
+            )
             return factor.sqrt() * (prob - draws)
         raise ValueError(
             "the Monte-Carlo Fisher needs the model's predictive distribution, known for "
@@ -312,6 +412,18 @@ class LossSpec:
 
         Columns are generated lazily (one output-sized tensor at a time).
 
+        Parameters
+        ----------
+        output : Tensor
+            The model output of one batch (for cross-entropy the classes along dimension 1).
+        target : Tensor or object
+            The batch's targets, as the loss takes them.
+
+        Yields
+        ------
+        Tensor
+            One column ``s_k``, shaped like ``output``.
+
         Raises
         ------
         ValueError
@@ -330,7 +442,7 @@ class LossSpec:
             for c in range(probs.shape[-1]):
                 col = -probs.clone()
                 col[:, c] += 1
-                yield _classes_back(root[:, c:c + 1] * col, out.shape, moved)
+                yield _classes_back(root[:, c : c + 1] * col, out.shape, moved)
             return
         if self.kind in ("mse", "bce"):
             if self.kind == "mse":

@@ -120,8 +120,9 @@ class Parallel:
         with self.reporting_lost_ranks():
             dist.all_gather_object(messages, local, group=self.group)
         if differ and not failed_any:  # a failure says more than the calls that follow from it
-            calls = "; ".join(f"rank {rank}: {m[1] or 'a check of its input or data'}"
-                              for rank, m in enumerate(messages))
+            calls = "; ".join(
+                f"rank {rank}: {m[1] or 'a check of its input or data'}" for rank, m in enumerate(messages)
+            )
             agreed: Exception = ValueError(
                 f"the ranks made different calls ({calls}); every rank must make the same curvops "
                 "calls in the same order, with the same arguments, on operators built from the same "
@@ -139,8 +140,11 @@ class Parallel:
         agreed._raised_on_every_rank = True  # type: ignore[attr-defined]
         raise agreed from error
 
-    def shared_seed(self, seed: int | None, doing: str, device: torch.device, fresh: Callable[[], int]) -> int:
-        """Agree on the call ``doing`` (see :meth:`agree`) and on its seed: rank 0's ``fresh()`` if ``seed`` is None.
+    def shared_seed(
+        self, seed: int | None, doing: str, device: torch.device, fresh: Callable[[], int]
+    ) -> int:
+        """Agree on the call ``doing`` (see :meth:`agree`) and on its seed: rank 0's ``fresh()``
+        if ``seed`` is None.
 
         Every rank must draw the same random vectors (replicated under DDP; one global
         vector, each rank its rows, under FSDP), so a seed drawn from fresh entropy is
@@ -167,7 +171,7 @@ class Parallel:
         result: Any = None
         try:
             result = work()
-        except Exception as caught:  # noqa: BLE001 - every error must reach the other ranks
+        except Exception as caught:
             if isinstance(caught, ParallelError) or getattr(caught, "_raised_on_every_rank", False):
                 raise  # already agreed on, or already names the failing rank
             if not collective:
@@ -196,7 +200,9 @@ class Parallel:
         message = f"{type(error).__name__}: {error}"
         self._post(message)
         with contextlib.suppress(Exception):
-            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=BROKEN_GROUP_TIMEOUT_S), self.group)
+            dist.distributed_c10d._set_pg_timeout(
+                datetime.timedelta(seconds=BROKEN_GROUP_TIMEOUT_S), self.group
+            )
         raise ParallelError(
             f"rank {self.rank} of {self.world_size} failed inside a product ({message}) while the "
             "other ranks were in the product's collectives (FSDP's parameter all-gathers and "
@@ -220,16 +226,23 @@ class Parallel:
 
     def _caused_by(self, reports: dict[int, str], error: BaseException) -> str:
         causes = "; ".join(f"rank {rank}: {text}" for rank, text in sorted(reports.items()))
-        return (f"rank {self.rank} stopped because another rank failed ({causes}); its own "
-                f"collective then failed: {_first_line(error)}")
+        return (
+            f"rank {self.rank} stopped because another rank failed ({causes}); its own "
+            f"collective then failed: {_first_line(error)}"
+        )
 
     def _lost_rank_message(self, error: BaseException) -> str:
         lost = self._lost_ranks()
-        who = (f"rank(s) {', '.join(map(str, lost))} of {self.world_size} exited"
-               if lost else "another rank stopped responding (crashed, killed or hung on another host)")
-        return (f"rank {self.rank}: a collective failed because {who} without reporting an error: "
-                f"{_first_line(error)}. Check that rank's log; set a timeout in "
-                "init_process_group(timeout=...) to bound how long the ranks wait for each other")
+        who = (
+            f"rank(s) {', '.join(map(str, lost))} of {self.world_size} exited"
+            if lost
+            else "another rank stopped responding (crashed, killed or hung on another host)"
+        )
+        return (
+            f"rank {self.rank}: a collective failed because {who} without reporting an error: "
+            f"{_first_line(error)}. Check that rank's log; set a timeout in "
+            "init_process_group(timeout=...) to bound how long the ranks wait for each other"
+        )
 
     # The rendezvous store carries what the collectives cannot: each rank's host and process
     # id (to name a rank that died) and the message of a rank that failed out of step.
@@ -237,10 +250,10 @@ class Parallel:
         """A new client of the default group's store that gives up after :data:`REPORT_WAIT_S`
         (its host may be the rank that is gone)."""
         try:
-            store = dist.distributed_c10d._get_default_store().clone()
+            store: Any = dist.distributed_c10d._get_default_store().clone()  # type: ignore[attr-defined]
             store.set_timeout(datetime.timedelta(seconds=REPORT_WAIT_S))
             return store
-        except Exception:  # noqa: BLE001 - no store (custom init): messages without it
+        except Exception:
             return None
 
     def _key(self, what: str, rank: int) -> str:
@@ -250,7 +263,8 @@ class Parallel:
     def _register(self) -> None:
         with contextlib.suppress(Exception):  # no store (custom init): messages without it
             dist.distributed_c10d._get_default_store().set(
-                self._key("process", self.rank), f"{socket.gethostname()} {os.getpid()}")
+                self._key("process", self.rank), f"{socket.gethostname()} {os.getpid()}"
+            )
 
     def _post(self, message: str) -> None:
         store = self._store()
@@ -274,7 +288,7 @@ class Parallel:
     def _lost_ranks(self) -> list[int]:
         """Ranks on this host whose process is gone (other hosts cannot be probed)."""
         store = self._store()
-        lost = []
+        lost: list[int] = []
         if store is None:
             return lost
         host = socket.gethostname()
@@ -295,7 +309,7 @@ def describe_call(operand_description: str) -> str:
     every algorithm from restating its arguments for the check.
     """
     outermost = None
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     while frame is not None:
         if str(frame.f_globals.get("__name__", "")).startswith("curvops.algorithms"):
             outermost = frame
@@ -320,8 +334,16 @@ def _is_backend_error(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("gloo", "Connection closed by peer", "Connection reset by peer",
-                                      "Timed out waiting", "NCCL", "Broken pipe"))
+        marker in text
+        for marker in (
+            "gloo",
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "NCCL",
+            "Broken pipe",
+        )
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -339,14 +361,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     if sys.platform.startswith("linux"):  # an exited child not yet reaped is a zombie: gone
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as handle:
-                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
 _ERRORS: dict[str, type[Exception]] = {
-    "ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError,
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "FloatingPointError": FloatingPointError,
     "NotImplementedError": NotImplementedError,
 }
 
@@ -384,7 +407,12 @@ class Replicated(Parallel):
         """
         rows, k = X.shape
         weights = self._weights
-        if weights is None or weights.shape[0] != rows or weights.dtype != X.dtype or weights.device != X.device:
+        if (
+            weights is None
+            or weights.shape[0] != rows
+            or weights.dtype != X.dtype
+            or weights.device != X.device
+        ):
             weights = _fixed_gaussians(rows, 0x5EED, X)
             self._weights = weights
         column_weights = _fixed_gaussians(k, 0x5EED + 1, X)
@@ -394,12 +422,15 @@ class Replicated(Parallel):
             return
         if bool((table[:, 0] != table[0, 0]).any()):
             widths = ", ".join(f"rank {r}: {int(w)}" for r, w in enumerate(table[:, 0].tolist()))
-            raise ValueError(f"the ranks multiply different numbers of vectors ({widths}); make the same "
-                             "calls with the same arguments on every rank")
+            raise ValueError(
+                f"the ranks multiply different numbers of vectors ({widths}); make the same "
+                "calls with the same arguments on every rank"
+            )
         self.agree(self.replication_error(X.T.contiguous()), device)
 
     def replication_error(self, rows: Tensor) -> ValueError | None:
-        """This rank's error if the ranks multiply different ``(k, D)`` blocks (``rows``: the block's transpose).
+        """This rank's error if the ranks multiply different ``(k, D)`` blocks (``rows``: the
+        block's transpose).
 
         All-reduces a copy of the block and compares the sum with ``world_size`` times this
         rank's block: ``‖Σ_s x_s − W x_r‖ = W ‖mean − x_r‖``. If any two ranks' blocks differ
@@ -415,8 +446,12 @@ class Replicated(Parallel):
         # In the block's dtype: W x_r is exact (a power of two) or one rounding, far below
         # the tolerance; the norms accumulate in float64.
         gap = float(torch.linalg.vector_norm(total.sub_(rows, alpha=self.world_size), dtype=torch.float64))
-        tolerance = self.ROUNDING * float(torch.finfo(rows.dtype).eps) * self.world_size * float(
-            torch.linalg.vector_norm(rows, dtype=torch.float64))
+        tolerance = (
+            self.ROUNDING
+            * float(torch.finfo(rows.dtype).eps)
+            * self.world_size
+            * float(torch.linalg.vector_norm(rows, dtype=torch.float64))
+        )
         if gap <= tolerance:
             return None
         return ValueError(
@@ -517,21 +552,24 @@ def detect_parallel(model: nn.Module) -> tuple[nn.Module, Parallel | None]:
             "supports FSDP2 (fully_shard) and DDP, not tensor parallelism"
         )
     # fully_shard builds a mesh object per call; what matters is the ranks it spans.
-    meshes = {(p.device_mesh.ndim, tuple(p.device_mesh.mesh.flatten().tolist())) for p in dtensors}
-    mesh = dtensors[0].device_mesh
+    sharded: list[Any] = dtensors  # DTensors: torch's stubs type them as plain tensors
+    meshes = {(p.device_mesh.ndim, tuple(p.device_mesh.mesh.flatten().tolist())) for p in sharded}
+    mesh = sharded[0].device_mesh
     if len(meshes) != 1 or mesh.ndim != 1:
         raise NotImplementedError(
             "curvops supports FSDP2 on a one-dimensional device mesh (plain sharding); "
             "hybrid sharding (HSDP, 2-D meshes) is not supported"
         )
     if len(dtensors) != sum(1 for _ in model.parameters()):
-        raise TypeError("some parameters of the model are not sharded by fully_shard; shard the root module too")
+        raise TypeError(
+            "some parameters of the model are not sharded by fully_shard; shard the root module too"
+        )
     return model, Sharded(mesh.get_group(), model)
 
 
 def local_tensor(param: Tensor) -> Tensor:
     """The rank's local shard of a (possibly DTensor) parameter, as a plain tensor view."""
-    return param.to_local() if _is_dtensor(param) else param
+    return param.to_local() if _is_dtensor(param) else param  # type: ignore[attr-defined]
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -545,7 +583,7 @@ def _is_dtensor(tensor: Tensor) -> bool:
 def shard_layout(params: Sequence[Tensor], parallel: Sharded) -> ShardLayout:
     """The :class:`ShardLayout` of the selected FSDP2 parameters (one all-gather)."""
     for p in params:
-        placements = p.placements
+        placements = p.placements  # type: ignore[attr-defined]
         if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:
             raise NotImplementedError(
                 f"parameter of shape {tuple(p.shape)} has placements {placements}; curvops "

@@ -92,9 +92,10 @@ class _CompositeOperator(TorchLinearOperator):
     def _parameter_shapes(self) -> list[torch.Size] | None:
         # The operands' common parameter layout, if they all have one and it is the same.
         shapes = [op._parameter_shapes() for op in self.operands]
-        if any(s is None for s in shapes) or any(list(s) != list(shapes[0]) for s in shapes[1:]):
+        first = shapes[0]
+        if first is None or any(s is None or list(s) != list(first) for s in shapes[1:]):
             return None
-        return list(shapes[0])
+        return list(first)
 
     def _transposed_operands(self, adjoint: bool) -> list[TorchLinearOperator] | None:
         """The operands' transposes, or None if one of them has no torch transpose."""
@@ -116,8 +117,10 @@ class _SumOperator(_CompositeOperator):
             flat.extend(term.operands if isinstance(term, _SumOperator) else (term,))
         for term in flat[1:]:
             if term.shape != flat[0].shape:
-                raise ValueError(f"cannot add operators of shapes {flat[0].shape} ({_name(flat[0])}) and "
-                                 f"{term.shape} ({_name(term)})")
+                raise ValueError(
+                    f"cannot add operators of shapes {flat[0].shape} ({_name(flat[0])}) and "
+                    f"{term.shape} ({_name(term)})"
+                )
         super().__init__(flat[0].shape, flat)
 
     @property
@@ -150,6 +153,8 @@ class _SumOperator(_CompositeOperator):
 
 class _ScaledOperator(_CompositeOperator):
     """``α A`` for a finite real scalar ``α`` (``2.0 * H``, ``H / 2``, ``-H``)."""
+
+    alpha: float
 
     def __init__(self, operator: TorchLinearOperator, alpha: float) -> None:
         alpha = float(alpha)
@@ -191,8 +196,10 @@ class _ProductOperator(_CompositeOperator):
 
     def __init__(self, left: TorchLinearOperator, right: TorchLinearOperator) -> None:
         if left.shape[1] != right.shape[0]:
-            raise ValueError(f"cannot multiply operators of shapes {left.shape} ({_name(left)}) and "
-                             f"{right.shape} ({_name(right)})")
+            raise ValueError(
+                f"cannot multiply operators of shapes {left.shape} ({_name(left)}) and "
+                f"{right.shape} ({_name(right)})"
+            )
         super().__init__((left.shape[0], right.shape[1]), [left, right])
 
     @property
@@ -225,11 +232,15 @@ class _ProductOperator(_CompositeOperator):
 class _PowerOperator(_CompositeOperator):
     """``A^p`` of a square operator for an integer ``p ≥ 0`` (``H ** 2``; ``A^0 = I``)."""
 
+    power: int
+
     def __init__(self, operator: TorchLinearOperator, power: int) -> None:
         if isinstance(power, bool) or not isinstance(power, numbers.Integral) or power < 0:
             raise ValueError(f"an operator's power must be an integer >= 0, got {power!r}")
         if operator.shape[0] != operator.shape[1]:
-            raise ValueError(f"only a square operator has powers; {_name(operator)} has shape {operator.shape}")
+            raise ValueError(
+                f"only a square operator has powers; {_name(operator)} has shape {operator.shape}"
+            )
         super().__init__(operator.shape, [operator])
         self.power = int(power)
 
@@ -266,12 +277,17 @@ def _same_distribution(a: TorchLinearOperator, b: TorchLinearOperator) -> bool:
     """Whether two operators are spread over the same processes in the same way (or neither is)."""
     if (a.parallel is None) != (b.parallel is None):
         return False
-    if a.parallel is not None and (type(a.parallel) is not type(b.parallel) or a.parallel.group is not b.parallel.group):
+    if a.parallel is not None and (
+        type(a.parallel) is not type(b.parallel) or a.parallel.group is not b.parallel.group
+    ):
         return False
-    if (a.sharding is None) != (b.sharding is None):
-        return False
-    return a.sharding is None or (a.sharding.dim, a.sharding.local_dim, a.sharding.ranges) == (
-        b.sharding.dim, b.sharding.local_dim, b.sharding.ranges)
+    if a.sharding is None or b.sharding is None:
+        return a.sharding is None and b.sharding is None
+    return (a.sharding.dim, a.sharding.local_dim, a.sharding.ranges) == (
+        b.sharding.dim,
+        b.sharding.local_dim,
+        b.sharding.ranges,
+    )
 
 
 def _name(op: Any) -> str:

@@ -9,11 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from curvops.operators._loss import check_mc_samples, resolve_seed
-from curvops.operators.base import OutputSpaceOperator, ParamSelection
+from curvops.operators._output_space import OutputSpaceOperator
+from curvops.operators.base import ParamSelection, document_shared_parameters
+from curvops.operators.strategy import ProductStrategy
 
 _KINDS = ("mc", "empirical")
 
 
+@document_shared_parameters
 class FisherOperator(OutputSpaceOperator):
     """Fisher ``F = c Σ_t J_tᵀ E[s_t s_tᵀ] J_t`` as a linear operator (D, D).
 
@@ -36,8 +39,7 @@ class FisherOperator(OutputSpaceOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, check_deterministic
-        See :class:`~curvops.operators.base.CurvatureOperator`.
+    {shared_parameters}
     kind : {"mc", "empirical"}, optional
         Which Fisher (default ``"mc"``).
     mc_samples : int, optional
@@ -48,14 +50,40 @@ class FisherOperator(OutputSpaceOperator):
         Seed of the label draws, a non-negative integer (default 0). ``None``: a fresh seed
         from the operating system's entropy, drawn once at construction and stored in
         :attr:`seed` (the operator is still one fixed matrix; pass that seed to reproduce it).
+    strategy : ProductStrategy or "auto", optional
+        How ``J v`` is obtained (``output_tangent``) and whether the columns of a block share
+        vectorised passes (``batched_columns``); ``hessian_vector`` does not concern the
+        Fisher. Default ``"auto"``: by device and model. See :class:`~curvops.ProductStrategy`.
+
+    Raises
+    ------
+    ValueError
+        If ``kind``, ``mc_samples`` or ``seed`` is invalid, ``kind="mc"`` is asked of a custom
+        loss, or for the data and model refusals of every curvature operator.
+    TypeError
+        If ``strategy`` is neither a :class:`~curvops.ProductStrategy` nor ``"auto"``.
+
+    Notes
+    -----
+    {shared_notes}
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
-                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 kind: str = "mc", mc_samples: int = 1, seed: int | None = 0,
-                 check_deterministic: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: Iterable[tuple[Any, Any]],
+        *,
+        params: ParamSelection = None,
+        kind: str = "mc",
+        mc_samples: int = 1,
+        seed: int | None = 0,
+        check_deterministic: bool = True,
+        strategy: ProductStrategy | str = "auto",
+    ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        self.strategy = ProductStrategy.from_argument(strategy)
         self.kind = kind
         self.mc_samples = check_mc_samples(mc_samples)
         self.seed = resolve_seed(seed)
@@ -81,7 +109,7 @@ class FisherOperator(OutputSpaceOperator):
         rank = 0 if self.parallel is None else self.parallel.rank
         generator.manual_seed((self.seed * 1_000_003 + index + rank * 1_000_000_007) % (2**63 - 1))
         samples = self.loss.sample_output_gradients(output, target, self.mc_samples, generator)
-        return samples / self.mc_samples ** 0.5
+        return samples / self.mc_samples**0.5
 
     def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Tensor) -> Tensor:
         return self.loss.fisher_middle(context, jv)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvops.operators._forward_ad import tangent_rules
-from curvops.operators.base import OutputSpaceOperator, ParamSelection
+from curvops.operators._output_space import OutputSpaceOperator
+from curvops.operators.base import BatchProduct, ParamSelection, document_shared_parameters
+from curvops.operators.strategy import ProductStrategy
 
 
+@document_shared_parameters
 class GGNOperator(OutputSpaceOperator):
     """Generalized Gauss-Newton ``G = c Σ_b J_bᵀ (∇²_f ℓ_b) J_b`` as a linear operator (D, D).
 
@@ -26,8 +30,7 @@ class GGNOperator(OutputSpaceOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, check_deterministic
-        See :class:`~curvops.operators.base.CurvatureOperator`.
+    {shared_parameters}
     fused_head : bool, str or nn.Module, optional
         Fuse the output head into the product (default False). For models whose output
         is ``h Wᵀ`` — an ``nn.Linear`` without bias, possibly tied to the input
@@ -43,14 +46,43 @@ class GGNOperator(OutputSpaceOperator):
     head_chunk_rows : int, optional
         Rows per chunk of the fused head (default: one (rows, V) tensor of at most
         256 MiB).
+    strategy : ProductStrategy or "auto", optional
+        How ``J v`` is obtained (``output_tangent``) and whether the columns of a block share
+        vectorised passes (``batched_columns``); ``hessian_vector`` does not concern the GGN.
+        Default ``"auto"``: by device and model. See :class:`~curvops.ProductStrategy`.
+
+    Raises
+    ------
+    TypeError
+        If ``fused_head`` or ``strategy`` has the wrong type.
+    ValueError
+        If ``fused_head`` names no bias-free ``nn.Linear`` of the model or the loss is not a
+        cross-entropy, or for the data and model refusals of every curvature operator.
+    NotImplementedError
+        If ``fused_head`` is asked of a DDP/FSDP model.
+
+    Notes
+    -----
+    {shared_notes}
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
-                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 fused_head: bool | str | nn.Module = False, head_chunk_rows: int | None = None,
-                 check_deterministic: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: Iterable[tuple[Any, Any]],
+        *,
+        params: ParamSelection = None,
+        fused_head: bool | str | nn.Module = False,
+        head_chunk_rows: int | None = None,
+        check_deterministic: bool = True,
+        strategy: ProductStrategy | str = "auto",
+    ) -> None:
         if fused_head is not None and not isinstance(fused_head, (bool, str, nn.Module)):
-            raise TypeError(f"fused_head must be a bool, a module name or a module, got {type(fused_head).__name__}")
+            raise TypeError(
+                f"fused_head must be a bool, a module name or a module, got {type(fused_head).__name__}"
+            )
+        self.strategy = ProductStrategy.from_argument(strategy)
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         self.head: nn.Linear | None = None
         self.head_chunk_rows = head_chunk_rows
@@ -69,19 +101,25 @@ class GGNOperator(OutputSpaceOperator):
     def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Any) -> Tensor:
         return self.loss.output_hvp(output, target, jv)
 
-    def _products(self, V, only=None):
+    @contextlib.contextmanager
+    def _batch_products(self, V: list[Tensor], out: list[Tensor]) -> Iterator[BatchProduct]:
         if self.head is None:
-            return super()._products(V, only)
-        return self._fused_head_products(V, only)
+            with super()._batch_products(V, out) as product:
+                yield product
+        else:
+            yield self._fused_head_product(V, out)
 
     # ------------------------------------------------------------- fused head
-    def _forward_to_head(self, inputs: Any, replace: dict[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward_to_head(
+        self, inputs: Any, replace: dict[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the model with the head skipped: (head input, stand-in head output, model output).
 
         The head returns a zero-stride stand-in of the logits' shape (no memory), so the
         (N, V) logits are never computed.
         """
         head = self.head
+        assert head is not None
         captured: list[tuple[Tensor, Tensor]] = []
 
         def stand_in(x: Tensor) -> Tensor:
@@ -89,30 +127,36 @@ class GGNOperator(OutputSpaceOperator):
             captured.append((x, out))
             return out
 
-        head.forward = stand_in  # instance attribute: shadows nn.Linear.forward for this call only
+        head.forward = stand_in  # type: ignore[method-assign, assignment]  # shadows nn.Linear.forward for this call
         try:
             output = self.forward(inputs, replace=replace)
         finally:
             del head.forward
         if len(captured) != 1:
-            raise ValueError(f"fused_head: the head was called {len(captured)} times in one forward pass, expected once")
+            raise ValueError(
+                f"fused_head: the head was called {len(captured)} times in one forward pass, expected once"
+            )
         return captured[0][0], captured[0][1], output
 
-    def _fused_head_products(self, V, only):
+    def _fused_head_product(self, V: list[Tensor], out: list[Tensor]) -> BatchProduct:
+        """``Jᵀ M J V`` of one batch with the head fused into the loss-Hessian product."""
         import torch.autograd.forward_ad as fwAD
 
         from curvops.kernels.cross_entropy_sum import ce_row_weights
         from curvops.kernels.linear_cross_entropy_ggn import linear_cross_entropy_ggn
 
+        assert self.head is not None
+        head = self.head
         k = V[0].shape[0]
-        out = self._zeros_like_block(k)
-        losses, loss_batches = [], []
-        head_weight = self.head.weight
+        head_weight = head.weight
         w_index = next((i for i, p in enumerate(self.params) if p is head_weight), None)
         spec = self.loss.flat if self.loss.flat is not None else self.loss
-        f = self.loss.fn
-        keep_graph = self._keep_graph_for_tangent()
-        for index, inputs, target in self._batches(only):
+        f: Any = self.loss.fn
+        ce: Any = spec.fn  # an nn.CrossEntropyLoss (or the flattened loss's)
+        keep_graph = self._tangent_with_graph()
+        batched = self._batched_columns()
+
+        def product(index: int, inputs: Any, target: Any) -> Tensor:
             if keep_graph:
                 # Column 0: one dual forward keeps the graph up to the head's input.
                 with torch.enable_grad(), fwAD.dual_level(), tangent_rules():
@@ -120,14 +164,16 @@ class GGNOperator(OutputSpaceOperator):
                     hidden, stand_in, output = self._forward_to_head(inputs, duals)
                     hidden, first = fwAD.unpack_dual(hidden)
             else:
-                # As in the base class on CUDA: a plain forward keeps the graph, the tangents
-                # come from a separate no-graph forward (the graph holds no tangent work).
+                # A plain forward keeps the graph, the tangents come from a separate no-graph
+                # forward (the graph holds no tangent work).
                 with torch.enable_grad():
                     hidden, stand_in, output = self._forward_to_head(inputs, None)
                 first = None
             if output is not stand_in:
-                raise ValueError("fused_head: the model's output is not the head's output (the model "
-                                 "transforms the logits after the head); use fused_head=False")
+                raise ValueError(
+                    "fused_head: the model's output is not the head's output (the model "
+                    "transforms the logits after the head); use fused_head=False"
+                )
             h2d = hidden.detach().reshape(-1, hidden.shape[-1])
             if keep_graph:
                 tangents = [torch.zeros_like(h2d) if first is None else first.detach().reshape(h2d.shape)]
@@ -137,37 +183,55 @@ class GGNOperator(OutputSpaceOperator):
                 rest = [v[1:] for v in V]
             else:
                 tangents, rest = [], V
-            if k == 1 and not keep_graph:
-                tangents = [self._hidden_jvp(inputs, [v[0] for v in V], h2d)]
-            elif rest[0].shape[0]:
+            columns = rest[0].shape[0]
+            if columns == 1 or (columns and not batched):
+                tangents += [self._hidden_jvp(inputs, [v[col] for v in rest], h2d) for col in range(columns)]
+            elif columns:
                 tangents += list(self._hidden_jvp_block(inputs, rest).reshape(-1, *h2d.shape).unbind(0))
 
             rows_target = f.flat_target(target) if self.loss.flat is not None else target
             if not torch.is_tensor(rows_target) or rows_target.is_floating_point():
                 raise ValueError("fused_head supports class-index targets only (not class probabilities)")
             if stand_in.dim() != 2 and self.loss.flat is None:
-                raise ValueError("fused_head with nn.CrossEntropyLoss needs 2-d logits (N, C); for "
-                                 "sequence models use curvops.lm.CausalLMLoss")
+                raise ValueError(
+                    "fused_head with nn.CrossEntropyLoss needs 2-d logits (N, C); for "
+                    "sequence models use curvops.lm.CausalLMLoss"
+                )
             rows = h2d.shape[0]
             if rows_target.numel() != rows:
                 raise ValueError(f"fused_head: {rows_target.numel()} targets for {rows} rows of logits")
-            rw = ce_row_weights(h2d.new_zeros(()).expand(rows, self.head.out_features), rows_target.reshape(-1),
-                                weight=spec.fn.weight, ignore_index=spec.fn.ignore_index,
-                                label_smoothing=spec.fn.label_smoothing)
+            rw = ce_row_weights(
+                h2d.new_zeros(()).expand(rows, head.out_features),
+                rows_target.reshape(-1),
+                weight=ce.weight,
+                ignore_index=ce.ignore_index,
+                label_smoothing=ce.label_smoothing,
+            )
             weight = head_weight.detach()
+            lse: Tensor | None = None
             for col, h_dot in enumerate(tangents):
                 w_dot = None if w_index is None else V[w_index][col]
-                res = linear_cross_entropy_ggn(h2d, weight, h_dot, w_dot, rw.a * self.scale,
-                                               weight_grad=w_index is not None, chunk_rows=self.head_chunk_rows)
+                res = linear_cross_entropy_ggn(
+                    h2d,
+                    weight,
+                    h_dot,
+                    w_dot,
+                    rw.a * self.scale,
+                    weight_grad=w_index is not None,
+                    chunk_rows=self.head_chunk_rows,
+                )
                 grads = self._vjp(hidden, res.grad_hidden.view(hidden.shape), retain_graph=col < k - 1)
                 for o, g in zip(out, grads):
                     o[col].add_(g)
                 if w_index is not None:
+                    assert res.grad_weight is not None  # asked for with weight_grad
                     out[w_index][col].add_(res.grad_weight)
+                lse = res.lse
+            assert lse is not None  # a block has k >= 1 columns
             with torch.no_grad():
-                losses.append(self._head_loss(h2d, weight, rw, res.lse) * self.scale)
-            loss_batches.append(index)
-        return out, losses, loss_batches
+                return self._head_loss(h2d, weight, rw, lse) * self.scale
+
+        return product
 
     def _hidden_jvp(self, inputs: Any, tangents: list[Tensor], like: Tensor | None = None) -> Tensor:
         """Tangent of the head's input for one parameter tangent, without a graph: shaped like
@@ -177,7 +241,9 @@ class GGNOperator(OutputSpaceOperator):
         # Gradients enabled (no graph: detached parameters) for tangent_rules' no-grad regions.
         with torch.enable_grad(), fwAD.dual_level(), tangent_rules():
             duals = self._detached_parameters()
-            duals.update((n, fwAD.make_dual(p.detach(), t)) for n, p, t in zip(self.param_names, self.params, tangents))
+            duals.update(
+                (n, fwAD.make_dual(p.detach(), t)) for n, p, t in zip(self.param_names, self.params, tangents)
+            )
             hidden, tangent = fwAD.unpack_dual(self._forward_to_head(inputs, duals)[0])
         like = hidden if like is None else like
         return torch.zeros_like(like) if tangent is None else tangent.reshape(like.shape)
@@ -194,8 +260,9 @@ class GGNOperator(OutputSpaceOperator):
             return torch.func.jvp(hidden_of, (primals,), (dict(zip(self.param_names, ts)),))[1]
 
         if self._forward_writes_buffers():  # vmap cannot batch running-statistics updates
-            return torch.stack([self._hidden_jvp(inputs, [t[col] for t in tangents])
-                                for col in range(tangents[0].shape[0])])
+            return torch.stack(
+                [self._hidden_jvp(inputs, [t[col] for t in tangents]) for col in range(tangents[0].shape[0])]
+            )
         with torch.enable_grad(), tangent_rules(shortcuts=False):
             return torch.func.vmap(tangent_of)(*tangents)
 
@@ -224,10 +291,10 @@ def _find_head(model: nn.Module, head: bool | str | nn.Module) -> nn.Linear:
         try:
             module = model.get_submodule(head)
         except AttributeError:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             raise ValueError(
                 f"fused_head={head!r}: the model has no submodule of that name; name its output "
-                f"nn.Linear (its linear layers: {', '.join(linears[-5:]) or 'none'}), pass the module, "
+                f"nn.Linear (its linear layers: {', '.join(names[-5:]) or 'none'}), pass the module, "
                 "or pass True to find it"
             ) from None
     elif isinstance(head, nn.Module):

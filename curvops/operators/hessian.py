@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -10,7 +11,14 @@ from torch import Tensor, nn
 
 from curvops.operators._forward_ad import ConstantRegions, first_unverified_operation, own_storage
 from curvops.operators._parallel import Sharded
-from curvops.operators.base import CurvatureOperator, ParamSelection
+from curvops.operators.base import (
+    BatchProduct,
+    BatchSumOperator,
+    ParamSelection,
+    RestartPass,
+    document_shared_parameters,
+)
+from curvops.operators.strategy import ProductStrategy
 
 _METHODS = ("autograd", "finite_difference")
 
@@ -26,13 +34,13 @@ class _UnverifiedOperation(Exception):
     """Reverse over forward met an operation whose forward-mode rule is not verified (its name)."""
 
 
-class HessianOperator(CurvatureOperator):
+@document_shared_parameters
+class HessianOperator(BatchSumOperator):
     """Hessian ``∇²_θ L`` of the whole-dataset loss as a linear operator (D, D).
 
     Parameters
     ----------
-    model, loss_fn, data, params, check_deterministic
-        See :class:`~curvops.operators.base.CurvatureOperator`.
+    {shared_parameters}
     method : {"autograd", "finite_difference"}, optional
         ``"autograd"`` (default): exact products by automatic differentiation. A (D, k)
         block by double backward, one differentiable gradient per batch reused for all k
@@ -41,7 +49,8 @@ class HessianOperator(CurvatureOperator):
         ``⟨∇_z ℓ, J v⟩``), which forms fewer matrix products; it is used only while the
         model runs operations whose forward-mode rules are verified to be right when
         differentiated (checked on every batch; not ``layer_norm``, ``batch_norm`` in train
-        mode or ``softmax`` on torch 2.13), and double backward replaces it for good otherwise.
+        mode or ``softmax`` on torch 2.13), and double backward replaces it for good otherwise
+        (``strategy.hessian_vector`` chooses; see :class:`~curvops.ProductStrategy`).
         ``"finite_difference"``: central differences of gradients,
         ``Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)``; needs no double backward (the
         path for FSDP and for layers without second derivatives) and costs two
@@ -62,25 +71,54 @@ class HessianOperator(CurvatureOperator):
         their relative error is at best ``O(u^(2/3))`` times model constants — in
         float64 about 1e-10 to 1e-8, in float32 1e-4 to 1e-2 (measured on transformer
         LMs: ``benchmarks/results/fd_step_*``; use float64 where accuracy matters).
+    strategy : ProductStrategy or "auto", optional
+        How ``method="autograd"`` multiplies a single vector (its ``hessian_vector`` field;
+        the other fields concern the GGN and Fisher). Default ``"auto"``: reverse over
+        forward where verified, else double backward. See :class:`~curvops.ProductStrategy`.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` or ``fd_eps`` is invalid, or for the data and model refusals of
+        every curvature operator.
+    TypeError
+        If ``strategy`` is neither a :class:`~curvops.ProductStrategy` nor ``"auto"``.
+    NotImplementedError
+        If the model is FSDP-sharded and ``method`` is not ``"finite_difference"``.
 
     Notes
     -----
+    {shared_notes}
+
     Under FSDP2 (``fully_shard``) only ``method="finite_difference"`` works: FSDP
     all-gathers parameters outside autograd, so there is no double backward. Each rank
     perturbs its own parameter shards; FSDP's reduce-scatter returns the gradient shards
     of the global objective, and their difference is the rank's shard of ``Hv``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
-                 data: Iterable[tuple[Any, Any]], *, params: ParamSelection = None,
-                 method: str = "autograd", fd_eps: float | None = None,
-                 check_deterministic: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: Iterable[tuple[Any, Any]],
+        *,
+        params: ParamSelection = None,
+        method: str = "autograd",
+        fd_eps: float | None = None,
+        check_deterministic: bool = True,
+        strategy: ProductStrategy | str = "auto",
+    ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if fd_eps is not None and not fd_eps > 0:
             raise ValueError(f"fd_eps must be a positive number, got {fd_eps!r}")
         self.method = method
         self.fd_eps = fd_eps
+        self.strategy = ProductStrategy.from_argument(strategy)
+        #: The operation that made reverse over forward unusable for this model (None: none met).
+        self._unverified_operation: str | None = None
+        #: Batches whose forward pass the finite differences have read for hidden dependences.
+        self._structure_checked: set[int] = set()
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         if isinstance(self.parallel, Sharded) and method != "finite_difference":
             raise NotImplementedError(
@@ -88,79 +126,80 @@ class HessianOperator(CurvatureOperator):
                 "outside autograd): use HessianOperator(..., method='finite_difference')"
             )
 
-    #: How a single vector (k = 1) is multiplied by ``method="autograd"``. True (default):
-    #: reverse over forward, ``Hv = ∇_θ ⟨∇_z ℓ(z), J v⟩`` from one dual forward pass that
-    #: keeps the graph of the output ``z`` and of its tangent ``J v``, then one backward
-    #: pass (fewer matrix products than double backward: it never forms the gradient's
-    #: weight products). Measured faster and no larger than double backward: 2-core CPU,
-    #: MLP 784-256-256-10 2.13 vs 2.52 gradients, small CNN 1.86 vs 2.69; H200, MLP
-    #: 784-2048-2048-10 2.27 vs 2.86, CNN 1.99 vs 3.73 at 642 vs 818 MiB peak
-    #: (``benchmarks/results/matvec_*``, ``reverse_over_forward_*``). False: double
-    #: backward. Blocks (k > 1) always use double backward: one differentiable gradient per
-    #: batch serves all k columns.
-    #:
-    #: Reverse over forward differentiates torch's forward-mode rules, and some of those are
-    #: not right when differentiated (``layer_norm``'s and train-mode ``batch_norm``'s: a
-    #: Hessian 15-25% off with no error), so it is right only by construction: every
-    #: batch's output graph is checked, before its backward pass, to hold only operations
-    #: whose rules are verified
-    #: (:func:`~curvops.operators._forward_ad.first_unverified_operation`). On the
-    #: first other operation, or a forward-mode pass that raises (an operation without a
-    #: forward-mode rule), the operator switches to double backward for good and recomputes
-    #: the product. The check is structural, so no data can fool it.
-    _reverse_over_forward: bool = True
+    @property
+    def single_vector_method(self) -> str:
+        """How the next single-vector product is computed.
 
-    def _use_reverse_over_forward(self, k: int) -> bool:
-        return k == 1 and self._reverse_over_forward and self.__dict__.get("_forward_mode_verdict") is not False
-
-    def _products(self, V, only=None):
+        Returns
+        -------
+        str
+            ``"finite_difference"`` (``method="finite_difference"``), ``"double_backward"``
+            (chosen by ``strategy``, or for good once reverse over forward met an operation
+            whose forward-mode rule is not verified) or ``"reverse_over_forward"``.
+        """
         if self.method == "finite_difference":
-            return self._finite_difference_products(V, only)
-        if self._use_reverse_over_forward(V[0].shape[0]):
-            try:
-                result = self._reverse_over_forward_products(V, only)
-            except _UnverifiedOperation:
-                pass
-            except (NotImplementedError, RuntimeError) as error:
-                if not any(sign in str(error) for sign in _FORWARD_MODE_FAILURES):
-                    raise
-            else:
-                self._forward_mode_verdict = True
-                return result
-            # The model runs an operation whose forward-mode rule is unverified or missing.
-            self._forward_mode_verdict = False
-        return self._double_backward_products(V, only)
+            return "finite_difference"
+        return "reverse_over_forward" if self._uses_reverse_over_forward(1) else "double_backward"
 
-    def _double_backward_products(self, V, only):
-        out = self._zeros_like_block(V[0].shape[0])
-        losses, loss_batches = [], []
+    # ------------------------------------------------------------ per-batch products
+    def _uses_reverse_over_forward(self, k: int) -> bool:
+        """Whether a product of k columns goes by reverse over forward (see :class:`ProductStrategy`)."""
+        return (
+            k == 1
+            and self.strategy.hessian_vector != "double_backward"
+            and self._unverified_operation is None
+        )
+
+    @contextlib.contextmanager
+    def _batch_products(self, V: list[Tensor], out: list[Tensor]) -> Iterator[BatchProduct]:
+        if self.method == "finite_difference":
+            with self._finite_difference_products(V, out) as product:
+                yield product
+        elif self._uses_reverse_over_forward(V[0].shape[0]):
+            yield self._reverse_over_forward_product(V, out)
+        else:
+            yield self._double_backward_product(V, out)
+
+    def _double_backward_product(self, V: list[Tensor], out: list[Tensor]) -> BatchProduct:
+        """``H V`` of one batch: a differentiable gradient, then one backward pass per column."""
         k = V[0].shape[0]
-        for index, inputs, target in self._batches(only):
+
+        def product(index: int, inputs: Any, target: Any) -> Tensor:
             with torch.enable_grad():
                 value = self.loss.batch_sum(self.forward(inputs), target) * self.scale
-                grads = torch.autograd.grad(value, self.params, create_graph=True,
-                                            allow_unused=True, materialize_grads=True)
+                grads = torch.autograd.grad(
+                    value, self.params, create_graph=True, allow_unused=True, materialize_grads=True
+                )
                 # A gradient with no graph (the loss is linear in that parameter) has
                 # zero Hessian rows; autograd refuses to differentiate it.
                 live = [i for i, g in enumerate(grads) if g.requires_grad]
                 if live:
                     for col in range(k):
                         hv = torch.autograd.grad(
-                            [grads[i] for i in live], self.params,
+                            [grads[i] for i in live],
+                            self.params,
                             grad_outputs=[V[i][col] for i in live],
-                            retain_graph=col < k - 1, allow_unused=True, materialize_grads=True,
+                            retain_graph=col < k - 1,
+                            allow_unused=True,
+                            materialize_grads=True,
                         )
                         for o, h in zip(out, hv):
                             o[col].add_(h)
-            losses.append(value.detach())
-            loss_batches.append(index)
-        return out, losses, loss_batches
+            return value.detach()
 
-    def _reverse_over_forward_products(self, V, only):
-        out = self._zeros_like_block(1)
-        losses, loss_batches = [], []
+        return product
+
+    def _reverse_over_forward_product(self, V: list[Tensor], out: list[Tensor]) -> BatchProduct:
+        """``H v`` of one batch for one column: ``∇_θ ⟨∇_z ℓ(z), J v⟩`` from a dual forward pass
+        that keeps the graph of ``z`` and of ``J v``.
+
+        Raises :class:`RestartPass` (the pass then runs again by double backward, and so do
+        all later products) where the output graph holds an operation whose forward-mode rule
+        is not verified to be right when differentiated, or one without a forward-mode rule.
+        """
         column = [own_storage(v[0]) for v in V]
-        for index, inputs, target in self._batches(only):
+
+        def multiply(inputs: Any, target: Any) -> Tensor:
             output, tangent = self._jvp(inputs, column, keep_graph=True, tangent_graph=True)
             unverified = first_unverified_operation(output)
             if unverified is not None:
@@ -171,24 +210,45 @@ class HessianOperator(CurvatureOperator):
                     (output_grad,) = torch.autograd.grad(value, output, create_graph=True)
                     directional = (output_grad * tangent).sum()  # ⟨∇_z ℓ, J v⟩ = ∇_θ L · v
                     if directional.requires_grad:
-                        hv = torch.autograd.grad(directional, self.params, allow_unused=True,
-                                                 materialize_grads=True)
+                        hv = torch.autograd.grad(
+                            directional, self.params, allow_unused=True, materialize_grads=True
+                        )
                         for o, h in zip(out, hv):
                             o[0].add_(h)
-            losses.append(value.detach())
-            loss_batches.append(index)
-        return out, losses, loss_batches
+            return value.detach()
+
+        def product(index: int, inputs: Any, target: Any) -> Tensor:
+            try:
+                return multiply(inputs, target)
+            except _UnverifiedOperation as unverified:
+                self._unverified_operation = str(unverified)
+            except (NotImplementedError, RuntimeError) as error:
+                if not any(sign in str(error) for sign in _FORWARD_MODE_FAILURES):
+                    raise
+                self._unverified_operation = f"{type(error).__name__}: {error}"
+            raise RestartPass(self._unverified_operation)
+
+        return product
 
     def _padding_rows(self) -> list[tuple[int, int]]:
         """(index into ``params``, row) of the padding row of every selected embedding weight."""
         index = {id(p): i for i, p in enumerate(self.params)}
-        return [(index[id(m.weight)], m.padding_idx) for m in self.model.modules()
-                if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index]
+        return [
+            (index[id(m.weight)], m.padding_idx)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
+        ]
 
-    def _finite_difference_products(self, V, only):
+    @contextlib.contextmanager
+    def _finite_difference_products(self, V: list[Tensor], out: list[Tensor]) -> Iterator[BatchProduct]:
+        """Central differences of gradients, batch by batch: for each batch, each column and both
+        signs one gradient at ``θ ± εv`` (``2k`` gradients per batch, one pass over the data).
+
+        On one process (and under DDP) the gradient is evaluated at new tensors ``θ₀ ± εv``, the
+        model untouched; under FSDP the shards are shifted in place and restored on exit. The
+        columns are divided by ``2ε`` once the pass is complete.
+        """
         k = V[0].shape[0]
-        out = self._zeros_like_block(k)
-        losses, loss_batches = [], []
         step = self.finite_difference_step()
         sharded = isinstance(self.parallel, Sharded)
         padding = [] if sharded else self._padding_rows()
@@ -200,39 +260,48 @@ class HessianOperator(CurvatureOperator):
             V = [v.clone() if any(i == j for j, _ in padding) else v for i, v in enumerate(V)]
             for i, row in padding:
                 V[i][:, row] = 0
-        checked = self.__dict__.setdefault("_structure_checked", set())
+        # Per-column step: a perturbation of norm ``step`` along each column.
+        norms = [self._global_norm([v[col] for v in V]) for col in range(k)]
+        steps = [None if norm == 0.0 else step / norm for norm in norms]
+        checked = self._structure_checked
+
         with self._shifted_parameters() as shift:
-            for col in range(k):
-                norm = self._global_norm([v[col] for v in V])
-                if norm == 0.0:
-                    continue
-                eps = step / norm
-                for sign in (1.0, -1.0):
-                    # One process: the gradient at new tensors θ₀ ± εv, the model untouched;
-                    # FSDP: θ shifted in place (at is None).
-                    at = shift(V, col, sign * eps)
-                    for index, inputs, target in self._batches(only):
+
+            def product(index: int, inputs: Any, target: Any) -> Tensor | None:
+                values = []
+                for col, eps in enumerate(steps):
+                    if eps is None:
+                        continue
+                    for sign in (1.0, -1.0):
+                        at = shift(V, col, sign * eps)
                         if sharded or index in checked:
                             value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at)
                         else:  # each batch's forward is read once for what autograd does not see
                             regions = ConstantRegions(i for i, _ in padding)
-                            value, grads, _ = self._loss_gradient(inputs, target, self.scale, at=at,
-                                                                  regions=regions)
+                            value, grads, _ = self._loss_gradient(
+                                inputs, target, self.scale, at=at, regions=regions
+                            )
                             self._refuse_hidden_dependence(regions, index)
                             checked.add(index)
                         for o, g in zip(out, grads):
                             o[col].add_(g, alpha=sign)
-                        losses.append(value)
-                        loss_batches.append(index)
+                        values.append(value)
+                # Non-finite exactly when one of the losses evaluated is (max propagates NaN).
+                return torch.stack(values).abs().max() if values else None
+
+            yield product
+        for col, eps in enumerate(steps):
+            if eps is not None:
                 for o in out:
                     o[col].div_(2 * eps)
-        return out, losses, loss_batches
 
     def _refuse_hidden_dependence(self, regions: ConstantRegions, index: int) -> None:
         """Refuse finite differences where autograd treats a parameter-dependent value as constant."""
-        fix = ("finite differences differentiate the loss's values, and autograd's Hessian treats that "
-               "value as a constant: the two differ (and the finite-difference matrix is not "
-               "symmetric). Use method='autograd', which is exact here")
+        fix = (
+            "finite differences differentiate the loss's values, and autograd's Hessian treats that "
+            "value as a constant: the two differ (and the finite-difference matrix is not "
+            "symmetric). Use method='autograd', which is exact here"
+        )
         if regions.found is not None:
             raise ValueError(
                 f"batch {index}: the model's forward calls {regions.found} without gradients (under "

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvops.algorithms._operand import Operand, as_operand
 from curvops.algorithms.solve import SOLVERS, SolveInfo, SolverWarning
+from curvops.algorithms.vectors import Operand, as_operand
 from curvops.operators.base import MAX_DENSE_DIM, TorchLinearOperator
 
 METHODS: tuple[str, ...] = ("cg", "minres", "lsmr", "neumann", "eigh", "cholesky")

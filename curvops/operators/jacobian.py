@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from curvops._finite import all_finite
-from curvops.operators.base import ModelOperator, ParamSelection, TorchLinearOperator, _first_batch, _same, _to_device
+from curvops.operators._interface import TorchLinearOperator
+from curvops.operators._model import (
+    ModelOperator,
+    ParameterBlock,
+    ParamSelection,
+    _first_batch,
+    _same,
+    _to_device,
+)
 
 
 class JacobianOperator(ModelOperator):
@@ -49,8 +57,14 @@ class JacobianOperator(ModelOperator):
         Output shape of each batch (their ``numel`` sum to M).
     """
 
-    def __init__(self, model: nn.Module, data: Iterable[tuple[Any, Any]], *,
-                 params: ParamSelection = None, check_deterministic: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[tuple[Any, Any]],
+        *,
+        params: ParamSelection = None,
+        check_deterministic: bool = True,
+    ) -> None:
         self._set_model(model)
         if self.parallel is not None:
             raise NotImplementedError(
@@ -71,10 +85,29 @@ class JacobianOperator(ModelOperator):
             self._check_deterministic()
 
     def unflatten_output(self, vector: Tensor) -> list[Tensor]:
-        """Split an output-space vector (M,) into per-batch output-shaped views."""
+        """Split an output-space vector (M,) into per-batch output-shaped views.
+
+        Parameters
+        ----------
+        vector : Tensor
+            ``(M,)`` vector in the output layout (batches' outputs concatenated, each
+            flattened row-major), the operator's dtype and device.
+
+        Returns
+        -------
+        list of Tensor
+            One view per batch, shaped like that batch's model output.
+
+        Raises
+        ------
+        ValueError
+            If ``vector`` is not of shape ``(M,)``.
+        """
         vector = self._check_torch(vector, self.shape[0])
         if vector.dim() != 1:
-            raise ValueError(f"unflatten_output expects a vector of shape ({self.shape[0]},), got {tuple(vector.shape)}")
+            raise ValueError(
+                f"unflatten_output expects a vector of shape ({self.shape[0]},), got {tuple(vector.shape)}"
+            )
         return [t.view(s) for t, s in zip(vector.split(self.output_numels), self.output_shapes)]
 
     def _apply(self, X: Tensor) -> Tensor:
@@ -90,7 +123,8 @@ class JacobianOperator(ModelOperator):
     def _apply_transposed(self, U: Tensor) -> Tensor:
         """``Jᵀ U`` for a checked (M, k) block: one kept forward and k backward passes per batch."""
         k = U.shape[1]
-        out = self._zeros_like_block(k)
+        block = ParameterBlock.zeros(k, self.param_numels, self.param_shapes, self.torch_dtype, self.device)
+        out = block.parts
         pieces = U.split(self.output_numels, dim=0)
         count = 0
         for index, inputs, _ in self._batches():
@@ -101,27 +135,35 @@ class JacobianOperator(ModelOperator):
             with torch.enable_grad():
                 output = self.forward(inputs)
             if output.shape != self.output_shapes[index]:
-                raise ValueError(f"batch {index} gives an output of shape {tuple(output.shape)}, "
-                                 f"expected {tuple(self.output_shapes[index])}: the data changed")
+                raise ValueError(
+                    f"batch {index} gives an output of shape {tuple(output.shape)}, "
+                    f"expected {tuple(self.output_shapes[index])}: the data changed"
+                )
             cotangents = u.T.reshape(k, *output.shape)
             for col in range(k):
                 for o, g in zip(out, self._vjp(output, cotangents[col], retain_graph=col < k - 1)):
                     o[col].add_(g)
         if count != self.num_batches:
-            raise ValueError(f"data changed since the operator was built: it now yields {count} batches, "
-                             f"it had {self.num_batches}; build a new JacobianOperator for the new data")
-        result = self._as_flat_block(out, k).T.contiguous()
+            raise ValueError(
+                f"data changed since the operator was built: it now yields {count} batches, "
+                f"it had {self.num_batches}; build a new JacobianOperator for the new data"
+            )
+        result = block.flat.T.contiguous()
         if not all_finite(result):
             raise FloatingPointError("the transposed Jacobian product is NaN or Inf")
         return result
 
     def _check_rows(self, rows: list[Tensor]) -> None:
         if len(rows) != self.num_batches:
-            raise ValueError(f"data changed since the operator was built: it now yields {len(rows)} batches, "
-                             f"it had {self.num_batches}; build a new JacobianOperator for the new data")
+            raise ValueError(
+                f"data changed since the operator was built: it now yields {len(rows)} batches, "
+                f"it had {self.num_batches}; build a new JacobianOperator for the new data"
+            )
         for index, (r, numel) in enumerate(zip(rows, self.output_numels)):
             if r.shape[1] != numel:
-                raise ValueError(f"batch {index} gives {r.shape[1]} output entries, expected {numel}: the data changed")
+                raise ValueError(
+                    f"batch {index} gives {r.shape[1]} output entries, expected {numel}: the data changed"
+                )
             if not all_finite(r):
                 raise FloatingPointError(f"the Jacobian product is NaN or Inf on batch {index}")
 
@@ -139,8 +181,10 @@ class JacobianOperator(ModelOperator):
         tol = float(torch.finfo(self.torch_dtype).eps) ** 0.5
         if not torch.allclose(a, b, rtol=tol, atol=tol):
             hint = " The model is in training mode: call model.eval()." if self.model.training else ""
-            raise ValueError("two forward passes on the first batch differ: the model is not "
-                             f"deterministic (dropout left on?).{hint}")
+            raise ValueError(
+                "two forward passes on the first batch differ: the model is not "
+                f"deterministic (dropout left on?).{hint}"
+            )
 
     def _rmatvec(self, x: Any) -> Any:
         return self.T.matvec(x)
@@ -154,8 +198,10 @@ class JacobianOperator(ModelOperator):
     _adjoint = _transpose
 
     def __repr__(self) -> str:
-        return (f"JacobianOperator(M={self.shape[0]}, D={self.shape[1]}, params={len(self.params)}, "
-                f"batches={self.num_batches}, dtype={self.torch_dtype}, device={self.device})")
+        return (
+            f"JacobianOperator(M={self.shape[0]}, D={self.shape[1]}, params={len(self.params)}, "
+            f"batches={self.num_batches}, dtype={self.torch_dtype}, device={self.device})"
+        )
 
 
 class TransposedJacobianOperator(TorchLinearOperator):
@@ -178,7 +224,18 @@ class TransposedJacobianOperator(TorchLinearOperator):
         super().__init__((cols, rows), jacobian.torch_dtype, jacobian.device)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
-        """Split a parameter-space result (D,) into named parameter-shaped views."""
+        """Split a parameter-space result (D,) into named parameter-shaped views.
+
+        Parameters
+        ----------
+        vector : Tensor
+            ``(D,)`` vector in the parameter layout, the operator's dtype and device.
+
+        Returns
+        -------
+        dict of str to Tensor
+            Views of ``vector``, one per selected parameter, by name.
+        """
         return self.jacobian.unflatten(vector)
 
     def _apply(self, U: Tensor) -> Tensor:

@@ -13,15 +13,15 @@ import scipy.sparse.linalg
 import torch
 
 from curvops import algorithms as alg
-from curvops.algorithms import _operand
+from curvops.algorithms import _numpy_backend, _torch_backend, vectors
 
 WIDE, CHUNK = 64, 16
 
 
 @pytest.fixture
 def small_thresholds(monkeypatch):
-    monkeypatch.setattr(_operand, "WIDE_ELEMENTS", WIDE)
-    monkeypatch.setattr(_operand, "CHUNK_ELEMENTS", CHUNK)
+    monkeypatch.setattr(_torch_backend, "WIDE_ELEMENTS", WIDE)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", CHUNK)
 
 
 class RecordingTensor(torch.Tensor):
@@ -52,7 +52,7 @@ def test_wide_matmul_equals_matmul(small_thresholds, left_shape, right_shape):
     left = torch.randn(left_shape, generator=generator, dtype=torch.float64)
     right = torch.randn(right_shape, generator=generator, dtype=torch.float64)
     RecordingTensor.sizes = []
-    result = _operand.wide_matmul(recorded(left), recorded(right))
+    result = _torch_backend.wide_matmul(recorded(left), recorded(right))
     expected = left @ right
     assert result.shape == expected.shape
     # Split reductions add the pieces in another order: float64 rounding of a 200-term sum.
@@ -69,7 +69,7 @@ def test_row_times_column_is_a_dot_product():
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(3, 200, generator=generator, dtype=torch.float64)
     left, right = rows[1:2], rows[2:3].T  # a row view and a strided column view
-    result = _operand.wide_matmul(left, right)
+    result = _torch_backend.wide_matmul(left, right)
     assert result.shape == (1, 1)
     torch.testing.assert_close(result, left @ right, rtol=4 * 200 * torch.finfo(torch.float64).eps, atol=0)
 
@@ -78,7 +78,7 @@ def test_row_times_column_is_a_dot_product():
 def test_to_host_keeps_shape_and_value(shape):
     """Small reductions come back as float64 numpy arrays of their own shape (scalars through
     item(), larger arrays through a host tensor)."""
-    operand = _operand.TorchOperand(4, torch.float32, torch.device("cpu"), lambda block: block)
+    operand = _torch_backend.TorchOperand(4, torch.float32, torch.device("cpu"), lambda block: block)
     array = torch.arange(1, 1 + int(np.prod(shape)), dtype=torch.float32).reshape(shape) / 3
     host = operand.to_host(array)
     assert isinstance(host, np.ndarray) and host.dtype == np.float64 and host.shape == shape
@@ -96,7 +96,7 @@ def test_subtract_combination_on_cuda_equals_cpu(columns):
     coefficients = np.random.default_rng(2).standard_normal((1, columns))
     results = []
     for device in ("cpu", "cuda"):
-        operand = _operand.TorchOperand(500, torch.float64, torch.device(device), lambda block: block)
+        operand = _torch_backend.TorchOperand(500, torch.float64, torch.device(device), lambda block: block)
         moved = target.to(device, copy=True)
         operand.subtract_combination_(moved, coefficients, rows.to(device))
         results.append(moved.cpu())
@@ -111,14 +111,14 @@ def test_wide_matmul_of_transposed_view(small_thresholds):
     """Lanczos forms Ritz vectors from ``basis.T`` (a strided view): pieces are copied contiguous."""
     rows = torch.randn(6, 100, dtype=torch.float64)
     coefficients = torch.randn(6, 2, dtype=torch.float64)
-    torch.testing.assert_close(_operand.wide_matmul(rows.T, coefficients), rows.T @ coefficients,
+    torch.testing.assert_close(_torch_backend.wide_matmul(rows.T, coefficients), rows.T @ coefficients,
                                rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("shape", [(300, 4), (301, 1), (64, 16), (90, 7)])
 def test_tall_qr_is_a_thin_qr(small_thresholds, shape):
     block = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    q, r = _operand.tall_qr(block)
+    q, r = _torch_backend.tall_qr(block)
     assert q.shape == shape and r.shape == (shape[1], shape[1])
     eps = torch.finfo(torch.float64).eps
     torch.testing.assert_close(q.T @ q, torch.eye(shape[1], dtype=torch.float64), rtol=0, atol=100 * eps)
@@ -146,8 +146,8 @@ def test_algorithms_equal_with_split_products(monkeypatch, name, make_spectrum_m
     matrix, _ = make_spectrum_matrix(np.linspace(-1.0, 4.0, 60), seed=2)
     run = ALGORITHMS[name]
     plain = np.asarray(run(TorchNativeOperator(matrix)), dtype=np.float64)
-    monkeypatch.setattr(_operand, "WIDE_ELEMENTS", WIDE)
-    monkeypatch.setattr(_operand, "CHUNK_ELEMENTS", CHUNK)
+    monkeypatch.setattr(_torch_backend, "WIDE_ELEMENTS", WIDE)
+    monkeypatch.setattr(_torch_backend, "CHUNK_ELEMENTS", CHUNK)
     split = np.asarray(run(TorchNativeOperator(matrix)), dtype=np.float64)
     np.testing.assert_allclose(split, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max())
 
@@ -192,10 +192,10 @@ def test_combine_rows_in_place_by_pieces(monkeypatch, backend, step):
     rows, coefficients = generator.standard_normal((6, 50)), generator.standard_normal((3, 6))
     expected = coefficients @ rows
     if backend == "torch":
-        operand = _operand.TorchOperand(50, torch.float64, torch.device("cpu"), lambda b: b)
+        operand = _torch_backend.TorchOperand(50, torch.float64, torch.device("cpu"), lambda b: b)
         array = torch.as_tensor(rows.copy())
     else:
-        operand = _operand.NumpyOperand(50, np.float64, lambda b: b)
+        operand = _numpy_backend.NumpyOperand(50, np.float64, lambda b: b)
         array = rows.copy()
     monkeypatch.setattr(type(operand), "_combine_columns", lambda self, n: step)
     operand.combine_rows_(array, coefficients)
@@ -234,7 +234,7 @@ def test_lanczos_writes_products_into_its_basis_through_out(block_size):
     with_out = _Native(matrix, takes_out=True)
     ignoring = _Native(matrix, takes_out=True, honour_out=False)
     without = _Native(matrix, takes_out=False)
-    assert _operand.as_operand(with_out).takes_out and not _operand.as_operand(without).takes_out
+    assert vectors.as_operand(with_out).takes_out and not vectors.as_operand(without).takes_out
     results = [alg.lanczos(op, k=4, tol=1e-10, seed=1, block_size=block_size) for op in (with_out, ignoring, without)]
     # Every Lanczos step writes into the basis; only the final residual block (k columns) does not.
     steps = [out for out in with_out.outs if out is not None]

@@ -18,12 +18,15 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.distributed import workers
-from tests.distributed.test_distributed import _free_port, pytestmark  # noqa: F401 - gloo needed
+from tests.distributed.test_distributed import _free_port, needs_gloo
+
+# Every job here spawns a process group: slow (CI runs them).
+pytestmark = [needs_gloo, pytest.mark.slow]
 
 #: Bound on one job (spawn, imports, the scenario): a hang fails the test instead of blocking it.
 JOB_TIMEOUT_S = 150
-#: "Within seconds": an agreed error, or a lost connection, reaches the other rank at once
-#: (measured: well under a second); the bound leaves room for a loaded 2-core machine.
+#: "Within seconds": an agreed error, or a lost connection, reaches the other rank at once;
+#: the bound leaves room for a loaded 2-core machine.
 PROMPT_S = 5.0
 
 
@@ -33,8 +36,13 @@ def launch_all(scenario: str, kind: str, out: Path) -> list[dict[str, Any] | Non
     Unlike ``test_distributed.launch`` no rank is terminated when another one ends: the
     point is how the survivors end. Returns each rank's saved results (None if it saved none).
     """
-    context = mp.start_processes(workers.run, args=(scenario, kind, str(out), _free_port()),
-                                 nprocs=workers.WORLD_SIZE, join=False, start_method="spawn")
+    context = mp.start_processes(
+        workers.run,
+        args=(scenario, kind, str(out), _free_port()),
+        nprocs=workers.WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while any(process.is_alive() for process in context.processes):
         if time.monotonic() > deadline:
@@ -47,7 +55,9 @@ def launch_all(scenario: str, kind: str, out: Path) -> list[dict[str, Any] | Non
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def faults(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
+def faults(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, list[dict]]:
     ranks = launch_all("faults", request.param, tmp_path_factory.mktemp(f"faults-{request.param}"))
     # A rank that died early saved what it had (a test of a later step then fails on the missing entry).
     return request.param, [r or {} for r in ranks]
@@ -67,8 +77,10 @@ def test_ddp_ranks_passing_different_vectors_raise(faults, name):
     if kind == "fsdp":
         pytest.skip("under FSDP each rank holds different rows by design")
     message = _same_error_on_every_rank(ranks, name, "ValueError")
-    assert message.startswith("[2 of 2 ranks failed] rank 0: under DistributedDataParallel every rank "
-                              "must multiply the same vectors"), message
+    assert message.startswith(
+        "[2 of 2 ranks failed] rank 0: under DistributedDataParallel every rank "
+        "must multiply the same vectors"
+    ), message
     assert "; rank 1: " in message
 
 
@@ -96,14 +108,22 @@ def test_seed_none_shared_by_the_ranks(faults):
     assert ranks[0]["seed_none"] == ranks[1]["seed_none"]
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("algorithms", ["rank 0: lanczos(k=3", "rank 1: xtrace(budget=6"]),
-    ("k", ["rank 0: lanczos(k=2", "rank 1: lanczos(k=3"]),
-    ("seeds", ["hutchinson_trace(budget=4, probe='rademacher', seed=0", "seed=1"]),
-    ("params", ["rank 0: HessianOperator(params: 2 tensors, 24 entries",
-                "rank 1: HessianOperator(params: 4 tensors, 66 entries"]),
-    ("params_none_match", ["rank 1: no parameter name matches ['9.*']"]),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("algorithms", ["rank 0: lanczos(k=3", "rank 1: xtrace(budget=6"]),
+        ("k", ["rank 0: lanczos(k=2", "rank 1: lanczos(k=3"]),
+        ("seeds", ["hutchinson_trace(budget=4, probe='rademacher', seed=0", "seed=1"]),
+        (
+            "params",
+            [
+                "rank 0: HessianOperator(params: 2 tensors, 24 entries",
+                "rank 1: HessianOperator(params: 4 tensors, 66 entries",
+            ],
+        ),
+        ("params_none_match", ["rank 1: no parameter name matches ['9.*']"]),
+    ],
+)
 def test_mismatched_calls_raise_on_every_rank(faults, name, expected):
     """Different algorithms, k, seeds or parameter selections per rank: one clear error on every
     rank (instead of a hang, or gloo aborting the process on collectives of different sizes)."""
@@ -148,11 +168,15 @@ def test_rank_raising_mid_lanczos_stops_every_rank(faults):
 
     failing, waiting = outcomes[1], outcomes[0]
     assert "rank 1 of 2 failed inside a product (RuntimeError: boom on rank 1)" in failing["message"]
-    assert "out of step" in failing["message"] and failing["seconds"] < PROMPT_S
+    assert "out of step" in failing["message"]
+    assert failing["seconds"] < PROMPT_S
     barrier = ranks[1]["barrier"]
     assert barrier["error"] == "RuntimeError"
     assert BROKEN_GROUP_TIMEOUT_S - 1 < barrier["seconds"] < BROKEN_GROUP_TIMEOUT_S + PROMPT_S
-    assert "rank 0 stopped because another rank failed (rank 1: RuntimeError: boom on rank 1)" in waiting["message"]
+    assert (
+        "rank 0 stopped because another rank failed (rank 1: RuntimeError: boom on rank 1)"
+        in waiting["message"]
+    )
     # Released when rank 1's process ended, right after its barrier timed out.
     assert waiting["seconds"] < BROKEN_GROUP_TIMEOUT_S + 2 * PROMPT_S
 
@@ -177,7 +201,6 @@ def test_killed_rank_named_ddp(faults):
     assert "killed_mid_lanczos" not in ranks[1]  # rank 1 saved before it was killed, not after
 
 
-@pytest.mark.slow  # a job of its own; the DDP job covers the lost-rank message too
 def test_killed_rank_named_fsdp(killed_fsdp):
     survivor, killed = killed_fsdp
     assert killed == {"rank": 1}  # saved before it was killed, not after

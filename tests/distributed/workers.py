@@ -42,8 +42,11 @@ def make_data(regression: bool = False) -> list[tuple[torch.Tensor, torch.Tensor
     batches = []
     for size in (6, 4, 5, 3):  # unequal batch sizes: the global mean must still be exact
         x = torch.randn(size, 5, generator=generator, dtype=torch.float64)
-        y = (torch.randn(size, 3, generator=generator, dtype=torch.float64) if regression
-             else torch.randint(0, 3, (size,), generator=generator))
+        y = (
+            torch.randn(size, 3, generator=generator, dtype=torch.float64)
+            if regression
+            else torch.randint(0, 3, (size,), generator=generator)
+        )
         batches.append((x, y))
     return batches
 
@@ -63,10 +66,12 @@ def wrap(model: nn.Module, kind: str) -> nn.Module:
 
         # An explicit CPU mesh: by default FSDP2 moves the model to CUDA where there is one.
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        for layer in model:
+        for layer in model.children():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
+        sharded = fully_shard(model, mesh=mesh)
+        assert isinstance(sharded, nn.Module)  # fully_shard returns the module itself
+        return sharded
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)
@@ -85,8 +90,9 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     The squared norms are summed over the ranks: that assembles sharded (FSDP) vectors and
     scales both norms of replicated (DDP) vectors alike, so the ratio is right in both cases.
     """
-    parts = torch.tensor([float((ours - reference).square().sum()), float(reference.square().sum())],
-                         dtype=torch.float64)
+    parts = torch.tensor(
+        [float((ours - reference).square().sum()), float(reference.square().sum())], dtype=torch.float64
+    )
     dist.all_reduce(parts)
     return float((parts[0] / parts[1]).sqrt())
 
@@ -98,7 +104,7 @@ def alignment(left: torch.Tensor, right: torch.Tensor) -> float:
     return float((parts[0].abs() / (parts[1] * parts[2]).sqrt()).min())
 
 
-def record(error: BaseException) -> dict[str, str]:
+def record(error: BaseException) -> dict[str, str | None]:
     return {"error": type(error).__name__, "message": str(error)}
 
 
@@ -128,19 +134,22 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     for p, g in zip(hessian.model.parameters(), grads_marker):
         p.grad = g
     results["hessian_product"] = relative_error(hessian @ X, local_rows(hessian, reference_h @ full))
-    results["hessian_vector"] = relative_error(hessian @ X[:, 0], local_rows(hessian, reference_h @ full[:, 0]))
+    results["hessian_vector"] = relative_error(
+        hessian @ X[:, 0], local_rows(hessian, reference_h @ full[:, 0])
+    )
     # Into rows of a larger buffer (as Lanczos' basis): a column-major (D, 2) ``out``.
     # NCCL all-reduces only contiguous tensors (gloo takes any): record what is reduced.
     buffer = torch.full((4, X.shape[0]), float("nan"), dtype=torch.float64)
     reduced: list[bool] = []
     parallel = hessian.parallel
+    assert parallel is not None  # a DDP or FSDP model
     original_reduce = parallel.all_reduce_
 
     def reduce_spy(tensor: torch.Tensor) -> torch.Tensor:
         reduced.append(tensor.is_contiguous())
         return original_reduce(tensor)
 
-    parallel.all_reduce_ = reduce_spy
+    parallel.all_reduce_ = reduce_spy  # type: ignore[method-assign]  # a spy on this one object
     try:
         into = hessian.matmat_torch(X, out=buffer[1:3].T)
     finally:
@@ -149,7 +158,8 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     results["hessian_product_into"] = relative_error(into, local_rows(hessian, reference_h @ full))
     results["params_restored"] = all(
         torch.equal(a, curvops.operators._parallel.local_tensor(p).detach())
-        for a, p in zip(params_before, hessian.params))
+        for a, p in zip(params_before, hessian.params)
+    )
     results["grads_preserved"] = all(p.grad is g for p, g in zip(hessian.model.parameters(), grads_marker))
     for p in hessian.model.parameters():
         p.grad = None
@@ -157,8 +167,9 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     subset = curvops.HessianOperator(wrapped, loss_fn, mine, method=method, params="2.*")
     subset_reference = curvops.HessianOperator(plain, loss_fn, data, params="2.*")
     small = full[: subset_reference.shape[0]]
-    results["parameter_subset"] = relative_error(subset @ local_rows(subset, small),
-                                                 local_rows(subset, subset_reference @ small))
+    results["parameter_subset"] = relative_error(
+        subset @ local_rows(subset, small), local_rows(subset, subset_reference @ small)
+    )
     results["parameter_subset_dim"] = [subset.shape[0], subset._vector_rows()]
 
     loss, grad = hessian.loss_and_gradient()
@@ -183,7 +194,8 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     vectors = top.eigenvectors
     results["eigenvector_shape"] = list(vectors.shape)
     results["eigenvector_residual"] = relative_error(
-        hessian @ vectors, vectors * top.eigenvalues)  # ‖Hv − λv‖ / ‖λv‖ over all ranks
+        hessian @ vectors, vectors * top.eigenvalues
+    )  # ‖Hv − λv‖ / ‖λv‖ over all ranks
     ref_vectors = local_rows(hessian, top_reference.eigenvectors)
     results["eigenvector_alignment"] = alignment(vectors, ref_vectors)
 
@@ -200,7 +212,9 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     diagonal_reference = curvops.hutchinson_diagonal(reference_h, budget=8, seed=2).estimate
     results["diagonal"] = relative_error(diagonal, local_rows(hessian, diagonal_reference))
     xdiag = curvops.xdiag(hessian, budget=8, seed=2).estimate  # TSQR on the shards
-    results["xdiag"] = relative_error(xdiag, local_rows(hessian, curvops.xdiag(reference_h, budget=8, seed=2).estimate))
+    results["xdiag"] = relative_error(
+        xdiag, local_rows(hessian, curvops.xdiag(reference_h, budget=8, seed=2).estimate)
+    )
     power = curvops.power_iteration(hessian, k=1, seed=1, tol=1e-6, max_iter=500)
     power_reference = curvops.power_iteration(reference_h, k=1, seed=1, tol=1e-6, max_iter=500)
     results["power_iteration"] = [float(power.eigenvalues[0]), float(power_reference.eigenvalues[0])]
@@ -210,21 +224,32 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
     FX = fisher @ X
     quadratic = torch.stack([(X * FX).sum(0), (X * (fisher @ X.flip(1))).sum(0)])
     dist.all_reduce(quadratic)
-    results["fisher_mc"] = {"finite": bool(torch.isfinite(FX).all()),
-                            "quadratic_form": quadratic[0].tolist(),
-                            "symmetry_gap": abs(float(quadratic[1, 0] - quadratic[1, 1]))
-                            / float(quadratic[0].abs().max())}
+    results["fisher_mc"] = {
+        "finite": bool(torch.isfinite(FX).all()),
+        "quadratic_form": quadratic[0].tolist(),
+        "symmetry_gap": abs(float(quadratic[1, 0] - quadratic[1, 1])) / float(quadratic[0].abs().max()),
+    }
 
     density = curvops.spectral_density(hessian, num_probes=3, lanczos_steps=12, seed=4)
     density_reference = curvops.spectral_density(reference_h, num_probes=3, lanczos_steps=12, seed=4)
-    results["density_nodes"] = float(np.abs(np.asarray(density.nodes) - np.asarray(density_reference.nodes)).max())
-    results["density_weights"] = float(np.abs(np.asarray(density.weights) - np.asarray(density_reference.weights)).max())
+    results["density_nodes"] = float(
+        np.abs(np.asarray(density.nodes) - np.asarray(density_reference.nodes)).max()
+    )
+    results["density_weights"] = float(
+        np.abs(np.asarray(density.weights) - np.asarray(density_reference.weights)).max()
+    )
 
     if kind == "ddp":
-        kfac, kfac_reference = curvops.KFACOperator(wrapped, loss_fn, mine), curvops.KFACOperator(plain, loss_fn, data)
+        kfac, kfac_reference = (
+            curvops.KFACOperator(wrapped, loss_fn, mine),
+            curvops.KFACOperator(plain, loss_fn, data),
+        )
         results["kfac"] = relative_error(kfac @ X, kfac_reference @ full)
         # Solvers run replicated on every rank; each product is all-reduced.
-        ggn, ggn_reference = curvops.GGNOperator(wrapped, loss_fn, mine), curvops.GGNOperator(plain, loss_fn, data)
+        ggn, ggn_reference = (
+            curvops.GGNOperator(wrapped, loss_fn, mine),
+            curvops.GGNOperator(plain, loss_fn, data),
+        )
         solve = curvops.inverse(ggn, 0.1, "cg", rtol=1e-10) @ X
         results["cg"] = relative_error(solve, curvops.inverse(ggn_reference, 0.1, "cg", rtol=1e-10) @ full)
         # Uneven batch counts (3 and 1) are fine under DDP: products are summed per rank.
@@ -235,8 +260,8 @@ def products_and_algorithms(kind: str) -> dict[str, Any]:
         results["fsdp_kfac"] = _expect(lambda: curvops.KFACOperator(wrapped, loss_fn, mine))
         results["fsdp_numpy"] = _expect(lambda: hessian @ X.numpy())
         results["uneven_batches"] = _expect(
-            lambda: curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank, (3, 1)),
-                                            method=method))
+            lambda: curvops.HessianOperator(wrapped, loss_fn, rank_batches(data, rank, (3, 1)), method=method)
+        )
     return results
 
 
@@ -259,20 +284,24 @@ def bad_input(kind: str) -> dict[str, Any]:
     poisoned = [(x.clone(), y) for x, y in rank_batches(data, rank)]
     if rank == 1:
         poisoned[1][0][0, 0] = float("nan")
-    nan_operator = curvops.HessianOperator(wrapped, loss_fn, poisoned, method=method,
-                                           check_deterministic=False)
+    nan_operator = curvops.HessianOperator(
+        wrapped, loss_fn, poisoned, method=method, check_deterministic=False
+    )
     results["nan_data"] = _expect(lambda: nan_operator @ torch.ones(rows, dtype=torch.float64))
     empty = [] if rank == 1 else rank_batches(data, rank)
     results["empty_rank"] = _expect(
-        lambda: curvops.HessianOperator(wrapped, loss_fn, empty, method=method).shape)
+        lambda: curvops.HessianOperator(wrapped, loss_fn, empty, method=method).shape
+    )
     results["still_works"] = float((hessian @ torch.ones(rows, dtype=torch.float64)).sum())
     if kind == "ddp":
         generator = torch.Generator().manual_seed(rank)  # a different vector per rank
         results["unreplicated"] = _expect(
-            lambda: hessian @ torch.randn(rows, generator=generator, dtype=torch.float64))
+            lambda: hessian @ torch.randn(rows, generator=generator, dtype=torch.float64)
+        )
         dropout = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Linear(7, 3)).double()
-        results["dropout"] = _expect(lambda: curvops.HessianOperator(wrap(dropout, kind), loss_fn,
-                                                                     rank_batches(data, rank)))
+        results["dropout"] = _expect(
+            lambda: curvops.HessianOperator(wrap(dropout, kind), loss_fn, rank_batches(data, rank))
+        )
     return results
 
 
@@ -289,8 +318,9 @@ def crash(kind: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), _RaisesOnRankOne(), nn.Tanh(), nn.Linear(7, 3)).double()
     method = "finite_difference" if kind == "fsdp" else "autograd"
-    hessian = curvops.HessianOperator(wrap(model, kind), nn.CrossEntropyLoss(),
-                                      rank_batches(make_data(), rank), method=method)
+    hessian = curvops.HessianOperator(
+        wrap(model, kind), nn.CrossEntropyLoss(), rank_batches(make_data(), rank), method=method
+    )
     hessian @ torch.ones(hessian._vector_rows(), dtype=torch.float64)
     return {"finished": True}
 
@@ -359,6 +389,7 @@ class _SavedResults(dict):
         super().__setitem__(key, value)
         _save(self.scenario, self.kind, self)
 
+
 #: Forward calls after which rank 1's tripwire fires: a few products into a Lanczos run (a DDP
 #: product runs 2 forward passes on rank 1's 2 batches, a finite-difference FSDP product 4).
 TRIP_AFTER = {"ddp": 7, "fsdp": 11}
@@ -400,22 +431,34 @@ def faults(kind: str) -> dict[str, Any]:
         results["rounding_differs"] = not torch.equal(rounded, vector)
         results["rounding_accepted"] = _expect(lambda: hessian @ rounded)
     results["block_width"] = _expect(lambda: hessian @ torch.ones(rows, 1 + rank, dtype=torch.float64))
-    results["seed_none"] = [curvops.lanczos(hessian, k=2).eigenvalues.tolist(),
-                            float(curvops.hutchinson_trace(hessian, budget=6).estimate),
-                            curvops.spectral_density(hessian, num_probes=2, lanczos_steps=4).nodes.tolist()]
-    results["algorithms"] = _expect(lambda: curvops.lanczos(hessian, k=3, seed=0) if rank == 0
-                                    else curvops.xtrace(hessian, budget=6, seed=0))
+    results["seed_none"] = [
+        curvops.lanczos(hessian, k=2).eigenvalues.tolist(),
+        float(curvops.hutchinson_trace(hessian, budget=6).estimate),
+        curvops.spectral_density(hessian, num_probes=2, lanczos_steps=4).nodes.tolist(),
+    ]
+    results["algorithms"] = _expect(
+        lambda: (
+            curvops.lanczos(hessian, k=3, seed=0) if rank == 0 else curvops.xtrace(hessian, budget=6, seed=0)
+        )
+    )
     results["k"] = _expect(lambda: curvops.lanczos(hessian, k=2 + rank, seed=0))
     results["seeds"] = _expect(lambda: curvops.hutchinson_trace(hessian, budget=4, seed=rank))
-    results["params"] = _expect(lambda: curvops.HessianOperator(
-        wrapped, loss_fn, mine, method=method, params="3.*" if rank == 0 else None))
-    results["params_none_match"] = _expect(lambda: curvops.HessianOperator(
-        wrapped, loss_fn, mine, method=method, params="9.*" if rank == 1 else None))
+    results["params"] = _expect(
+        lambda: curvops.HessianOperator(
+            wrapped, loss_fn, mine, method=method, params="3.*" if rank == 0 else None
+        )
+    )
+    results["params_none_match"] = _expect(
+        lambda: curvops.HessianOperator(
+            wrapped, loss_fn, mine, method=method, params="9.*" if rank == 1 else None
+        )
+    )
     if kind == "ddp":  # rank 1's forward raises outside a product: agreed on too
         if rank == 1:
             tripwire.arm(1, _boom)
         results["raise_in_construction"] = _expect(
-            lambda: curvops.HessianOperator(wrapped, loss_fn, mine, method=method))
+            lambda: curvops.HessianOperator(wrapped, loss_fn, mine, method=method)
+        )
         if rank == 1:
             tripwire.arm(1, _boom)
         results["raise_in_gradient"] = _expect(hessian.loss_and_gradient)
@@ -443,8 +486,9 @@ def killed(kind: str) -> dict[str, Any]:
     tripwire = Tripwire()
     model = nn.Sequential(nn.Linear(5, 7), tripwire, nn.Tanh(), nn.Linear(7, 3)).double()
     method = "finite_difference" if kind == "fsdp" else "autograd"
-    hessian = curvops.HessianOperator(wrap(model, kind), nn.CrossEntropyLoss(),
-                                      rank_batches(make_data(), rank), method=method)
+    hessian = curvops.HessianOperator(
+        wrap(model, kind), nn.CrossEntropyLoss(), rank_batches(make_data(), rank), method=method
+    )
     results = _SavedResults("killed", kind)
     results["rank"] = rank
     if rank == 1:
@@ -453,10 +497,10 @@ def killed(kind: str) -> dict[str, Any]:
     return results
 
 
-def _expect(call: Callable[[], Any]) -> dict[str, str]:
+def _expect(call: Callable[[], Any]) -> dict[str, str | None]:
     try:
         call()
-    except Exception as error:  # noqa: BLE001 - the scenario records which error it was
+    except Exception as error:
         return record(error)
     return {"error": None, "message": ""}
 
@@ -479,8 +523,7 @@ def run(rank: int, scenario: str, kind: str, out: str, port: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     _OUT[0] = out
     if scenario in BREAKS_THE_GROUP:
         try:

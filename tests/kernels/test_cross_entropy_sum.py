@@ -32,7 +32,7 @@ def _problem(shape, num_classes, prob, seed, ignore_index=-100):
         t = torch.softmax(torch.randn(z.shape, dtype=DT, generator=gen), dim=1)
     else:
         t = torch.randint(0, num_classes, (shape[0], *shape[1:]), generator=gen)
-        t.view(-1)[:: 3] = ignore_index  # every third position ignored
+        t.view(-1)[::3] = ignore_index  # every third position ignored
     return z, t, u
 
 

@@ -158,7 +158,15 @@ class TinyTransformer(nn.Module):
     replaced by the identity (for curvlinops cross-checks).
     """
 
-    def __init__(self, vocab: int = 5, d: int = 4, seq_len: int = 4, hidden: int = 6, n_classes: int = 5, layernorm: bool = True):
+    def __init__(
+        self,
+        vocab: int = 5,
+        d: int = 4,
+        seq_len: int = 4,
+        hidden: int = 6,
+        n_classes: int = 5,
+        layernorm: bool = True,
+    ):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.3 * torch.randn(seq_len, d))
@@ -333,7 +341,9 @@ def _linear_ce_builder(batch_sizes: tuple[int, ...]) -> CaseTuple:
     return model, nn.CrossEntropyLoss(reduction="sum"), _split(x, y, batch_sizes)
 
 
-def _cnn_builder(act: Callable[[Tensor], Tensor], pool: str, batchnorm: bool, reduction: str) -> Callable[[tuple[int, ...]], CaseTuple]:
+def _cnn_builder(
+    act: Callable[[Tensor], Tensor], pool: str, batchnorm: bool, reduction: str
+) -> Callable[[tuple[int, ...]], CaseTuple]:
     def build(batch_sizes: tuple[int, ...]) -> CaseTuple:
         pool_mod = nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)
         model = SmallCNN(act, pool_mod, batchnorm).to(DTYPE)
@@ -355,7 +365,9 @@ def _cnn_builder(act: Callable[[Tensor], Tensor], pool: str, batchnorm: bool, re
     return build
 
 
-def _seq_builder(layernorm: bool, reduction: str, *, dict_inputs: bool, ignore: bool) -> Callable[[tuple[int, ...]], CaseTuple]:
+def _seq_builder(
+    layernorm: bool, reduction: str, *, dict_inputs: bool, ignore: bool
+) -> Callable[[tuple[int, ...]], CaseTuple]:
     """Token sequences (T=4, vocab 5), per-position CE over 5 classes on (N, C, T) logits.
 
     With ``ignore``, padded positions (``attention_mask == 0``, trailing, never position 0)
@@ -365,7 +377,9 @@ def _seq_builder(layernorm: bool, reduction: str, *, dict_inputs: bool, ignore: 
 
     def build(batch_sizes: tuple[int, ...]) -> CaseTuple:
         T, vocab, C = 4, 5, 5
-        model = TinyTransformer(vocab=vocab, d=4, seq_len=T, hidden=6, n_classes=C, layernorm=layernorm).to(DTYPE)
+        model = TinyTransformer(vocab=vocab, d=4, seq_len=T, hidden=6, n_classes=C, layernorm=layernorm).to(
+            DTYPE
+        )
         n = sum(batch_sizes)
         ids = torch.randint(0, vocab, (n, T))
         y = torch.randint(0, C, (n, T))
@@ -429,14 +443,30 @@ CASES: list[Case] = [
         seed=7,
         batch_sizes=TINY_LAST_BATCH_SIZES,
     ),
-    Case("mlp_tanh-mse_mean_seq_output", _mlp_builder([4, 5, 2], torch.tanh, "mse", "mean", seq=3), seed=8, output_2d=False),
-    Case("mlp_tanh-mse_sum-tiny_last", _mlp_builder([4, 5, 2], torch.tanh, "mse", "sum"), seed=9, batch_sizes=TINY_LAST_BATCH_SIZES),
+    Case(
+        "mlp_tanh-mse_mean_seq_output",
+        _mlp_builder([4, 5, 2], torch.tanh, "mse", "mean", seq=3),
+        seed=8,
+        output_2d=False,
+    ),
+    Case(
+        "mlp_tanh-mse_sum-tiny_last",
+        _mlp_builder([4, 5, 2], torch.tanh, "mse", "sum"),
+        seed=9,
+        batch_sizes=TINY_LAST_BATCH_SIZES,
+    ),
     # linear in the parameters: Hessian == GGN exactly
     Case("linear-mse_mean", _linear_builder, seed=10, linear_in_params=True),
     Case("linear-ce_sum", _linear_ce_builder, seed=11, linear_in_params=True),
     # CNNs
     Case("cnn_tanh_avgpool-ce_mean", _cnn_builder(torch.tanh, "avg", False, "mean"), seed=12),
-    Case("cnn_relu_maxpool-ce_sum-tiny_last", _cnn_builder(torch.relu, "max", False, "sum"), seed=13, smooth=False, batch_sizes=TINY_LAST_BATCH_SIZES),
+    Case(
+        "cnn_relu_maxpool-ce_sum-tiny_last",
+        _cnn_builder(torch.relu, "max", False, "sum"),
+        seed=13,
+        smooth=False,
+        batch_sizes=TINY_LAST_BATCH_SIZES,
+    ),
     Case("cnn_bn_eval-ce_mean", _cnn_builder(torch.tanh, "avg", True, "mean"), seed=14, has_norm=True),
     # transformer block with LayerNorm, dict inputs, per-position CE with ignore_index
     Case(
@@ -459,7 +489,12 @@ CASES: list[Case] = [
         output_2d=False,
     ),
     # the same block without LayerNorm (curvlinops-checkable)
-    Case("attn_nonorm-ce_seq_mean", _seq_builder(False, "mean", dict_inputs=False, ignore=False), seed=17, output_2d=False),
+    Case(
+        "attn_nonorm-ce_seq_mean",
+        _seq_builder(False, "mean", dict_inputs=False, ignore=False),
+        seed=17,
+        output_2d=False,
+    ),
     Case(
         "attn_nonorm-ce_seq_ignore_sum",
         _seq_builder(False, "sum", dict_inputs=True, ignore=True),
@@ -478,10 +513,22 @@ CASES: list[Case] = [
     ),
     # tied weights
     Case("tied_embed-ce_mean", _tied_builder("mean"), seed=20, tied=True),
-    Case("tied_embed-ce_sum-tiny_last", _tied_builder("sum"), seed=21, tied=True, batch_sizes=TINY_LAST_BATCH_SIZES),
+    Case(
+        "tied_embed-ce_sum-tiny_last",
+        _tied_builder("sum"),
+        seed=21,
+        tied=True,
+        batch_sizes=TINY_LAST_BATCH_SIZES,
+    ),
     # dict (keyword) inputs
     Case("dict_mlp-mse_mean", _dict_mlp_builder("mse", "mean"), seed=22, dict_inputs=True),
-    Case("dict_mlp-bce_sum-tiny_last", _dict_mlp_builder("bce", "sum"), seed=23, dict_inputs=True, batch_sizes=TINY_LAST_BATCH_SIZES),
+    Case(
+        "dict_mlp-bce_sum-tiny_last",
+        _dict_mlp_builder("bce", "sum"),
+        seed=23,
+        dict_inputs=True,
+        batch_sizes=TINY_LAST_BATCH_SIZES,
+    ),
 ]
 
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"

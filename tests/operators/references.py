@@ -94,7 +94,9 @@ def _flat_grad(out: Tensor, params: Sequence[Tensor], *, create_graph: bool = Fa
     """∂out/∂params as one vector; zeros for parameters ``out`` does not depend on."""
     if not out.requires_grad:  # e.g. a gradient entry that is constant in θ
         return torch.zeros(num_params(params), dtype=out.dtype)
-    grads = torch.autograd.grad(out, list(params), retain_graph=True, create_graph=create_graph, allow_unused=True)
+    grads = torch.autograd.grad(
+        out, list(params), retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
     return to_vector([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
 
 
@@ -123,7 +125,9 @@ def whole_dataset_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch])
 
 
 # --------------------------------------------------------------------------- Hessian
-def dense_hessian(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]) -> Tensor:
+def dense_hessian(
+    model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]
+) -> Tensor:
     """Dense Hessian ∇²_θ L of :func:`whole_dataset_loss`, (D, D).
 
     One ``create_graph`` backward for g = ∇_θ L, then row i = ∇_θ (g · e_i) by a plain second
@@ -135,12 +139,16 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], para
     H = torch.stack([_flat_grad(g[i], params) for i in range(g.numel())])
     scale = H.abs().max().clamp_min(torch.finfo(H.dtype).tiny)
     asym = (H - H.T).abs().max()
-    assert asym <= HESSIAN_SYMMETRY_RTOL * scale, f"dense Hessian not symmetric: max|H-Hᵀ| = {asym:.3e}, max|H| = {scale:.3e}"
+    assert asym <= HESSIAN_SYMMETRY_RTOL * scale, (
+        f"dense Hessian not symmetric: max|H-Hᵀ| = {asym:.3e}, max|H| = {scale:.3e}"
+    )
     return H
 
 
 # --------------------------------------------------------------------------- GGN
-def model_jacobian(model: nn.Module, data: Sequence[Batch], params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def model_jacobian(
+    model: nn.Module, data: Sequence[Batch], params: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
     """Output on the concatenated data and its Jacobian J = ∂ vec(f)/∂θ, (M, D), row by row.
 
     ``vec`` flattens the whole output row-major (M = output.numel()).
@@ -209,7 +217,13 @@ def loss_terms(loss_fn: LossFn, output: Tensor, targets: Tensor) -> tuple[Tensor
         raise NotImplementedError(f"reduction {reduction!r}")
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if targets.is_floating_point():  # class probabilities: every position is a term
-            per = F.cross_entropy(output, targets, weight=loss_fn.weight, reduction="none", label_smoothing=loss_fn.label_smoothing)
+            per = F.cross_entropy(
+                output,
+                targets,
+                weight=loss_fn.weight,
+                reduction="none",
+                label_smoothing=loss_fn.label_smoothing,
+            )
             terms = per.reshape(-1)
             normaliser = float(terms.numel())
         else:
@@ -234,7 +248,9 @@ def loss_terms(loss_fn: LossFn, output: Tensor, targets: Tensor) -> tuple[Tensor
         terms = per.reshape(per.shape[0], -1).sum(1)
         normaliser = float(per.numel())
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        per = F.binary_cross_entropy_with_logits(output, targets, weight=loss_fn.weight, pos_weight=loss_fn.pos_weight, reduction="none")
+        per = F.binary_cross_entropy_with_logits(
+            output, targets, weight=loss_fn.weight, pos_weight=loss_fn.pos_weight, reduction="none"
+        )
         terms = per.reshape(per.shape[0], -1).sum(1)
         normaliser = float(per.numel())
     else:
@@ -246,12 +262,19 @@ def loss_terms(loss_fn: LossFn, output: Tensor, targets: Tensor) -> tuple[Tensor
     with torch.no_grad():
         expected = loss_fn(output, targets)
         got = c * terms.sum()
-        bound = 10 * max(terms.numel(), 1) * UNIT_ROUNDOFF * c * terms.abs().sum() + torch.finfo(output.dtype).tiny
-        assert (got - expected).abs() <= bound, f"loss-term convention broken: c·Σℓ_t = {got.item()!r} vs loss {expected.item()!r}"
+        bound = (
+            10 * max(terms.numel(), 1) * UNIT_ROUNDOFF * c * terms.abs().sum()
+            + torch.finfo(output.dtype).tiny
+        )
+        assert (got - expected).abs() <= bound, (
+            f"loss-term convention broken: c·Σℓ_t = {got.item()!r} vs loss {expected.item()!r}"
+        )
     return terms, c
 
 
-def dense_empirical_fisher(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]) -> Tensor:
+def dense_empirical_fisher(
+    model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]
+) -> Tensor:
     """Dense empirical Fisher c Σ_t ∇_θ ℓ_t ∇_θ ℓ_tᵀ, (D, D), by a plain loop over loss terms.
 
     Terms and ``c`` as in :func:`loss_terms`, over the concatenated data.
@@ -274,7 +297,9 @@ def _shift_(params: Sequence[Tensor], direction: Sequence[Tensor], alpha: float)
         p.add_(d, alpha=alpha)
 
 
-def whole_dataset_gradient(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]) -> Tensor:
+def whole_dataset_gradient(
+    model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]
+) -> Tensor:
     """∇_θ L of :func:`whole_dataset_loss` as one vector."""
     return _flat_grad(whole_dataset_loss(model, loss_fn, data), params)
 
@@ -311,11 +336,15 @@ def finite_difference_hvp(
     return (g_plus - g_minus) / (2 * eps)
 
 
-def finite_difference_hessian(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor], eps: float) -> Tensor:
+def finite_difference_hessian(
+    model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor], eps: float
+) -> Tensor:
     """All D columns of the Hessian by :func:`finite_difference_hvp` on unit vectors (not symmetrised)."""
     D = num_params(params)
     eye = torch.eye(D, dtype=params[0].dtype)
-    return torch.stack([finite_difference_hvp(model, loss_fn, data, params, eye[i], eps) for i in range(D)], dim=1)
+    return torch.stack(
+        [finite_difference_hvp(model, loss_fn, data, params, eye[i], eps) for i in range(D)], dim=1
+    )
 
 
 __all__ = [

@@ -203,8 +203,17 @@ class NoGradGate(nn.Module):
 class TokenModel(nn.Module):
     """ids (N, T) -> Embedding -> [h + attention(LayerNorm h)] -> act(Linear) -> head -> (N, C, T)."""
 
-    def __init__(self, vocab: int, d: int, classes: int, act: str, norm: str, attention: str,
-                 padding_idx: bool, tie_head: bool):
+    def __init__(
+        self,
+        vocab: int,
+        d: int,
+        classes: int,
+        act: str,
+        norm: str,
+        attention: str,
+        padding_idx: bool,
+        tie_head: bool,
+    ):
         super().__init__()
         self.emb = nn.Embedding(vocab, d, padding_idx=0 if padding_idx else None)
         self.ln = nn.LayerNorm(d) if norm == "layer" else nn.Identity()
@@ -259,31 +268,45 @@ def _norm_conv(norm: str, channels: int, conv_dim: int) -> nn.Module:
     return nn.Identity()
 
 
-D_IN = 3          # input features (mlp, tied_linear) / input channels are 2 (conv)
-CONV_SIDE = 4     # spatial extent of the conv inputs (length 4, or 4 x 4)
-SEQ_LEN = 3       # token sequence length
+D_IN = 3  # input features (mlp, tied_linear) / input channels are 2 (conv)
+CONV_SIDE = 4  # spatial extent of the conv inputs (length 4, or 4 x 4)
+SEQ_LEN = 3  # token sequence length
 VOCAB = 5
 
 
 def _make_model(spec: ProblemSpec, g: torch.Generator) -> nn.Module:
     if spec.family == "mlp":
         model: nn.Module = nn.Sequential(
-            nn.Linear(D_IN, spec.width), _norm_1d(spec.norm, spec.width), ACTIVATIONS[spec.act](),
+            nn.Linear(D_IN, spec.width),
+            _norm_1d(spec.norm, spec.width),
+            ACTIVATIONS[spec.act](),
             NoGradGate(spec.width) if spec.no_grad_gate else nn.Identity(),
-            nn.Linear(spec.width, spec.width), ACTIVATIONS[spec.act](),
+            nn.Linear(spec.width, spec.width),
+            ACTIVATIONS[spec.act](),
             nn.Linear(spec.width, spec.classes),
         )
     elif spec.family == "conv":
         conv = nn.Conv1d if spec.conv_dim == 1 else nn.Conv2d
         channels = 3
         model = nn.Sequential(
-            conv(2, channels, kernel_size=3, padding=1), _norm_conv(spec.norm, channels, spec.conv_dim),
-            ACTIVATIONS[spec.act](), (nn.AvgPool1d if spec.conv_dim == 1 else nn.AvgPool2d)(2),
-            nn.Flatten(), nn.Linear(channels * (CONV_SIDE // 2) ** spec.conv_dim, spec.classes),
+            conv(2, channels, kernel_size=3, padding=1),
+            _norm_conv(spec.norm, channels, spec.conv_dim),
+            ACTIVATIONS[spec.act](),
+            (nn.AvgPool1d if spec.conv_dim == 1 else nn.AvgPool2d)(2),
+            nn.Flatten(),
+            nn.Linear(channels * (CONV_SIDE // 2) ** spec.conv_dim, spec.classes),
         )
     elif spec.family == "tokens":
-        model = TokenModel(VOCAB, spec.width, spec.classes, spec.act, spec.norm, spec.attention,
-                           spec.padding_idx, spec.tie_head)
+        model = TokenModel(
+            VOCAB,
+            spec.width,
+            spec.classes,
+            spec.act,
+            spec.norm,
+            spec.attention,
+            spec.padding_idx,
+            spec.tie_head,
+        )
     else:
         model = TiedLinearModel(D_IN, spec.width, spec.classes, spec.act)
     model = model.to(DTYPE)
@@ -293,7 +316,10 @@ def _make_model(spec: ProblemSpec, g: torch.Generator) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(max(p.shape[-1], 1)) + 0.1)
         for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)) and m.weight is not None:
+            if (
+                isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d))
+                and m.weight is not None
+            ):
                 m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=DTYPE))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g, dtype=DTYPE))
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -325,8 +351,9 @@ class LogCoshLoss:
         return f"LogCoshLoss(reduction={self.reduction!r})"
 
 
-def _make_loss_and_targets(spec: ProblemSpec, output_shape: tuple[int, ...], n: int,
-                           g: torch.Generator) -> tuple[object, Tensor]:
+def _make_loss_and_targets(
+    spec: ProblemSpec, output_shape: tuple[int, ...], n: int, g: torch.Generator
+) -> tuple[object, Tensor]:
     C = output_shape[1]
     if spec.loss == "ce":
         positions = (n, *output_shape[2:])
@@ -334,11 +361,12 @@ def _make_loss_and_targets(spec: ProblemSpec, output_shape: tuple[int, ...], n: 
         if spec.ignore:
             y = y.masked_fill(torch.rand(positions, generator=g) < 0.3, -100)
             if spec.first_batch_ignored:
-                y[:spec.batch_sizes[0]] = -100
+                y[: spec.batch_sizes[0]] = -100
             y.view(-1)[-1] = 0  # one counted target in the data set (the first batch may have none)
         weight = (0.5 + 1.5 * torch.rand(C, generator=g, dtype=DTYPE)) if spec.class_weights else None
-        return nn.CrossEntropyLoss(weight=weight, reduction=spec.reduction, ignore_index=-100,
-                                   label_smoothing=spec.label_smoothing), y
+        return nn.CrossEntropyLoss(
+            weight=weight, reduction=spec.reduction, ignore_index=-100, label_smoothing=spec.label_smoothing
+        ), y
     shape = (n, *output_shape[1:])
     if spec.loss == "mse":
         return nn.MSELoss(reduction=spec.reduction), torch.randn(shape, generator=g, dtype=DTYPE)
@@ -378,7 +406,10 @@ def build_problem(spec: ProblemSpec) -> Problem:
         with torch.no_grad():
             first = spec.batch_sizes[0]
             y[:first] = model(x[:first])
-    data = [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(list(spec.batch_sizes)), y.split(list(spec.batch_sizes)))]
+    data = [
+        (xb.clone(), yb.clone())
+        for xb, yb in zip(x.split(list(spec.batch_sizes)), y.split(list(spec.batch_sizes)))
+    ]
 
     named = list(model.named_parameters())
     if spec.frozen is not None:
@@ -400,9 +431,13 @@ def build_problem(spec: ProblemSpec) -> Problem:
             for i in picked:
                 name = trainable[i][0]
                 prefix = name.rsplit(".", 1)[0] + "." if "." in name else None
-                wildcard = i % 2 == 1 and prefix is not None and not any(n.startswith(prefix) for n in frozen_names)
+                wildcard = (
+                    i % 2 == 1 and prefix is not None and not any(n.startswith(prefix) for n in frozen_names)
+                )
                 params.append(prefix + "*" if wildcard else name)
-            selected = [name for name, _ in trainable if any(fnmatch.fnmatchcase(name, pat) for pat in params)]
+            selected = [
+                name for name, _ in trainable if any(fnmatch.fnmatchcase(name, pat) for pat in params)
+            ]
 
     if spec.with_grads:
         for i, (_, p) in enumerate(trainable):
@@ -415,9 +450,15 @@ def build_problem(spec: ProblemSpec) -> Problem:
 
 # --------------------------------------------------------------------------- strategies
 @st.composite
-def problem_specs(draw, *, train_mode: bool = False, smooth: bool = False,
-                  losses: tuple[str, ...] = LOSSES, ce_weight_and_smoothing: bool = True,
-                  poisonable: bool = False) -> ProblemSpec:
+def problem_specs(
+    draw,
+    *,
+    train_mode: bool = False,
+    smooth: bool = False,
+    losses: tuple[str, ...] = LOSSES,
+    ce_weight_and_smoothing: bool = True,
+    poisonable: bool = False,
+) -> ProblemSpec:
     """Draw a :class:`ProblemSpec`.
 
     Parameters
@@ -474,13 +515,29 @@ def problem_specs(draw, *, train_mode: bool = False, smooth: bool = False,
     chosen = tuple(draw(st.lists(st.integers(0, 20), min_size=1, max_size=4))) if selection != "all" else ()
     frozen = draw(st.one_of(st.none(), st.integers(0, 20)))
     return ProblemSpec(
-        family=family, seed=draw(st.integers(0, 2**31 - 1)), act=act, norm=norm, width=width,
-        classes=classes, conv_dim=draw(st.sampled_from((1, 2))) if family == "conv" else 0,
+        family=family,
+        seed=draw(st.integers(0, 2**31 - 1)),
+        act=act,
+        norm=norm,
+        width=width,
+        classes=classes,
+        conv_dim=draw(st.sampled_from((1, 2))) if family == "conv" else 0,
         padding_idx=family == "tokens" and draw(st.booleans()),
         attention=draw(st.sampled_from(("none", "mha", "sdpa"))) if family == "tokens" else "none",
-        tie_head=tie_head, loss=loss, reduction=reduction, ignore=ignore, class_weights=class_weights,
-        label_smoothing=smoothing, pos_weight=pos_weight, batch_sizes=batch_sizes, selection=selection,
-        chosen=chosen, frozen=frozen, with_grads=draw(st.booleans()), with_hook=draw(st.booleans()),
-        no_grad_gate=no_grad_gate, fit_first_batch=fit_first_batch,
+        tie_head=tie_head,
+        loss=loss,
+        reduction=reduction,
+        ignore=ignore,
+        class_weights=class_weights,
+        label_smoothing=smoothing,
+        pos_weight=pos_weight,
+        batch_sizes=batch_sizes,
+        selection=selection,
+        chosen=chosen,
+        frozen=frozen,
+        with_grads=draw(st.booleans()),
+        with_hook=draw(st.booleans()),
+        no_grad_gate=no_grad_gate,
+        fit_first_batch=fit_first_batch,
         first_batch_ignored=first_batch_ignored and len(batch_sizes) > 1,
     )

@@ -61,7 +61,7 @@ def _expressions(H, G, Hd, Gd):
         "H / 4": (H / 4, Hd / 4),
         "H @ G": (H @ G, Hd @ Gd),
         "H * G": (H * G, Hd @ Gd),
-        "H ** 3": (H ** 3, Hd @ Hd @ Hd),
+        "H ** 3": (H**3, Hd @ Hd @ Hd),
         "(H + G) @ (2 * H - G)": ((H + G) @ (2 * H - G), (Hd + Gd) @ (2 * Hd - Gd)),
         "(H @ G).T": ((H @ G).T, (Hd @ Gd).T),
         "(H @ G - G).H": ((H @ G - G).H, (Hd @ Gd - Gd).T),
@@ -100,9 +100,9 @@ def test_tags_are_propagated(operators):
         "H @ G": (H @ G, False, False),  # a product is not symmetric in general
         "G @ G": (G @ G, True, True),
         "H @ H": (H @ H, True, True),
-        "H ** 2": (H ** 2, True, True),
-        "H ** 3": (H ** 3, True, False),
-        "G ** 3": (G ** 3, True, True),
+        "H ** 2": (H**2, True, True),
+        "H ** 3": (H**3, True, False),
+        "G ** 3": (G**3, True, True),
         "0 * G": (0 * G, True, True),
     }
     for name, (op, symmetric, psd) in cases.items():
@@ -119,7 +119,8 @@ def test_parameter_list_products(operators):
     vs = list(H.unflatten(v).values())
     for op, dense in ((H, Hd), (H + G, Hd + Gd), (2 * G @ H, 2 * Gd @ Hd)):
         out = op @ vs
-        assert isinstance(out, list) and [t.shape for t in out] == [p.shape for p in H.params]
+        assert isinstance(out, list)
+        assert [t.shape for t in out] == [p.shape for p in H.params]
         assert _rel(H.flatten(out), dense @ v) <= RTOL
         out = op @ tuple(vs)
         assert _rel(H.flatten(out), dense @ v) <= RTOL
@@ -164,8 +165,11 @@ def test_mismatches_are_refused(operators):
         H + last
     with pytest.raises(ValueError, match="cannot multiply operators of shapes"):
         H @ JacobianOperator(model, data)
-    single = GGNOperator(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.CrossEntropyLoss(),
-                         [(x.float(), y) for x, y in data])
+    single = GGNOperator(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        nn.CrossEntropyLoss(),
+        [(x.float(), y) for x, y in data],
+    )
     with pytest.raises(TypeError, match="dtype torch.float64.*dtype torch.float32"):
         H + single
     on_meta = _Identity(H.shape[0], DTYPE, torch.device("meta"))
@@ -180,7 +184,7 @@ def test_mismatches_are_refused(operators):
     with pytest.raises(TypeError, match="complex"):
         H * 1j
     with pytest.raises(ValueError, match="integer >= 0"):
-        H ** 0.5
+        H**0.5
     with pytest.raises(ValueError, match="square"):
         JacobianOperator(model, data) ** 2
     with pytest.raises(TypeError, match="dtype"):
@@ -195,7 +199,12 @@ def test_algorithms_and_scipy_accept_composites(operators):
     exact = torch.linalg.eigvalsh(Ad)
     result = lanczos(A, k=2, which="LA", tol=1e-10, seed=0)
     # Ritz values of converged pairs: |θ - λ| ≲ residual ≤ tol·‖A‖
-    assert np.allclose(np.sort(np.asarray(result.eigenvalues)), exact[-2:].numpy(), rtol=0, atol=1e-8 * float(exact.abs().max()))
+    assert np.allclose(
+        np.sort(np.asarray(result.eigenvalues)),
+        exact[-2:].numpy(),
+        rtol=0,
+        atol=1e-8 * float(exact.abs().max()),
+    )
     trace = xtrace(S, budget=2 * D, seed=0)  # budget ≥ D: exact from S e_i
     assert abs(trace.estimate - float(torch.trace(Sd))) <= RTOL * float(torch.trace(Sd))
     b = torch.randn(D, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
@@ -207,14 +216,19 @@ def test_algorithms_and_scipy_accept_composites(operators):
     top = sla.eigsh(A, k=2, which="LA", return_eigenvectors=False, tol=1e-12)
     assert np.allclose(np.sort(top), exact[-2:].numpy(), rtol=0, atol=1e-9 * float(exact.abs().max()))
     xs, info = sla.cg(S + tag(0.1 * torch.eye(D, dtype=DTYPE), symmetric=True), b.numpy(), rtol=1e-12, atol=0)
-    assert info == 0 and _rel(torch.from_numpy(xs), reference) <= 1e-9
+    assert info == 0
+    assert _rel(torch.from_numpy(xs), reference) <= 1e-9
 
 
 def test_plain_scipy_operands_fall_back_to_scipy(operators):
     # Documented: a plain scipy LinearOperator has no torch path; the result is scipy's composite.
     _, _, H, _, Hd, _ = operators
     eye = sla.aslinearoperator(np.eye(H.shape[0]))
-    for op, dense in ((H + eye, Hd + torch.eye(H.shape[0], dtype=DTYPE)), (H @ eye, Hd), (H - eye, Hd - torch.eye(H.shape[0], dtype=DTYPE))):
+    for op, dense in (
+        (H + eye, Hd + torch.eye(H.shape[0], dtype=DTYPE)),
+        (H @ eye, Hd),
+        (H - eye, Hd - torch.eye(H.shape[0], dtype=DTYPE)),
+    ):
         assert type(op).__module__.startswith("scipy")
         v = np.arange(H.shape[0], dtype=np.float64)
         assert _rel(torch.from_numpy(op @ v), dense @ torch.from_numpy(v)) <= RTOL

@@ -25,8 +25,10 @@ def _mlp(dropout: float = 0.0) -> nn.Module:
 
 def _data(n_batches: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (4,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 @pytest.fixture(params=OPERATORS, ids=lambda c: c.__name__)
@@ -159,7 +161,7 @@ def test_shuffling_data_rejected():
         def __iter__(self):
             self.calls += 1
             batches = _data(3)
-            return iter(batches[self.calls % 3:] + batches[: self.calls % 3])
+            return iter(batches[self.calls % 3 :] + batches[: self.calls % 3])
 
     with pytest.raises(ValueError, match="different first batch"):
         HessianOperator(_mlp(), nn.CrossEntropyLoss(), Shuffling())
@@ -189,8 +191,13 @@ def test_nonfinite_product_names_batch():
         return (output - target).abs().pow(1.5).mean()
 
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g, dtype=torch.float64))
-            for _ in range(3)]
+    data = [
+        (
+            torch.randn(3, 3, generator=g, dtype=torch.float64),
+            torch.randn(3, 2, generator=g, dtype=torch.float64),
+        )
+        for _ in range(3)
+    ]
     model = _mlp()
     op = HessianOperator(model, loss_fn, data)
     with torch.no_grad():

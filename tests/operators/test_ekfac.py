@@ -14,22 +14,39 @@ import torch
 from torch import nn
 
 from curvops import FisherOperator, GGNOperator
-from curvops.operators.ekfac import EKFACOperator, _projected_second_moment
+from curvops.operators.ekfac import EKFACOperator
 from curvops.operators.kfac import KFACOperator
-from tests.operators.test_kfac import EXACT_RTOL, U, _rel, block_mask, classification_data, mlp, regression_data
+from curvops.operators.kfac_factors import projected_second_moment
+from tests.operators.test_kfac import (
+    EXACT_RTOL,
+    U,
+    _rel,
+    block_mask,
+    classification_data,
+    mlp,
+    regression_data,
+)
 
 DTYPE = torch.float64
 
 
 def _cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Conv2d(3, 2, 2),
-                         nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(DTYPE)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).to(DTYPE)
 
 
 def _cnn_data(sizes=(5, 3, 2), seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 2, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen)) for n in sizes]
+    return [
+        (torch.randn(n, 2, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen))
+        for n in sizes
+    ]
 
 
 def _block_indices(op, i: int) -> torch.Tensor:
@@ -91,8 +108,8 @@ def test_projected_second_moment_strategies(R, p, q):
     g = torch.randn(7, R, p, generator=gen, dtype=DTYPE)
     a = torch.randn(7, R, q, generator=gen, dtype=DTYPE)
     brute = torch.einsum("nri,nrj->nij", g, a).square().sum(0)
-    assert _rel(_projected_second_moment(g, a), brute) <= EXACT_RTOL
-    assert _rel(_projected_second_moment(g, None), g.sum(1).square().sum(0).unsqueeze(1)) <= EXACT_RTOL
+    assert _rel(projected_second_moment(g, a), brute) <= EXACT_RTOL
+    assert _rel(projected_second_moment(g, None), g.sum(1).square().sum(0).unsqueeze(1)) <= EXACT_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +129,9 @@ def test_closed_forms_and_inverse(ekfac):
     delta = 1e-2
     eye = torch.eye(dense.shape[0], dtype=DTYPE)
     # logdet: D logs each off by ≲ cond·u, cond ≲ ‖E‖/δ ≈ 1e2: 1e-9 is ample, a wrong block is O(1).
-    assert abs(float(E.logdet(delta)) - float(torch.linalg.slogdet(dense + delta * eye).logabsdet)) <= 1e-9 * abs(float(E.logdet(delta)))
+    assert abs(
+        float(E.logdet(delta)) - float(torch.linalg.slogdet(dense + delta * eye).logabsdet)
+    ) <= 1e-9 * abs(float(E.logdet(delta)))
     inv = E.inverse(delta)
     V = torch.randn(E.shape[0], 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     # error ≲ cond(E + δI)·u·‖V‖, cond ≲ 1e3
@@ -124,9 +143,15 @@ def test_closed_forms_and_inverse(ekfac):
         E.inverse(-1.0)
 
 
-@pytest.mark.parametrize(("net", "fisher_type", "separate"), [
-    ("mlp", "type-2", False), ("mlp", "empirical", True), ("cnn", "type-2", True), ("cnn", "type-2", False),
-])
+@pytest.mark.parametrize(
+    ("net", "fisher_type", "separate"),
+    [
+        ("mlp", "type-2", False),
+        ("mlp", "empirical", True),
+        ("cnn", "type-2", True),
+        ("cnn", "type-2", False),
+    ],
+)
 def test_agrees_with_curvlinops(net, fisher_type, separate):
     """curvlinops' EKFACLinearOperator in the matching configuration (see test_kfac)."""
     curvlinops = pytest.importorskip("curvlinops")
@@ -134,9 +159,31 @@ def test_agrees_with_curvlinops(net, fisher_type, separate):
         model, data = mlp([4, 5, 3], nn.Tanh(), seed=24), classification_data(4, 3)
     else:
         model, data = _cnn(25), _cnn_data()
-    E = EKFACOperator(model, nn.CrossEntropyLoss(), data, fisher_type=fisher_type, separate_weight_and_bias=separate)
-    op = curvlinops.EKFACLinearOperator(model, nn.CrossEntropyLoss(), E.params, data, check_deterministic=False,
-                                        fisher_type=fisher_type, separate_weight_and_bias=separate)
+    E = EKFACOperator(
+        model, nn.CrossEntropyLoss(), data, fisher_type=fisher_type, separate_weight_and_bias=separate
+    )
+    op = curvlinops.EKFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        E.params,
+        data,
+        check_deterministic=False,
+        fisher_type=fisher_type,
+        separate_weight_and_bias=separate,
+    )
     theirs = op @ torch.eye(E.shape[0], dtype=DTYPE)
     # both reassemble Q diag(S) Qᵀ with their own eigensolver calls: ≲ D·u·‖E‖ apart
     assert _rel(E.to_dense(), theirs) <= 10 * EXACT_RTOL
+
+
+def test_out_is_written_in_place(ekfac):
+    """``matmat_torch(X, out=rows.T)`` for rows of a larger buffer: ``out`` itself is returned
+    holding ``E X``, and no other row is touched."""
+    E = ekfac
+    X = torch.randn(E.shape[0], 2, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    buffer = torch.full((4, E.shape[0]), float("nan"), dtype=DTYPE)
+    out = buffer[1:3].T
+    assert E.matmat_torch(X, out=out) is out
+    assert torch.equal(out, E @ X)
+    assert torch.isnan(buffer[0]).all()
+    assert torch.isnan(buffer[3]).all()

@@ -56,18 +56,27 @@ def _case(name: str):
     if name == "seq_mse":
         model = mlp([4, 5, 3], nn.Tanh(), seed=30)
         gen = _gen(31)
-        data = [(torch.randn(n, 4, 4, generator=gen, dtype=DTYPE), torch.randn(n, 4, 3, generator=gen, dtype=DTYPE))
-                for n in (3, 2)]
+        data = [
+            (
+                torch.randn(n, 4, 4, generator=gen, dtype=DTYPE),
+                torch.randn(n, 4, 3, generator=gen, dtype=DTYPE),
+            )
+            for n in (3, 2)
+        ]
         return model, nn.MSELoss(reduction="sum"), data
     if name == "seq_ce":
         model = nn.Sequential(mlp([4, 5, 3], nn.Tanh(), seed=32), ClassesFirst())
         gen = _gen(33)
-        data = [(torch.randn(n, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n, 4), generator=gen))
-                for n in (3, 2)]
+        data = [
+            (torch.randn(n, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n, 4), generator=gen))
+            for n in (3, 2)
+        ]
         return model, nn.CrossEntropyLoss(reduction="sum"), data
     if name in ("map_ce", "map_mse"):
         torch.manual_seed(34)
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 2, stride=2)).to(DTYPE)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 2, stride=2)).to(
+            DTYPE
+        )
         gen = _gen(35)
         inputs = [torch.randn(n, 2, 4, 4, generator=gen, dtype=DTYPE) for n in (3, 2)]
         if name == "map_ce":
@@ -93,7 +102,9 @@ def _brute_force_eigenvalues(op: EKFACOperator, model, loss_fn, data, kind: str)
         per_sample = f0[0].numel()
         columns = []  # output-shaped vectors, each supported on one sample
         if kind == "ggn":
-            H = torch.autograd.functional.hessian(lambda f: loss_fn(f, y), f0).reshape(f0.numel(), f0.numel())
+            H = torch.autograd.functional.hessian(lambda f, y=y: loss_fn(f, y), f0).reshape(
+                f0.numel(), f0.numel()
+            )
             for n in range(f0.shape[0]):
                 chunk = slice(n * per_sample, (n + 1) * per_sample)
                 lam, V = torch.linalg.eigh(H[chunk, chunk])
@@ -126,8 +137,8 @@ def _worst(op: EKFACOperator, reference: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("name", ["seq_mse", "seq_ce", "map_ce", "map_mse"])
 def test_type2_with_several_loss_rows_per_sample_is_refused(name, kfac_approx):
-    # Summing a sample's rows before squaring adds cross-row products the GGN lacks (2.9x to
-    # 80x off); the exact value needs rows x KFAC's backward passes: refused, naming the way out.
+    # Summing a sample's rows before squaring adds cross-row products the GGN lacks; the exact
+    # value needs rows x KFAC's backward passes: refused, naming the way out.
     model, loss_fn, data = _case(name)
     with pytest.raises(ValueError, match=r"loss rows per sample.*fisher_type='mc'.*KFACOperator"):
         EKFACOperator(model, loss_fn, data, fisher_type="type-2", kfac_approx=kfac_approx)
@@ -146,8 +157,9 @@ def test_positions_folded_into_the_batch_before_a_layer_are_refused():
     # The layers see N·T "samples", the output N: a layer's per-sample gradient would be a
     # part of one sample's gradient and the cross-position products would be dropped.
     torch.manual_seed(36)
-    model = nn.Sequential(FoldPositions(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3),
-                          MeanOverPositions(4)).to(DTYPE)
+    model = nn.Sequential(
+        FoldPositions(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), MeanOverPositions(4)
+    ).to(DTYPE)
     gen = _gen(37)
     data = [(torch.randn(3, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (3,), generator=gen))]
     for fisher_type in ("type-2", "mc", "empirical"):
@@ -156,25 +168,39 @@ def test_positions_folded_into_the_batch_before_a_layer_are_refused():
 
 
 # ============================================================== computed ones
-@pytest.mark.parametrize(("net", "fisher_type", "kfac_approx"), [
-    ("mlp", "type-2", "expand"), ("mlp", "empirical", "reduce"), ("cnn", "type-2", "reduce"), ("cnn", "empirical", "expand"),
-])
+@pytest.mark.parametrize(
+    ("net", "fisher_type", "kfac_approx"),
+    [
+        ("mlp", "type-2", "expand"),
+        ("mlp", "empirical", "reduce"),
+        ("cnn", "type-2", "reduce"),
+        ("cnn", "empirical", "expand"),
+    ],
+)
 def test_one_loss_row_per_sample_equals_brute_force(net, fisher_type, kfac_approx):
     # (N, C) outputs, with conv weight sharing inside (per-sample gradient summed over locations).
     if net == "mlp":
         model = mlp([4, 5, 3], nn.Tanh(), seed=38)
         gen = _gen(39)
-        data = [(torch.randn(n, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 2)]
+        data = [
+            (torch.randn(n, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen))
+            for n in (4, 2)
+        ]
     else:
         torch.manual_seed(40)
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 2 * 2, 3)).to(DTYPE)
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)
+        ).to(DTYPE)
         gen = _gen(41)
-        data = [(torch.randn(n, 2, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen))
-                for n in (3, 2)]
+        data = [
+            (torch.randn(n, 2, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen))
+            for n in (3, 2)
+        ]
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     E = EKFACOperator(model, loss_fn, data, fisher_type=fisher_type, kfac_approx=kfac_approx)
-    reference = _brute_force_eigenvalues(E, model, loss_fn, data, "ggn" if fisher_type == "type-2" else "empirical")
+    reference = _brute_force_eigenvalues(
+        E, model, loss_fn, data, "ggn" if fisher_type == "type-2" else "empirical"
+    )
     assert _worst(E, reference) <= EXACT_RTOL
 
 

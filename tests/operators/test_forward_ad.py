@@ -52,7 +52,9 @@ def test_shortcut_equals_torch_rule_with_graph(name, with_bias):
     func, w_shape, x_shape, options = LAYERS[name]
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(w_shape, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(w_shape[0], generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    bias = (
+        torch.randn(w_shape[0], generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    )
     x = torch.randn(x_shape, generator=g, dtype=torch.float64)
     params = [weight] + ([bias] if with_bias else [])
     results = []
@@ -116,14 +118,19 @@ def _relu_dual(call, x, x_dot, short):
         return fwAD.unpack_dual(out)
 
 
-@pytest.mark.parametrize("call", [F.relu, torch.relu, torch.Tensor.relu, torch.nn.ReLU()],
-                         ids=["F.relu", "torch.relu", "Tensor.relu", "nn.ReLU"])
+@pytest.mark.parametrize(
+    "call",
+    [F.relu, torch.relu, torch.Tensor.relu, torch.nn.ReLU()],
+    ids=["F.relu", "torch.relu", "Tensor.relu", "nn.ReLU"],
+)
 def test_relu_shortcut_equals_torch_rule_with_graph(call):
     """Primal, tangent and their gradients w.r.t. the input and its tangent agree with torch's rule."""
     g = torch.Generator().manual_seed(2)
     results = []
     for short in (True, False):
-        x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+        x = torch.randn(
+            6, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True
+        )
         x_dot = torch.randn(6, 5, generator=g.manual_seed(4), dtype=torch.float64, requires_grad=True)
         primal, tangent = _relu_dual(call, x, x_dot, short)
         seed = torch.linspace(-1, 1, 30, dtype=torch.float64).view(6, 5)
@@ -150,7 +157,8 @@ def test_own_storage_copies_only_views_into_larger_buffers():
     whole = torch.randn(4, 5)
     assert own_storage(whole) is whole
     part = own_storage(block[1])
-    assert part.data_ptr() != block[1].data_ptr() and torch.equal(part, block[1])
+    assert part.data_ptr() != block[1].data_ptr()
+    assert torch.equal(part, block[1])
     assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
     first = own_storage(block[0])
     assert first.data_ptr() != block.data_ptr()  # offset 0 but the storage holds three
@@ -173,7 +181,8 @@ def test_relu_shortcut_only_on_request(differentiated):
     if differentiated:
         assert g_x is None  # no activation-sized zero gradient formed and added into x's
     else:
-        assert g_x is not None and not g_x.any()
+        assert g_x is not None
+        assert not g_x.any()
 
 
 def _fd_gradients(f, leaves, seed, eps=1e-6):
@@ -186,6 +195,7 @@ def _fd_gradients(f, leaves, seed, eps=1e-6):
     w.r.t. the input), so neither can be the reference. Error: truncation O(eps²) and
     rounding O(u/eps) ≈ 1e-10 relative in float64.
     """
+
     def value(ls):
         with torch.no_grad():
             return float((torch.func.jvp(f, tuple(ls[:3]), tuple(ls[3:]))[1] * seed).sum())
@@ -216,13 +226,17 @@ def test_torch_layer_norm_rule_is_still_wrong_when_differentiated():
     If a torch release fixes it this test fails: then measure whether reverse over forward
     pays off for transformers before adding it to DIFFERENTIABLE_TANGENT_RULES."""
     g = torch.Generator().manual_seed(6)
-    leaves = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
-              for s in ((3, 4, 5), (5,), (5,), (3, 4, 5), (5,), (5,))]
+    leaves = [
+        torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+        for s in ((3, 4, 5), (5,), (5,), (3, 4, 5), (5,), (5,))
+    ]
     x, w, b, xd, wd, bd = leaves
     seed = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     f = _layer_norm
     with fwAD.dual_level():
-        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, xd), fwAD.make_dual(w, wd), fwAD.make_dual(b, bd))).tangent
+        tangent = fwAD.unpack_dual(
+            f(fwAD.make_dual(x, xd), fwAD.make_dual(w, wd), fwAD.make_dual(b, bd))
+        ).tangent
     got = torch.autograd.grad((tangent * seed).sum(), x)[0]
     want = _fd_gradients(f, leaves, seed)[0]
     assert float((got - want).norm()) > 1e-3 * float(want.norm())
@@ -244,7 +258,9 @@ SAMPLES = {
     "BmmBackward0": lambda a, b: torch.bmm(a.unsqueeze(0), b.unsqueeze(0)),
     "MvBackward0": lambda a, b: a @ b[:, 0],
     "ConvolutionBackward0": lambda a, b: F.conv2d(a.reshape(1, 2, 2, 3), b.reshape(3, 2, 2, 1)),
-    "EmbeddingBackward0": lambda a, b: F.embedding(torch.tensor([[0, 2], [1, 1]]), a, padding_idx=2) * b[0, 0],
+    "EmbeddingBackward0": lambda a, b: (
+        F.embedding(torch.tensor([[0, 2], [1, 1]]), a, padding_idx=2) * b[0, 0]
+    ),
     "TBackward0": lambda a, b: a.t() * b,
     "ViewBackward0": lambda a, b: (a @ b).view(9),
     "ReshapeAliasBackward0": lambda a, b: (a @ b).t().reshape(3, 3, 1),
@@ -284,11 +300,18 @@ SAMPLES = {
     "MeanBackward0": lambda a, b: (a @ b).tanh().mean() * a,
     "MeanBackward1": lambda a, b: (a @ b).tanh().mean(0) * b,
     "AvgPool2DBackward0": lambda a, b: F.avg_pool2d((a @ b).tanh().reshape(1, 1, 3, 3), 2, stride=1),
-    "MaxPool2DWithIndicesBackward0": lambda a, b: F.max_pool2d((a @ b).tanh().reshape(1, 1, 3, 3), 2, stride=1),
+    "MaxPool2DWithIndicesBackward0": lambda a, b: F.max_pool2d(
+        (a @ b).tanh().reshape(1, 1, 3, 3), 2, stride=1
+    ),
     # conditionally verified: batch norm in eval mode (running statistics)
     "NativeBatchNormBackward0": lambda a, b: F.batch_norm(
-        a @ b, torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE), torch.tensor([0.5, 1.5, 2.0], dtype=DTYPE),
-        weight=b[0] + 1, bias=b[1], training=False),
+        a @ b,
+        torch.tensor([0.1, -0.2, 0.3], dtype=DTYPE),
+        torch.tensor([0.5, 1.5, 2.0], dtype=DTYPE),
+        weight=b[0] + 1,
+        bias=b[1],
+        training=False,
+    ),
 }
 
 
@@ -314,7 +337,7 @@ def _hvp_both_ways(function, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,
 
     def loss(z):  # a nonzero gradient w.r.t. z, and a second derivative
         w = torch.linspace(-1.0, 1.0, z.numel(), dtype=DTYPE).view_as(z)
-        return (w * z).sum() + (z ** 3).sum() / 3
+        return (w * z).sum() + (z**3).sum() / 3
 
     with fwAD.dual_level(), tangent_rules(differentiated=True):
         z, z_dot = fwAD.unpack_dual(function(fwAD.make_dual(a, va), fwAD.make_dual(b, vb)))
@@ -329,7 +352,9 @@ def _hvp_both_ways(function, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,
 
 def test_every_verified_operation_has_a_check():
     structural = {"torch::autograd::AccumulateGrad", "torch::autograd::Identity"}  # leaves, make_dual
-    assert set(SAMPLES) == (DIFFERENTIABLE_TANGENT_RULES - structural) | set(CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES)
+    assert set(SAMPLES) == (DIFFERENTIABLE_TANGENT_RULES - structural) | set(
+        CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
@@ -342,10 +367,14 @@ def test_verified_operation_rule_matches_double_backward(name):
     assert float((fast - exact).norm()) <= RTOL * float(exact.norm())
 
 
-@pytest.mark.parametrize("name, function", [
-    ("NativeLayerNormBackward0", lambda a, b: F.layer_norm(a @ b, (3,))),
-    ("NativeBatchNormBackward0", lambda a, b: F.batch_norm(a @ b, None, None, training=True)),
-], ids=["layer_norm", "batch_norm_train"])
+@pytest.mark.parametrize(
+    "name, function",
+    [
+        ("NativeLayerNormBackward0", lambda a, b: F.layer_norm(a @ b, (3,))),
+        ("NativeBatchNormBackward0", lambda a, b: F.batch_norm(a @ b, None, None, training=True)),
+    ],
+    ids=["layer_norm", "batch_norm_train"],
+)
 def test_excluded_operation_rule_is_wrong_when_differentiated(name, function):
     """Why these stay off the list: the same check fails on them (so it can fail)."""
     fast, exact, z = _hvp_both_ways(function)

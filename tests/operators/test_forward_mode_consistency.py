@@ -40,7 +40,9 @@ RTOL = 1e4 * EPS
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     error = float((actual - expected).norm())
     scale = float(expected.norm())
-    assert error <= RTOL * max(scale, 1.0), f"relative error {error / max(scale, 1e-300):.3e} (rtol {RTOL:.1e})"
+    assert error <= RTOL * max(scale, 1.0), (
+        f"relative error {error / max(scale, 1e-300):.3e} (rtol {RTOL:.1e})"
+    )
 
 
 def _vector(dim: int, seed: int = 0) -> torch.Tensor:
@@ -87,10 +89,15 @@ def test_hessian_vector_product_when_only_a_later_batch_runs_an_unverified_opera
     torch.manual_seed(0)
     model = Branching().to(DTYPE)
     g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(n, 4, generator=g, dtype=DTYPE), torch.randn(n, 3, generator=g, dtype=DTYPE)) for n in (5, 3)]
+    data = [
+        (torch.randn(n, 4, generator=g, dtype=DTYPE), torch.randn(n, 3, generator=g, dtype=DTYPE))
+        for n in (5, 3)
+    ]
     H = HessianOperator(model, nn.MSELoss(), data)
     # Per-batch reference: the batches differ in structure, so no concatenation.
-    reference = sum(dense_hessian(model, nn.MSELoss(reduction="sum"), [batch], H.params) for batch in data) / 24
+    reference = (
+        sum(dense_hessian(model, nn.MSELoss(reduction="sum"), [batch], H.params) for batch in data) / 24
+    )
     for seed in range(2):
         v = _vector(H.shape[0], seed)
         _assert_close(H @ v, reference @ v)
@@ -144,7 +151,9 @@ def _dense_problem(cut: str):
     torch.manual_seed(0)
     model = _PartlyWithoutGrad(cut).to(DTYPE)
     g = torch.Generator().manual_seed(4)
-    data = [(torch.randn(n, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (n,), generator=g)) for n in (4, 3)]
+    data = [
+        (torch.randn(n, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (n,), generator=g)) for n in (4, 3)
+    ]
     return model, nn.CrossEntropyLoss(), data
 
 
@@ -211,8 +220,9 @@ def _batch_norm_problem():
 
 
 def _buffer_state(model: nn.Module):
-    return [(name, b.clone(), b._version) for name, b in model.named_buffers()], \
-        [m.training for m in model.modules()]
+    return [(name, b.clone(), b._version) for name, b in model.named_buffers()], [
+        m.training for m in model.modules()
+    ]
 
 
 def _assert_unchanged(model: nn.Module, state) -> None:
@@ -228,11 +238,14 @@ def test_batch_norm_train_products_are_right_and_leave_buffers_alone(kind):
     model, loss_fn, data = _batch_norm_problem()
     params = list(model.parameters())
     reference = {"ggn": dense_ggn, "fisher": dense_empirical_fisher, "hessian": dense_hessian}[kind](
-        model, loss_fn, data, params)
+        model, loss_fn, data, params
+    )
     state = _buffer_state(model)
-    op = {"ggn": lambda: GGNOperator(model, loss_fn, data),
-          "fisher": lambda: FisherOperator(model, loss_fn, data, kind="empirical"),
-          "hessian": lambda: HessianOperator(model, loss_fn, data)}[kind]()
+    op = {
+        "ggn": lambda: GGNOperator(model, loss_fn, data),
+        "fisher": lambda: FisherOperator(model, loss_fn, data, kind="empirical"),
+        "hessian": lambda: HessianOperator(model, loss_fn, data),
+    }[kind]()
     _assert_close(op.to_dense(), reference)  # blocks
     v = _vector(op.shape[0])
     _assert_close(op @ v, reference @ v)  # a single vector
@@ -296,11 +309,15 @@ def test_embedding_with_scale_grad_by_freq_is_refused():
     """Reverse mode rescales the embedding's gradient by row counts (not a derivative): the GGN
     came out 15% asymmetric. Refused, naming the module and the fix; fine once left out."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(0, 1), nn.Linear(3, 4)).to(DTYPE)
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(0, 1), nn.Linear(3, 4)).to(
+        DTYPE
+    )
     data = [(torch.tensor([[0, 0, 1], [2, 0, 3]]), torch.tensor([0, 1, 2, 3, 0, 1]))]
-    for make in (lambda **kw: GGNOperator(model, nn.CrossEntropyLoss(), data, **kw),
-                 lambda **kw: HessianOperator(model, nn.CrossEntropyLoss(), data, **kw),
-                 lambda **kw: JacobianOperator(model, data, **kw)):
+    for make in (
+        lambda **kw: GGNOperator(model, nn.CrossEntropyLoss(), data, **kw),
+        lambda **kw: HessianOperator(model, nn.CrossEntropyLoss(), data, **kw),
+        lambda **kw: JacobianOperator(model, data, **kw),
+    ):
         with pytest.raises(ValueError, match="'0' has scale_grad_by_freq=True.*scale_grad_by_freq=False"):
             make()
         make(params="2.*")  # the embedding's weight not selected: nothing rescaled

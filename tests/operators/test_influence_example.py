@@ -44,7 +44,8 @@ def test_influence_matches_leave_one_out():
     example = _load_example()
     r = example.run(classes=(1, 7), n_train=120, l2=5.0, n_top=5, loo="all")
     assert r.gradient_norm < 1e-10
-    assert np.isfinite(r.actual).all() and len(r.actual) == 120
+    assert np.isfinite(r.actual).all()
+    assert len(r.actual) == 120
     assert r.correlation > 0.99, r.correlation
     top = r.top
     assert (r.top_relative_errors_corrected < 0.05).all(), r.top_relative_errors_corrected

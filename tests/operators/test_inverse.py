@@ -194,7 +194,7 @@ def test_preconditioned_hessian(mlp, method):
 
 
 def test_kfac_preconditioned_cg():
-    kfac = pytest.importorskip("curvops.operators.kfac")
+    from curvops.operators import kfac
     model, loss_fn, data = _case("mlp_tanh-ce_mean").make()
     G = GGNOperator(model, loss_fn, data)
     Gd = G.to_dense().numpy()

@@ -72,7 +72,9 @@ def test_parameter_subset_and_transpose_roundtrip():
     assert J.param_names == ["layers.1.weight", "layers.1.bias"]
     _, ref = model_jacobian(model, data, J.params)
     assert _rel(J.to_dense(), ref) <= RTOL
-    assert isinstance(J.T, TransposedJacobianOperator) and J.T.T is J and J.H.H is J
+    assert isinstance(J.T, TransposedJacobianOperator)
+    assert J.T.T is J
+    assert J.H.H is J
     assert J.T.shape == (J.shape[1], J.shape[0])
     parts = J.unflatten_output(torch.arange(J.shape[0], dtype=torch.float64))
     assert [tuple(p.shape) for p in parts] == [tuple(s) for s in J.output_shapes]

@@ -39,7 +39,9 @@ def block_mask(op) -> torch.Tensor:
     offsets = np.cumsum([0] + op.param_numels)
     mask = torch.zeros(op.shape, dtype=torch.bool)
     for block in op.blocks:
-        idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in (block.weight, block.bias) if i is not None])
+        idx = torch.cat(
+            [torch.arange(offsets[i], offsets[i + 1]) for i in (block.weight, block.bias) if i is not None]
+        )
         mask[idx.unsqueeze(1), idx.unsqueeze(0)] = True
     return mask
 
@@ -120,7 +122,13 @@ def test_deep_linear_network_equals_ggn_blocks(reduction):
     # Nonlinear networks with several data points: KFAC is an approximation (sanity: it is not exact).
     nonlinear = mlp([4, 5, 6, 3], nn.Tanh(), seed=4)
     K2 = KFACOperator(nonlinear, nn.MSELoss(reduction=reduction), data)
-    assert _rel(K2.to_dense(), GGNOperator(nonlinear, nn.MSELoss(reduction=reduction), data).to_dense() * block_mask(K2)) > 1e-4
+    assert (
+        _rel(
+            K2.to_dense(),
+            GGNOperator(nonlinear, nn.MSELoss(reduction=reduction), data).to_dense() * block_mask(K2),
+        )
+        > 1e-4
+    )
 
 
 def test_deep_linear_sequence_expand_equals_ggn_blocks():
@@ -149,9 +157,11 @@ def test_deep_linear_sequence_reduce_equals_ggn_blocks():
 def _conv_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
         nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     ).to(DTYPE)
 
 
@@ -172,8 +182,9 @@ def test_conv_reduce_equals_ggn_block_of_last_layer():
 def test_conv_padding_variants_single_datum(padding_mode):
     # One datum, one conv layer on the output: exact (covers "same" padding and padding modes).
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", dilation=2, padding_mode=padding_mode),
-                          nn.Flatten()).to(DTYPE)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same", dilation=2, padding_mode=padding_mode), nn.Flatten()
+    ).to(DTYPE)
     data = regression_data((2, 5, 5), (75,), sizes=(1,))
     # expand with a per-location loss and a linear layer: rows are independent, KFAC is exact
     K = KFACOperator(model, nn.MSELoss(), data)
@@ -188,8 +199,8 @@ class ChannelsLast(nn.Module):
 @pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.BCEWithLogitsLoss()])
 def test_conv_map_with_elementwise_loss_needs_channels_last(loss_fn):
     # MSE/BCE columns run over the output's last dimension. On a Conv2d's (N, C, H, W) map that
-    # is a spatial dimension: the columns couple the channels of every location, and even one
-    # conv layer under MSE (where KFAC-expand is exact) came out wrong by 100% — refused.
+    # is a spatial dimension: the columns couple the channels of every location, so G would be
+    # wrong even for one conv layer under MSE (where KFAC-expand is exact) — refused.
     torch.manual_seed(10)
     conv = nn.Conv2d(2, 3, 3, padding=1).to(DTYPE)
     data = [(x, y.sigmoid()) for x, y in regression_data((2, 4, 4), (3, 4, 4), sizes=(2, 1))]
@@ -248,11 +259,14 @@ def test_ce_ignore_index_sequence_logits_normalisation():
 
     model = SeqNet().to(DTYPE)
     randn = _seeded(11)
-    data = [(randn(1, 4, 4), torch.tensor([[0, -100, 2, -100]])), (randn(1, 4, 4), torch.tensor([[1, 1, -100, 0]]))]
+    data = [
+        (randn(1, 4, 4), torch.tensor([[0, -100, 2, -100]])),
+        (randn(1, 4, 4), torch.tensor([[1, 1, -100, 0]])),
+    ]
     K = KFACOperator(model, nn.CrossEntropyLoss(ignore_index=-100), data)
     K_sum = KFACOperator(model, nn.CrossEntropyLoss(ignore_index=-100, reduction="sum"), data)
     assert _rel(K.to_dense() * 5, K_sum.to_dense()) <= EXACT_RTOL
-    counted = [(x[:, t:t + 1], y[:, t:t + 1]) for x, y in data for t in range(4) if y[0, t] != -100]
+    counted = [(x[:, t : t + 1], y[:, t : t + 1]) for x, y in data for t in range(4) if y[0, t] != -100]
     K_counted = KFACOperator(model, nn.CrossEntropyLoss(reduction="sum"), counted)
     assert _rel(K_sum.blocks[0].G, K_counted.blocks[0].G) <= EXACT_RTOL
     # ... while A averages over all 8 rows, ignored ones included (documented limitation).
@@ -269,8 +283,14 @@ def small_kfac():
     for p in model.parameters():
         nn.init.normal_(p, std=0.5)
     gen = torch.Generator().manual_seed(13)
-    data = [(torch.randn(n, 2, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 3)]
-    return {sep: KFACOperator(model, nn.CrossEntropyLoss(), data, separate_weight_and_bias=sep) for sep in (False, True)}
+    data = [
+        (torch.randn(n, 2, 4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (n,), generator=gen))
+        for n in (4, 3)
+    ]
+    return {
+        sep: KFACOperator(model, nn.CrossEntropyLoss(), data, separate_weight_and_bias=sep)
+        for sep in (False, True)
+    }
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -289,7 +309,9 @@ def test_closed_forms_match_dense(small_kfac, separate):
         assert ref.sign > 0
         # logdet sums D ≈ 100 logs, each off by ≲ cond·u for its eigenvalue (cond ≲ ‖K‖/δ ≈ 10³):
         # ≲ 1e-11 absolute; 1e-9 leaves margin, a wrong block would be O(1).
-        assert abs(float(K.logdet(delta)) - float(ref.logabsdet)) <= 1e-9 * max(1.0, abs(float(ref.logabsdet)))
+        assert abs(float(K.logdet(delta)) - float(ref.logabsdet)) <= 1e-9 * max(
+            1.0, abs(float(ref.logabsdet))
+        )
     assert float(K.logdet()) == -math.inf or math.isfinite(float(K.logdet()))
 
 
@@ -305,13 +327,15 @@ def test_exact_inverse(small_kfac, separate):
     assert float((back - V).abs().max()) <= 1e6 * U * float(V.abs().max())
     # numpy in, numpy out; matvec and matmat, scipy semantics
     v = V[:, 0].numpy()
-    assert isinstance(inv @ v, np.ndarray) and isinstance(inv.matvec(v), np.ndarray)
+    assert isinstance(inv @ v, np.ndarray)
+    assert isinstance(inv.matvec(v), np.ndarray)
     assert np.allclose(inv.matmat(V.numpy()), (inv @ V).numpy(), rtol=1e-13, atol=0)
     dense_inv = torch.linalg.inv(K.to_dense() + delta * torch.eye(K.shape[0], dtype=DTYPE))
     assert _rel(inv.to_dense(), dense_inv) <= 1e6 * U
     # scipy solvers accept both operators
     x, info = sla.cg(K + delta * sla.aslinearoperator(np.eye(K.shape[0])), v, M=inv, rtol=1e-12)
-    assert info == 0 and np.allclose(x, inv @ v, rtol=1e-8, atol=1e-10)
+    assert info == 0
+    assert np.allclose(x, inv @ v, rtol=1e-8, atol=1e-10)
 
 
 def test_factorwise_inverses():
@@ -326,8 +350,13 @@ def test_factorwise_inverses():
     delta = 0.3
     pi = math.sqrt((float(torch.trace(block.A)) / 4) / (float(torch.trace(block.G)) / 3))
     expected = {
-        "plain": torch.kron(torch.linalg.inv(block.G + delta**0.5 * eye_g), torch.linalg.inv(block.A + delta**0.5 * eye_a)),
-        "pi": torch.kron(torch.linalg.inv(block.G + delta**0.5 / pi * eye_g), torch.linalg.inv(block.A + pi * delta**0.5 * eye_a)),
+        "plain": torch.kron(
+            torch.linalg.inv(block.G + delta**0.5 * eye_g), torch.linalg.inv(block.A + delta**0.5 * eye_a)
+        ),
+        "pi": torch.kron(
+            torch.linalg.inv(block.G + delta**0.5 / pi * eye_g),
+            torch.linalg.inv(block.A + pi * delta**0.5 * eye_a),
+        ),
     }
     for method, ref in expected.items():
         assert _rel(K.inverse(delta, method=method).to_dense(), ref) <= 1e3 * EXACT_RTOL
@@ -341,9 +370,10 @@ def test_works_with_scipy_and_library_algorithms(small_kfac):
     top = np.sort(sla.eigsh(K, k=3, which="LA", return_eigenvectors=False))
     ref = K.eigenvalues()[-3:].numpy()
     assert np.allclose(top, ref, rtol=1e-10)
-    assert K.device == torch.device("cpu") and K.torch_dtype == DTYPE
+    assert K.device == torch.device("cpu")
+    assert K.torch_dtype == DTYPE
     assert K.matmat_torch(torch.eye(K.shape[0], dtype=DTYPE)[:, :5]).shape == (K.shape[0], 5)
-    algorithms = pytest.importorskip("curvops.algorithms")
+    from curvops import algorithms
     result = algorithms.lanczos(K, k=3, which="LA", seed=0)
     got = np.sort(np.asarray(torch.as_tensor(result.eigenvalues)))
     assert np.allclose(got, ref, rtol=1e-8)
@@ -356,14 +386,17 @@ def _curvlinops_dense(cls_name, model, loss_fn, data, params, **kwargs):
     return op @ torch.eye(sum(p.numel() for p in params), dtype=DTYPE)
 
 
-@pytest.mark.parametrize(("name", "fisher_type", "approx", "separate"), [
-    ("mlp_ce_mean", "type-2", "expand", False),
-    ("mlp_ce_mean", "empirical", "expand", True),
-    ("mlp_mse_sum", "type-2", "expand", False),
-    ("cnn_ce_mean", "type-2", "expand", False),
-    ("cnn_ce_mean", "type-2", "reduce", True),
-    ("seq_mse_mean", "type-2", "expand", False),
-])
+@pytest.mark.parametrize(
+    ("name", "fisher_type", "approx", "separate"),
+    [
+        ("mlp_ce_mean", "type-2", "expand", False),
+        ("mlp_ce_mean", "empirical", "expand", True),
+        ("mlp_mse_sum", "type-2", "expand", False),
+        ("cnn_ce_mean", "type-2", "expand", False),
+        ("cnn_ce_mean", "type-2", "reduce", True),
+        ("seq_mse_mean", "type-2", "expand", False),
+    ],
+)
 def test_agrees_with_curvlinops(name, fisher_type, approx, separate):
     """curvlinops' KFACLinearOperator in the matching configuration.
 
@@ -377,16 +410,33 @@ def test_agrees_with_curvlinops(name, fisher_type, approx, separate):
         model = mlp([4, 5, 3], nn.Tanh(), seed=16)
         data = classification_data(4, 3) if "ce" in name else regression_data((4,), (3,))
     elif name.startswith("cnn"):
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).to(DTYPE)
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)
+        ).to(DTYPE)
         gen = torch.Generator().manual_seed(17)
-        data = [(torch.randn(n, 2, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 4, (n,), generator=gen)) for n in (5, 3, 2)]
+        data = [
+            (torch.randn(n, 2, 5, 5, generator=gen, dtype=DTYPE), torch.randint(0, 4, (n,), generator=gen))
+            for n in (5, 3, 2)
+        ]
     else:
         model = mlp([4, 5, 3], nn.Tanh(), seed=18)
         data = regression_data((6, 4), (6, 3))
-    loss_fn = nn.CrossEntropyLoss() if "ce" in name else nn.MSELoss(reduction="sum" if "sum" in name else "mean")
-    K = KFACOperator(model, loss_fn, data, fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=separate)
-    theirs = _curvlinops_dense("KFACLinearOperator", model, loss_fn, data, K.params, fisher_type=fisher_type,
-                               kfac_approx=approx, separate_weight_and_bias=separate)
+    loss_fn = (
+        nn.CrossEntropyLoss() if "ce" in name else nn.MSELoss(reduction="sum" if "sum" in name else "mean")
+    )
+    K = KFACOperator(
+        model, loss_fn, data, fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=separate
+    )
+    theirs = _curvlinops_dense(
+        "KFACLinearOperator",
+        model,
+        loss_fn,
+        data,
+        K.params,
+        fisher_type=fisher_type,
+        kfac_approx=approx,
+        separate_weight_and_bias=separate,
+    )
     assert _rel(K.to_dense(), theirs) <= EXACT_RTOL
 
 
@@ -450,12 +500,15 @@ def test_unsupported_layers_are_named_or_excluded():
         KFACOperator(model, nn.CrossEntropyLoss(), data, params="norm.*", unsupported="exclude")
 
 
-@pytest.mark.parametrize(("model", "match"), [
-    (TwoCalls(), "called more than once"),
-    (Tied(), r"shared by several layers"),
-    (FunctionalReuse(), r"gradient of parameter 'a\.weight' is not that of its layer"),
-    (nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(18, 3)), "groups=2"),
-])
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (TwoCalls(), "called more than once"),
+        (Tied(), r"shared by several layers"),
+        (FunctionalReuse(), r"gradient of parameter 'a\.weight' is not that of its layer"),
+        (nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(18, 3)), "groups=2"),
+    ],
+)
 def test_structural_errors(model, match):
     model = model.to(DTYPE)
     if isinstance(model, nn.Sequential):
@@ -509,7 +562,9 @@ def test_bad_options_and_losses():
 
 
 def test_bad_damping():
-    K = KFACOperator(mlp([3, 2], None, bias=False), nn.CrossEntropyLoss(), classification_data(3, 2, sizes=(1,)))
+    K = KFACOperator(
+        mlp([3, 2], None, bias=False), nn.CrossEntropyLoss(), classification_data(3, 2, sizes=(1,))
+    )
     for method in ("pi", "plain"):
         for bad in (0.0, -1.0):
             with pytest.raises(ValueError, match="damping"):
@@ -532,3 +587,152 @@ def test_bad_damping():
         K @ torch.ones(K.shape[0] + 1, dtype=DTYPE)
     with pytest.raises(TypeError, match="dtype"):
         K.inverse(0.1) @ torch.ones(K.shape[0], dtype=torch.float32)
+
+
+# =========================================================================== the operator's contract
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("separate", [False, True])
+def test_out_is_written_in_place(small_kfac, separate, k):
+    """``matmat_torch(X, out=...)`` returns ``out`` holding ``K X`` and touches nothing else:
+    rows of a larger buffer (a Lanczos basis: contiguous rows) and a column-major block."""
+    K = small_kfac[separate]
+    dim = K.shape[0]
+    X = torch.randn(dim, k, generator=torch.Generator().manual_seed(30 + k), dtype=DTYPE)
+    expected = K @ X
+    buffer = torch.full((k + 2, dim), float("nan"), dtype=DTYPE)
+    out = buffer[1 : 1 + k].T
+    assert K.matmat_torch(X, out=out) is out
+    assert torch.equal(out, expected)  # the same arithmetic, whichever destination
+    assert torch.isnan(buffer[0]).all()
+    assert torch.isnan(buffer[-1]).all()
+    column_major = torch.full((dim, k), float("nan"), dtype=DTYPE)
+    assert K.matmat_torch(X, out=column_major) is column_major
+    assert torch.equal(column_major, expected)
+    # one vector (2-D matrix products, not batched ones: rounding apart) agrees with the block
+    assert _rel(K @ X[:, 0], expected[:, 0]) <= EXACT_RTOL
+    assert torch.equal(K.matvec(X[:, 0]), K @ X[:, 0])
+
+
+def test_symmetric_transpose_and_parameter_lists(small_kfac):
+    K = small_kfac[False]
+    v = torch.randn(K.shape[0], generator=torch.Generator().manual_seed(31), dtype=DTYPE)
+    assert K.T is K
+    assert K.H is K
+    assert K.is_symmetric
+    assert K.is_positive_semidefinite
+    assert np.array_equal(K.rmatvec(v.numpy()), K.matvec(v.numpy()))
+    out = K @ list(K.unflatten(v).values())
+    assert torch.equal(K.flatten(out), K @ v)
+
+
+def test_eigendecomposition_reconstructs_the_factors(small_kfac):
+    K = small_kfac[False]
+    for block, eig in zip(K.blocks, K.eigendecomposition()):
+        assert eig.name == block.name
+        assert eig.param_names == block.param_names
+        G = eig.G_eigenvectors @ torch.diag(eig.G_eigenvalues) @ eig.G_eigenvectors.T
+        A = eig.A_eigenvectors @ torch.diag(eig.A_eigenvalues) @ eig.A_eigenvectors.T
+        # eigh's backward error: ≲ dim·u·‖F‖ with dim ≤ 13
+        assert _rel(G, block.G) <= EXACT_RTOL
+        assert _rel(A, block.A) <= EXACT_RTOL
+
+
+def test_loss_and_gradient_is_the_objectives(small_kfac):
+    """The objective (model, data, normalisation) is that of every curvature operator."""
+    K = small_kfac[False]
+    ggn = GGNOperator(K.model, nn.CrossEntropyLoss(), K.data)
+    loss, grad = K.loss_and_gradient()
+    loss_ref, grad_ref = ggn.loss_and_gradient()
+    assert torch.equal(loss, loss_ref)
+    assert torch.equal(grad, grad_ref)
+    assert (K.num_batches, K.normaliser, K.scale) == (ggn.num_batches, ggn.normaliser, ggn.scale)
+
+
+def test_overflowing_products_are_reported():
+    # Finite input, finite factors, a product beyond float64's range: the product is
+    # refused, naming the Kronecker factors (no data pass can be blamed).
+    model = mlp([3, 2], None, seed=32)
+    data = [(1e3 * x, y) for x, y in regression_data((3,), (2,), sizes=(4,))]  # A's entries ≈ 1e6
+    K = KFACOperator(model, nn.MSELoss(), data)
+    huge = torch.full((K.shape[0],), 1e308, dtype=DTYPE)
+    with pytest.raises(FloatingPointError, match="Kronecker-factored product overflowed"):
+        K @ huge
+    with pytest.raises(FloatingPointError, match="inverse product overflowed"):
+        K.inverse(1e-12) @ huge
+
+
+# =========================================================================== KroneckerOperator
+def _layout_dense(op, blocks_dense):
+    """The dense (D, D) matrix of a KroneckerOperator from each block's dense [W | b] matrix."""
+    offsets = np.cumsum([0] + op.param_numels)
+    dense = torch.zeros(op.shape, dtype=DTYPE)
+    for (weight, bias), B in zip(op.positions, blocks_dense):
+        anchor = weight if weight is not None else bias
+        out = op.param_shapes[anchor][0]
+        cols = []
+        if weight is not None:
+            cols.append(torch.arange(op.param_numels[weight]).reshape(out, -1) + int(offsets[weight]))
+        if bias is not None:
+            cols.append(torch.arange(out).reshape(out, 1) + int(offsets[bias]))
+        idx = torch.cat(cols, dim=1).reshape(-1)
+        dense[idx.unsqueeze(1), idx.unsqueeze(0)] = B
+    return dense
+
+
+def test_kronecker_operator_from_factors_and_eigen_forms():
+    """A KroneckerOperator built by hand: products, closed forms and inverse against dense
+    linear algebra (rounding of D ≈ 40 eigen-solves: 1e4·u relative, as above)."""
+    from curvops.operators.kronecker import KroneckerEigenForm, KroneckerFactors, KroneckerOperator
+
+    randn = _seeded(33)
+
+    def spd(n):
+        M = randn(n, n)
+        return M @ M.T + 0.1 * torch.eye(n, dtype=DTYPE)
+
+    # parameters: a (3, 4) weight with its bias (joint), a conv-shaped (2, 1, 2, 2) weight
+    # alone, and a (2,) bias alone in eigen form
+    shapes = [torch.Size([3, 4]), torch.Size([3]), torch.Size([2, 1, 2, 2]), torch.Size([2])]
+    Q = torch.linalg.qr(randn(2, 2)).Q
+    D = randn(2, 1).square()
+    forms = [
+        KroneckerFactors(spd(3), spd(5)),
+        KroneckerFactors(spd(2), spd(4)),
+        KroneckerEigenForm(Q, torch.ones(1, 1, dtype=DTYPE), D),
+    ]
+    op = KroneckerOperator(
+        ["a.weight", "a.bias", "c.weight", "b"],
+        shapes,
+        [(0, 1), (2, None), (None, 3)],
+        forms,
+        DTYPE,
+        torch.device("cpu"),
+    )
+    dense_blocks = [
+        torch.kron(forms[0].G, forms[0].A),
+        torch.kron(forms[1].G, forms[1].A),
+        Q @ torch.diag(D[:, 0]) @ Q.T,
+    ]
+    dense = _layout_dense(op, dense_blocks)
+    assert _rel(op.to_dense(), dense) <= EXACT_RTOL
+    X = randn(op.shape[0], 2)
+    assert _rel(op @ X, dense @ X) <= EXACT_RTOL
+    assert isinstance(op @ X[:, 0].numpy(), np.ndarray)
+    assert math.isclose(float(op.trace()), float(torch.trace(dense)), rel_tol=EXACT_RTOL)
+    assert math.isclose(
+        float(op.frobenius_norm()), float(torch.linalg.matrix_norm(dense)), rel_tol=EXACT_RTOL
+    )
+    assert _rel(op.diagonal(), torch.diagonal(dense)) <= EXACT_RTOL
+    evals = torch.linalg.eigvalsh(dense)
+    assert _rel(op.eigenvalues(), evals) <= EXACT_RTOL
+    eye = torch.eye(op.shape[0], dtype=DTYPE)
+    assert math.isclose(
+        float(op.logdet(0.5)), float(torch.linalg.slogdet(dense + 0.5 * eye).logabsdet), rel_tol=EXACT_RTOL
+    )
+    inv = op.inverse(0.5)
+    assert _rel(inv.to_dense(), torch.linalg.inv(dense + 0.5 * eye)) <= EXACT_RTOL
+    assert "of=KroneckerOperator" in repr(inv)
+    with pytest.raises(ValueError, match="method='exact' only"):
+        op.inverse(0.5, method="pi")  # an eigen-form block has no factors to damp
+    with pytest.raises(ValueError, match="exactly one block"):
+        KroneckerOperator(["w"], [torch.Size([2, 2])], [], [], DTYPE, torch.device("cpu"))

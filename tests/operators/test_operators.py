@@ -20,7 +20,7 @@ import scipy.sparse
 import scipy.sparse.linalg as sla
 import torch
 
-from curvops import FisherOperator, GGNOperator, HessianOperator
+from curvops import FisherOperator, GGNOperator, HessianOperator, ProductStrategy
 from tests.operators.cases import CASES, SMOOTH_CASES, case_ids, get_case
 from tests.operators.references import dense_empirical_fisher, dense_ggn, dense_hessian
 
@@ -28,7 +28,11 @@ RTOL = 1e-10
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-    err = float(torch.linalg.matrix_norm(actual - expected)) if actual.dim() == 2 else float((actual - expected).norm())
+    err = (
+        float(torch.linalg.matrix_norm(actual - expected))
+        if actual.dim() == 2
+        else float((actual - expected).norm())
+    )
     scale = float(expected.norm())
     assert err <= rtol * max(scale, 1e-300), f"relative error {err / max(scale, 1e-300):.3e} > {rtol:.1e}"
 
@@ -50,23 +54,24 @@ def test_hessian_matches_dense_reference(case):
     _close(H @ V[:, 0], ref @ V[:, 0])
 
 
-@pytest.mark.parametrize("reverse_over_forward", [True, False], ids=["reverse_over_forward", "double_backward"])
+@pytest.mark.parametrize("method", ["reverse_over_forward", "double_backward"])
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
-def test_hessian_single_vector_paths_match_dense_reference(case, reverse_over_forward, monkeypatch):
+def test_hessian_single_vector_paths_match_dense_reference(case, method):
     """Both single-vector Hessian products (k = 1) on every model and loss. Models whose
     forward-mode rules cannot be differentiated (attention's softmax) or are differentiated
     wrongly (layer_norm) are not verified operations and use double backward; all must be right,
     and the others must really take reverse over forward."""
-    monkeypatch.setattr(HessianOperator, "_reverse_over_forward", reverse_over_forward)
     model, loss_fn, data = case.make()
-    H = HessianOperator(model, loss_fn, data)
+    H = HessianOperator(model, loss_fn, data, strategy=ProductStrategy(hessian_vector=method))
+    assert H.single_vector_method == method
     ref = dense_hessian(model, loss_fn, data, H.params)
     V = _random_block(H.shape[0], 2, seed=1)
     for col in range(2):
         _close(H @ V[:, col], ref @ V[:, col])
-    if reverse_over_forward:
+    if method == "reverse_over_forward":
         # The fast path did run where torch's rules allow it.
-        assert H._forward_mode_verdict is not case.id.startswith(("transformer", "attn"))
+        unverified = case.id.startswith(("transformer", "attn"))
+        assert H.single_vector_method == ("double_backward" if unverified else "reverse_over_forward")
 
 
 def test_hessian_reverse_over_forward_falls_back_without_forward_mode_rule():
@@ -77,12 +82,12 @@ def test_hessian_reverse_over_forward_falls_back_without_forward_mode_rule():
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
-            return x ** 3
+            return x**3
 
         @staticmethod
         def backward(ctx, grad):
             (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * grad
+            return 3 * x**2 * grad
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -96,11 +101,12 @@ def test_hessian_reverse_over_forward_falls_back_without_forward_mode_rule():
     model = Model()
     data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
     H = HessianOperator(model, torch.nn.MSELoss(), data)
-    assert H._use_reverse_over_forward(1)
+    assert H.single_vector_method == "reverse_over_forward"
     ref = dense_hessian(model, torch.nn.MSELoss(), data, H.params)
     v = _random_block(H.shape[0], 1)[:, 0]
     _close(H @ v, ref @ v)
-    assert H._forward_mode_verdict is False and not H._use_reverse_over_forward(1)
+    assert H.single_vector_method == "double_backward"
+    _close(H @ v, ref @ v)  # remembered: the next product goes by double backward directly
 
 
 def _hessian_with_reference(model, features: int):
@@ -144,18 +150,19 @@ def test_hessian_reverse_over_forward_is_checked_against_double_backward():
     torch.manual_seed(0)
     H, ref, v = _hessian_with_reference(Model(), features=4)
     _close(H @ v, ref @ v)
-    assert H._forward_mode_verdict is False
+    assert H.single_vector_method == "double_backward"
 
 
 def test_hessian_layer_norm_model_falls_back_to_double_backward():
     """torch 2.13's layer_norm rule, differentiated, is 25% off: it is not a verified
     operation, so the model goes to double backward, and the product is exact."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(),
-                                torch.nn.Linear(6, 3)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
     H, ref, v = _hessian_with_reference(model, features=6)
     _close(H @ v, ref @ v)
-    assert H._forward_mode_verdict is False
+    assert H.single_vector_method == "double_backward"
 
 
 CE_CASES = [c for c in CASES if "-ce" in c.id]
@@ -207,8 +214,15 @@ def test_hessian_equals_ggn_for_linear_models(case_id):
     _close(HessianOperator(model, loss_fn, data).to_dense(), GGNOperator(model, loss_fn, data).to_dense())
 
 
-@pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "mlp_gelu-bce_mean", "mlp_tanh-mse_mean_seq_output",
-                                     "attn_nonorm-ce_seq_ignore_mean"])
+@pytest.mark.parametrize(
+    "case_id",
+    [
+        "mlp_tanh-ce_mean",
+        "mlp_gelu-bce_mean",
+        "mlp_tanh-mse_mean_seq_output",
+        "attn_nonorm-ce_seq_ignore_mean",
+    ],
+)
 def test_mc_fisher_converges_to_ggn(case_id):
     """The MC Fisher is an unbiased estimate of the GGN with O(1/sqrt(M)) error.
 
@@ -288,7 +302,9 @@ def test_finite_difference_step_rule_matters():
     assert sweep[1.0] < 100 * min(sweep.values())
 
 
-@pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "transformer_ln-ce_seq_ignore_mean", "cnn_bn_eval-ce_mean"])
+@pytest.mark.parametrize(
+    "case_id", ["mlp_tanh-ce_mean", "transformer_ln-ce_seq_ignore_mean", "cnn_bn_eval-ce_mean"]
+)
 @pytest.mark.parametrize("which", ["LA", "SA"])
 def test_eigsh_matches_eigh(case_id, which):
     model, loss_fn, data = get_case(case_id).make()
@@ -315,7 +331,8 @@ def test_scipy_solvers_and_algebra():
     X0 = np.random.default_rng(1).standard_normal((dim, 3))
     vals, _ = sla.lobpcg(G, X0, largest=True, tol=1e-10, maxiter=500)
     np.testing.assert_allclose(np.sort(vals), np.linalg.eigvalsh(dense)[-3:], rtol=1e-6)
-    assert G.T is G and G.H is G
+    assert G.T is G
+    assert G.H is G
 
 
 def test_numpy_and_torch_paths_agree_and_keep_types():
@@ -323,9 +340,12 @@ def test_numpy_and_torch_paths_agree_and_keep_types():
     H = HessianOperator(model, loss_fn, data)
     V = _random_block(H.shape[0], 4, seed=5)
     t_out = H @ V
-    assert isinstance(t_out, torch.Tensor) and t_out.shape == V.shape and t_out.dtype == V.dtype
+    assert isinstance(t_out, torch.Tensor)
+    assert t_out.shape == V.shape
+    assert t_out.dtype == V.dtype
     n_out = H @ V.numpy()
-    assert isinstance(n_out, np.ndarray) and n_out.shape == V.shape
+    assert isinstance(n_out, np.ndarray)
+    assert n_out.shape == V.shape
     np.testing.assert_allclose(n_out, t_out.numpy(), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(H.matvec(V[:, 0].numpy()), t_out[:, 0].numpy(), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(H.matvec(V[:, :1].numpy()), t_out[:, :1].numpy(), rtol=1e-13, atol=1e-15)
@@ -341,14 +361,21 @@ def test_scipy_118_batched_shapes():
     V = _random_block(H.shape[0], 3, seed=6).numpy()
     expected = (H @ torch.from_numpy(V)).numpy()
     np.testing.assert_allclose(H._matvec(V.T), expected.T, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(H._matvec(V.T.reshape(1, 3, -1)), expected.T.reshape(1, 3, -1), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(H._matmat(np.stack([V, V])), np.stack([expected, expected]), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        H._matvec(V.T.reshape(1, 3, -1)), expected.T.reshape(1, 3, -1), rtol=1e-13, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        H._matmat(np.stack([V, V])), np.stack([expected, expected]), rtol=1e-13, atol=1e-15
+    )
 
 
 def test_block_equals_columns():
     model, loss_fn, data = get_case("transformer_ln-ce_seq_ignore_mean").make()
-    for op in (HessianOperator(model, loss_fn, data), GGNOperator(model, loss_fn, data),
-               FisherOperator(model, loss_fn, data, kind="empirical")):
+    for op in (
+        HessianOperator(model, loss_fn, data),
+        GGNOperator(model, loss_fn, data),
+        FisherOperator(model, loss_fn, data, kind="empirical"),
+    ):
         V = _random_block(op.shape[0], 3, seed=7)
         block = op @ V
         for i in range(3):
@@ -356,60 +383,83 @@ def test_block_equals_columns():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_matmat_torch_out_accumulates_in_place(k, monkeypatch):
+def test_matmat_torch_out_accumulates_in_place(k):
     """``matmat_torch(X, out=rows.T)`` for rows of a larger buffer (a Lanczos basis): the product
-    equals ``A @ X``, is ``out`` itself, touches no other row, and the curvature operators
-    accumulate it there (their accumulators are views into ``out``: no D-sized allocation)."""
+    equals ``A @ X``, is ``out`` itself (same storage), and touches no other row; a column-major
+    ``out`` gets the same product. That no D-sized buffer is allocated for it:
+    test_out_rows_need_no_block_buffer (CPU) and tests/operators/test_gpu.py."""
     from curvops import KFACOperator
 
     model, loss_fn, data = get_case("mlp_tanh-ce_mean").make()
-    operators = [HessianOperator(model, loss_fn, data),
-                 HessianOperator(model, loss_fn, data, method="finite_difference"),
-                 GGNOperator(model, loss_fn, data), FisherOperator(model, loss_fn, data, kind="empirical")]
-    handed = []
-    for op in operators:
-        original = type(op)._zeros_like_block
-
-        def spy(self, width, original=original):
-            views = original(self, width)
-            handed.append(views[0].data_ptr())
-            return views
-
-        monkeypatch.setattr(type(op), "_zeros_like_block", spy)
-    operators.append(KFACOperator(model, loss_fn, data))  # no accumulators: copied into out
+    operators = [
+        HessianOperator(model, loss_fn, data),
+        HessianOperator(model, loss_fn, data, method="finite_difference"),
+        GGNOperator(model, loss_fn, data),
+        FisherOperator(model, loss_fn, data, kind="empirical"),
+        KFACOperator(model, loss_fn, data),
+    ]
     for op in operators:
         dim = op.shape[0]
         V = _random_block(dim, k, seed=8)
         expected = op @ V
         buffer = torch.full((k + 2, dim), float("nan"), dtype=torch.float64)
         out = buffer[1 : 1 + k].T
-        handed.clear()
         result = op.matmat_torch(V, out=out)
         assert result is out
+        assert result.data_ptr() == buffer[1].data_ptr()
         _close(out, expected, rtol=1e-12)
-        assert torch.isnan(buffer[0]).all() and torch.isnan(buffer[-1]).all()
-        if not isinstance(op, KFACOperator):
-            assert handed and handed[-1] == out.data_ptr(), type(op).__name__
-    # A column-major (D, k) ``out`` (rows not contiguous) gets the product copied in, from the
-    # accumulators' own buffer (not from a concatenation of them: one D-sized copy, not two).
-    op = operators[0]
-    flats = []
-    original_flat = type(op)._as_flat_block
-
-    def flat_spy(self, products, width, buffer=None):
-        flat = original_flat(self, products, width, buffer)
-        flats.append(flat.data_ptr() == products[0].data_ptr())
-        return flat
-
-    monkeypatch.setattr(type(op), "_as_flat_block", flat_spy)
-    out = torch.empty(op.shape[0], 3, dtype=torch.float64)
-    V = _random_block(op.shape[0], 3, seed=9)
-    assert op.matmat_torch(V, out=out) is out
-    assert flats == [True]
-    _close(out, op @ V, rtol=1e-12)
+        assert torch.isnan(buffer[0]).all()
+        assert torch.isnan(buffer[-1]).all()
+        column_major = torch.full((dim, k), float("nan"), dtype=torch.float64)
+        assert op.matmat_torch(V, out=column_major) is column_major
+        _close(column_major, expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("case_id", ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, l, d: HessianOperator(m, l, d),
+        lambda m, l, d: HessianOperator(m, l, d, method="finite_difference"),
+        lambda m, l, d: GGNOperator(m, l, d),
+        lambda m, l, d: FisherOperator(m, l, d, kind="empirical"),
+    ],
+    ids=["hessian", "hessian_fd", "ggn", "empirical_fisher"],
+)
+def test_out_rows_need_no_block_buffer(make, k):
+    """With ``out`` rows that are contiguous (a Lanczos basis row), the product is accumulated
+    there: torch's profiler sees no allocation of a ``(k, D)`` block, where the product without
+    ``out`` allocates one (so the count can tell). Shapes are chosen so that no other tensor
+    has ``k·D`` entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Tanh(), torch.nn.Linear(53, 3)).double()
+    data = [(torch.randn(5, 37, dtype=torch.float64), torch.randint(0, 3, (5,))) for _ in range(2)]
+    op = make(model, torch.nn.CrossEntropyLoss(), data)
+    dim = op.shape[0]
+    X = _random_block(dim, k, seed=3)
+    basis = torch.zeros(k + 1, dim, dtype=torch.float64)
+
+    def block_allocations(call) -> int:
+        call()  # outside the count: the one-time checks of the first product
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        return sum(1 for e in prof.events() if e.cpu_memory_usage == k * dim * 8)
+
+    plain = block_allocations(lambda: op.matmat_torch(X))
+    into_rows = block_allocations(lambda: op.matmat_torch(X, out=basis[1:].T))
+    assert plain >= 1
+    if k == 1:
+        assert into_rows == 0, (plain, into_rows)
+    else:  # the input block is still transposed into rows once (k·D entries), as without out
+        assert into_rows < plain, (plain, into_rows)
+    _close(basis[1:].T, op @ X, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "case_id", ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"]
+)
 @pytest.mark.parametrize("batched_vjp", [True, False])
 @pytest.mark.parametrize("keep_graph", [True, False])
 def test_output_space_block_strategies_agree(case_id, batched_vjp, keep_graph):
@@ -417,11 +467,16 @@ def test_output_space_block_strategies_agree(case_id, batched_vjp, keep_graph):
     backward or one per column, the first tangent with the graph kept or not (the defaults
     pick by model and device)."""
     model, loss_fn, data = get_case(case_id).make()
-    for op in (GGNOperator(model, loss_fn, data), FisherOperator(model, loss_fn, data, kind="empirical")):
+    strategy = ProductStrategy(
+        batched_columns=batched_vjp,
+        output_tangent="dual_forward_with_graph" if keep_graph else "separate_tangent_pass",
+    )
+    for cls, kw in ((GGNOperator, {}), (FisherOperator, {"kind": "empirical"})):
+        op = cls(model, loss_fn, data, **kw)
         V = _random_block(op.shape[0], 3, seed=5)
         columns = torch.stack([op @ V[:, i] for i in range(3)], dim=1)
-        op._batched_vjp, op._tangent_with_graph = batched_vjp, keep_graph
-        _close(op @ V, columns, rtol=1e-12)
+        chosen = cls(model, loss_fn, data, strategy=strategy, **kw)
+        _close(chosen @ V, columns, rtol=1e-12)
 
 
 @pytest.mark.parametrize("selection", ["pattern", "list"])
@@ -431,7 +486,11 @@ def test_parameter_subset_is_submatrix(selection):
     names = full.param_names
     picked = [n for n in names if n.startswith("attn") or n.endswith("bias")]
     assert 0 < len(picked) < len(names)
-    params = ["attn*", "*bias"] if selection == "pattern" else [dict(model.named_parameters())[n] for n in reversed(picked)]
+    params = (
+        ["attn*", "*bias"]
+        if selection == "pattern"
+        else [dict(model.named_parameters())[n] for n in reversed(picked)]
+    )
     sub = HessianOperator(model, loss_fn, data, params=params)
     assert sub.param_names == picked, "order is model.named_parameters() order"
     offsets = np.cumsum([0] + full.param_numels)
@@ -450,7 +509,9 @@ def test_flatten_unflatten_round_trip():
         assert named[name].shape == p.shape
     assert torch.equal(op.flatten(named), v)
     assert torch.equal(op.flatten(list(named.values())), v)
-    assert torch.equal(op.parameter_vector(), op.flatten({n: p.detach() for n, p in model.named_parameters()}))
+    assert torch.equal(
+        op.parameter_vector(), op.flatten({n: p.detach() for n, p in model.named_parameters()})
+    )
 
 
 def test_loss_and_gradient_match_whole_dataset():
@@ -479,13 +540,18 @@ def _ce_problem(target_kind: str, **loss_kwargs):
 
 
 CE_CONFIGS = {
-    "class_weights": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64))),
-    "label_smoothing": ("indices", dict(label_smoothing=0.1)),
-    "weights_and_smoothing": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64),
-                                              label_smoothing=0.2)),
-    "weights_sum": ("indices", dict(weight=torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64), reduction="sum")),
-    "probabilities": ("probabilities", dict()),
-    "probabilities_smoothing": ("probabilities", dict(label_smoothing=0.3)),
+    "class_weights": ("indices", {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64)}),
+    "label_smoothing": ("indices", {"label_smoothing": 0.1}),
+    "weights_and_smoothing": (
+        "indices",
+        {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64), "label_smoothing": 0.2},
+    ),
+    "weights_sum": (
+        "indices",
+        {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2], dtype=torch.float64), "reduction": "sum"},
+    ),
+    "probabilities": ("probabilities", {}),
+    "probabilities_smoothing": ("probabilities", {"label_smoothing": 0.3}),
 }
 
 
@@ -505,6 +571,7 @@ def test_cross_entropy_variants(config):
 def test_custom_loss_callable():
     """A plain function: taken as a mean over the batch's samples, so unequal batches are
     weighted by their sizes; its output Hessian comes from double backward."""
+
     def loss_fn(output, target):
         return torch.log1p((output - target).pow(2).sum(dim=1)).mean()
 
@@ -537,18 +604,21 @@ def test_operator_tags():
     assert not custom.is_positive_semidefinite, "a custom loss may be non-convex"
 
 
-@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
-def test_both_tangent_strategies_agree(with_graph, monkeypatch):
-    from curvops.operators.base import OutputSpaceOperator
+TANGENT_STRATEGIES = [
+    ProductStrategy(output_tangent="dual_forward_with_graph"),
+    ProductStrategy(output_tangent="separate_tangent_pass"),
+]
 
-    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
+
+@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=["tangent_with_graph", "separate_forward"])
+def test_both_tangent_strategies_agree(strategy):
     model, loss_fn, data = get_case("transformer_ln-ce_seq_ignore_mean").make()
-    G = GGNOperator(model, loss_fn, data)
+    G = GGNOperator(model, loss_fn, data, strategy=strategy)
     ref = dense_ggn(model, loss_fn, data, G.params)
     V = _random_block(G.shape[0], 3, seed=9)
     _close(G @ V, ref @ V)
     _close(G @ V[:, 0], ref @ V[:, 0])
-    F = FisherOperator(model, loss_fn, data, kind="empirical")
+    F = FisherOperator(model, loss_fn, data, kind="empirical", strategy=strategy)
     _close(F @ V, dense_empirical_fisher(model, loss_fn, data, F.params) @ V)
 
 
@@ -564,23 +634,94 @@ class _EncoderClassifier(torch.nn.Module):
         return self.head(self.layer(x).mean(1))
 
 
-@pytest.mark.parametrize("with_graph", [True, False], ids=["tangent_with_graph", "separate_forward"])
-def test_ggn_through_torch_transformer_layer_in_eval_mode(with_graph, monkeypatch):
+@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=["tangent_with_graph", "separate_forward"])
+def test_ggn_through_torch_transformer_layer_in_eval_mode(strategy):
     """Without autograd, eval-mode nn.TransformerEncoderLayer takes a fused fast path that has
     no forward-mode AD; the no-graph tangent forwards (blocks, and every product on CUDA) must
     not (regression: NotImplementedError from aten::_transformer_encoder_layer_fwd)."""
-    from curvops.operators.base import OutputSpaceOperator
-
-    monkeypatch.setattr(OutputSpaceOperator, "_tangent_with_graph", with_graph)
     torch.manual_seed(0)
     model = _EncoderClassifier().double().eval()
     generator = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 5, 8, generator=generator, dtype=torch.float64),
-             torch.randint(0, 3, (4,), generator=generator)) for _ in range(2)]
+    data = [
+        (
+            torch.randn(4, 5, 8, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (4,), generator=generator),
+        )
+        for _ in range(2)
+    ]
     loss_fn = torch.nn.CrossEntropyLoss()
-    G = GGNOperator(model, loss_fn, data)
+    G = GGNOperator(model, loss_fn, data, strategy=strategy)
     reference = dense_ggn(model, loss_fn, data, G.params)
     V = _random_block(G.shape[0], 3, seed=4)
     _close(G @ V, reference @ V)
     _close(G @ V[:, 0], reference @ V[:, 0])
     assert torch.backends.mha.get_fastpath_enabled(), "the fast-path switch must be restored"
+
+
+STRATEGY_CASES = ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"]
+HESSIAN_STRATEGIES = [
+    ProductStrategy(hessian_vector=m) for m in ("auto", "reverse_over_forward", "double_backward")
+]
+OUTPUT_SPACE_STRATEGIES = [
+    ProductStrategy(output_tangent=t, batched_columns=b)
+    for t in ("auto", "dual_forward_with_graph", "separate_tangent_pass")
+    for b in ("auto", True, False)
+]
+STRATEGY_OPERATORS = (
+    [("hessian", s) for s in HESSIAN_STRATEGIES]
+    + [("ggn", s) for s in OUTPUT_SPACE_STRATEGIES]
+    + [("empirical_fisher", s) for s in OUTPUT_SPACE_STRATEGIES]
+)
+
+
+@pytest.mark.parametrize(
+    "operator,strategy",
+    STRATEGY_OPERATORS,
+    ids=[f"{name}-{strategy!r}" for name, strategy in STRATEGY_OPERATORS],
+)
+@pytest.mark.parametrize("case_id", STRATEGY_CASES)
+def test_every_strategy_matches_dense_reference(case_id, operator, strategy):
+    """Every product strategy gives the float64 dense reference, for single vectors and blocks,
+    on an MLP, a CNN and a model with layer_norm (whose forward-mode rule is not verified)."""
+    model, loss_fn, data = get_case(case_id).make()
+    if operator == "hessian":
+        op = HessianOperator(model, loss_fn, data, strategy=strategy)
+        ref = dense_hessian(model, loss_fn, data, op.params)
+    elif operator == "ggn":
+        op = GGNOperator(model, loss_fn, data, strategy=strategy)
+        ref = dense_ggn(model, loss_fn, data, op.params)
+    else:
+        op = FisherOperator(model, loss_fn, data, kind="empirical", strategy=strategy)
+        ref = dense_empirical_fisher(model, loss_fn, data, op.params)
+    V = _random_block(op.shape[0], 3, seed=12)
+    _close(op @ V, ref @ V)
+    _close(op @ V[:, 1], ref @ V[:, 1])
+    assert op.strategy == strategy
+    assert ("strategy=" in repr(op)) is not strategy.is_default
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (
+            {"hessian_vector": "forward"},
+            "hessian_vector must be one of 'auto', 'reverse_over_forward', 'double_backward'",
+        ),
+        ({"output_tangent": True}, "output_tangent must be one of 'auto', 'dual_forward_with_graph'"),
+        ({"batched_columns": 1}, "batched_columns must be one of 'auto', True, False, got 1"),
+        ({"batched_columns": "yes"}, "batched_columns must be one of"),
+    ],
+)
+def test_product_strategy_refuses_unknown_choices(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ProductStrategy(**fields)
+
+
+def test_strategy_argument_is_checked():
+    model, loss_fn, data = get_case("mlp_tanh-ce_mean").make()
+    for cls in (HessianOperator, GGNOperator, FisherOperator):
+        with pytest.raises(TypeError, match="strategy must be a curvops.ProductStrategy or 'auto'"):
+            cls(model, loss_fn, data, strategy="fast")
+        assert cls(model, loss_fn, data, strategy="auto").strategy == ProductStrategy()
+    assert repr(ProductStrategy()) == "ProductStrategy()"
+    assert repr(ProductStrategy(batched_columns=False)) == "ProductStrategy(batched_columns=False)"

@@ -189,7 +189,9 @@ def reference_ggn(problem: Problem) -> Tensor:
     else:
         H_out = closed_form_output_hessian(problem.loss_fn, output, y)
         gap = float((H_out - by_autograd).abs().max())
-        assert gap <= 1e3 * H_out.shape[0] * UNIT_ROUNDOFF * float(H_out.abs().max()), f"closed-form loss Hessian off by {gap:.3e}"
+        assert gap <= 1e3 * H_out.shape[0] * UNIT_ROUNDOFF * float(H_out.abs().max()), (
+            f"closed-form loss Hessian off by {gap:.3e}"
+        )
     return J.T @ H_out @ J
 
 
@@ -202,7 +204,10 @@ def reference_empirical_fisher(problem: Problem) -> Tensor:
         x, y = concat_batches(problem.data)
         output = model(x)
         c = 1.0 / output.shape[0] if problem.loss_fn.reduction == "mean" else 1.0
-        grads = [_flat_grad(problem.loss_fn(output[n:n + 1], y[n:n + 1]), params) for n in range(output.shape[0])]
+        grads = [
+            _flat_grad(problem.loss_fn(output[n : n + 1], y[n : n + 1]), params)
+            for n in range(output.shape[0])
+        ]
         return c * sum(torch.outer(g, g) for g in grads)
 
 
@@ -219,38 +224,68 @@ class _State:
 
 def snapshot(model: nn.Module) -> _State:
     """Everything a product must leave as it was."""
-    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                  "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    hook_dicts = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+    )
     mha = getattr(torch.backends, "mha", None)
     return _State(
-        parameters=[(name, p.detach().clone(), p._version, p.data_ptr(), p.requires_grad,
-                     None if p.grad is None else p.grad.clone())
-                    for name, p in model.named_parameters(remove_duplicate=False)],
+        parameters=[
+            (
+                name,
+                p.detach().clone(),
+                p._version,
+                p.data_ptr(),
+                p.requires_grad,
+                None if p.grad is None else p.grad.clone(),
+            )
+            for name, p in model.named_parameters(remove_duplicate=False)
+        ],
         buffers=[(name, b.clone(), b._version) for name, b in model.named_buffers(remove_duplicate=False)],
         modes=[(name, m.training) for name, m in model.named_modules()],
-        hooks=[(name, tuple(len(getattr(m, d, {})) for d in hook_dicts)) for name, m in model.named_modules()],
-        global_state=(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_dtype(),
-                      None if mha is None else mha.get_fastpath_enabled()),
+        hooks=[
+            (name, tuple(len(getattr(m, d, {})) for d in hook_dicts)) for name, m in model.named_modules()
+        ],
+        global_state=(
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.get_default_dtype(),
+            None if mha is None else mha.get_fastpath_enabled(),
+        ),
         rng_state=torch.random.get_rng_state(),
     )
 
 
 def assert_state_unchanged(before: _State, model: nn.Module, when: str) -> None:
     after = snapshot(model)
-    for (name, value, version, ptr, req, grad), (_, value2, version2, ptr2, req2, grad2) in zip(before.parameters, after.parameters):
+    for (name, value, version, ptr, req, grad), (_, value2, version2, ptr2, req2, grad2) in zip(
+        before.parameters, after.parameters
+    ):
         assert torch.equal(value, value2), f"{when}: parameter {name} changed value"
         assert ptr == ptr2, f"{when}: parameter {name} has a new storage"
-        assert version == version2, f"{when}: parameter {name}'s version counter moved {version} -> {version2}"
+        assert version == version2, (
+            f"{when}: parameter {name}'s version counter moved {version} -> {version2}"
+        )
         assert req == req2, f"{when}: parameter {name}'s requires_grad changed"
-        assert (grad is None) == (grad2 is None), f"{when}: parameter {name}'s .grad went {'from None' if grad is None else 'to None'}"
+        assert (grad is None) == (grad2 is None), (
+            f"{when}: parameter {name}'s .grad went {'from None' if grad is None else 'to None'}"
+        )
         assert grad is None or torch.equal(grad, grad2), f"{when}: parameter {name}'s .grad changed"
     for (name, value, version), (_, value2, version2) in zip(before.buffers, after.buffers):
         assert torch.equal(value, value2), f"{when}: buffer {name} changed value"
         assert version == version2, f"{when}: buffer {name}'s version counter moved {version} -> {version2}"
     assert before.modes == after.modes, f"{when}: train/eval modes changed"
     assert before.hooks == after.hooks, f"{when}: hooks added or removed"
-    assert before.global_state == after.global_state, f"{when}: torch's global state (grad mode, default dtype, MHA fast path) changed"
-    assert torch.equal(before.rng_state, after.rng_state), f"{when}: torch's global random number generator was used"
+    assert before.global_state == after.global_state, (
+        f"{when}: torch's global state (grad mode, default dtype, MHA fast path) changed"
+    )
+    assert torch.equal(before.rng_state, after.rng_state), (
+        f"{when}: torch's global random number generator was used"
+    )
 
 
 # =========================================================================== helpers
@@ -303,7 +338,9 @@ def _check_products(op: Any, reference: Tensor, rtol: float, name: str) -> Tenso
         (op.matmat(V.numpy()), block, "op.matmat(ndarray)"),
     ):
         assert isinstance(numpy_result, np.ndarray), f"{name}: {what} returned {type(numpy_result).__name__}"
-        _assert_close(torch.from_numpy(np.asarray(numpy_result)), torch_result, scale, rtol, f"{name}: {what} vs torch")
+        _assert_close(
+            torch.from_numpy(np.asarray(numpy_result)), torch_result, scale, rtol, f"{name}: {what} vs torch"
+        )
     return dense
 
 
@@ -318,11 +355,30 @@ def _assert_psd(dense: Tensor, rtol: float, name: str) -> None:
 def known(**changes: Any) -> ProblemSpec:
     """A fixed spec (``@example``): the problems of issue 26 run in every profile, whatever
     the random draws; a plain tanh MLP under CE(mean) on uneven batches, with ``changes``."""
-    base = dict(family="mlp", seed=26, act="tanh", norm="none", width=3, classes=3, conv_dim=0,
-                padding_idx=False, attention="none", tie_head=False, loss="ce", reduction="mean",
-                ignore=False, class_weights=False, label_smoothing=0.0, pos_weight=False,
-                batch_sizes=(3, 2, 1), selection="all", chosen=(), frozen=None, with_grads=True,
-                with_hook=True)
+    base = {
+        "family": "mlp",
+        "seed": 26,
+        "act": "tanh",
+        "norm": "none",
+        "width": 3,
+        "classes": 3,
+        "conv_dim": 0,
+        "padding_idx": False,
+        "attention": "none",
+        "tie_head": False,
+        "loss": "ce",
+        "reduction": "mean",
+        "ignore": False,
+        "class_weights": False,
+        "label_smoothing": 0.0,
+        "pos_weight": False,
+        "batch_sizes": (3, 2, 1),
+        "selection": "all",
+        "chosen": (),
+        "frozen": None,
+        "with_grads": True,
+        "with_hook": True,
+    }
     return ProblemSpec(**{**base, **changes})
 
 
@@ -337,10 +393,27 @@ FITTED_FIRST_BATCH = known(norm="layer", loss="mse", fit_first_batch=True)
 #: Cross-entropy whose first batch has only ignored targets.
 IGNORED_FIRST_BATCH = known(ignore=True, first_batch_ignored=True)
 #: The largest models drawn (D ≈ 250): attention, LayerNorm, a tied head, per-position CE.
-LARGE_ATTENTION = known(family="tokens", width=6, classes=5, norm="layer", attention="mha", tie_head=True,
-                        ignore=True, class_weights=True, label_smoothing=0.1)
-LARGE_SDPA = known(family="tokens", width=6, classes=4, norm="layer", attention="sdpa", loss="bce",
-                   pos_weight=True, reduction="sum")
+LARGE_ATTENTION = known(
+    family="tokens",
+    width=6,
+    classes=5,
+    norm="layer",
+    attention="mha",
+    tie_head=True,
+    ignore=True,
+    class_weights=True,
+    label_smoothing=0.1,
+)
+LARGE_SDPA = known(
+    family="tokens",
+    width=6,
+    classes=4,
+    norm="layer",
+    attention="sdpa",
+    loss="bce",
+    pos_weight=True,
+    reduction="sum",
+)
 
 
 def _describe(problem: Problem) -> None:
@@ -406,40 +479,60 @@ def test_finite_difference_hessian_within_documented_error(spec):
     problem = build_problem(spec)
     _describe(problem)
     before = snapshot(problem.model)
-    H = HessianOperator(problem.model, problem.loss_fn, problem.data, params=problem.params,
-                        method="finite_difference")
+    H = HessianOperator(
+        problem.model, problem.loss_fn, problem.data, params=problem.params, method="finite_difference"
+    )
     if _hides_a_dependence_from_autograd(spec, H):
         # Finite differences see the hidden dependence and autograd does not: a refusal.
         with pytest.raises(ValueError, match="method='autograd'"):
             H @ _random_block(H.shape[0], 1, seed=1)[:, 0]
         assert_state_unchanged(before, problem.model, "after a refused finite-difference product")
         return
-    H2 = HessianOperator(problem.model, problem.loss_fn, problem.data, params=problem.params,
-                         method="finite_difference", fd_eps=2 * H.finite_difference_step())
+    H2 = HessianOperator(
+        problem.model,
+        problem.loss_fn,
+        problem.data,
+        params=problem.params,
+        method="finite_difference",
+        fd_eps=2 * H.finite_difference_step(),
+    )
     reference = reference_hessian(problem)
     ref_norm = float(torch.linalg.matrix_norm(reference))
     dense, dense2 = H.to_dense(), H2.to_dense()
     allowed = DOCUMENTED_FD_RTOL * ref_norm + 2.0 * torch.linalg.vector_norm(dense2 - dense, dim=0)
     errors = torch.linalg.vector_norm(dense - reference, dim=0)
     worst = int(torch.argmax(errors - allowed))
-    note(f"finite-difference relative error {float(torch.linalg.matrix_norm(dense - reference)) / ref_norm:.2e}")
+    note(
+        f"finite-difference relative error {float(torch.linalg.matrix_norm(dense - reference)) / ref_norm:.2e}"
+    )
     assert bool((errors <= allowed).all()), (
         f"finite-difference column {worst}: error {float(errors[worst]):.3e} > allowed {float(allowed[worst]):.3e} "
         f"(documented {DOCUMENTED_FD_RTOL:.0e}·‖H‖ = {DOCUMENTED_FD_RTOL * ref_norm:.3e}, truncation estimate "
-        f"{float(allowed[worst]) - DOCUMENTED_FD_RTOL * ref_norm:.3e})")
+        f"{float(allowed[worst]) - DOCUMENTED_FD_RTOL * ref_norm:.3e})"
+    )
     # ‖D − Dᵀ‖_F ≤ ‖D − H‖_F + ‖(D − H)ᵀ‖_F ≤ 2 ‖allowed‖ (H symmetric)
     asymmetry = float(torch.linalg.matrix_norm(dense - dense.T))
-    assert asymmetry <= 2 * float(allowed.norm()), f"finite-difference to_dense asymmetry {asymmetry:.3e} exceeds its error"
+    assert asymmetry <= 2 * float(allowed.norm()), (
+        f"finite-difference to_dense asymmetry {asymmetry:.3e} exceeds its error"
+    )
     # Blocks: each column's own step (‖εv‖ is fixed), so each its own truncation estimate.
     V = _random_block(H.shape[0], 2, seed=1)
     block = H @ V
-    allowed = (DOCUMENTED_FD_RTOL * ref_norm * torch.linalg.vector_norm(V, dim=0)
-               + 2.0 * torch.linalg.vector_norm(H2 @ V - block, dim=0))
+    allowed = DOCUMENTED_FD_RTOL * ref_norm * torch.linalg.vector_norm(
+        V, dim=0
+    ) + 2.0 * torch.linalg.vector_norm(H2 @ V - block, dim=0)
     errors = torch.linalg.vector_norm(block - reference @ V, dim=0)
-    assert bool((errors <= allowed).all()), f"finite-difference block product: errors {errors.tolist()} > allowed {allowed.tolist()}"
+    assert bool((errors <= allowed).all()), (
+        f"finite-difference block product: errors {errors.tolist()} > allowed {allowed.tolist()}"
+    )
     scale = ref_norm * float(torch.linalg.matrix_norm(V))
-    _assert_close(torch.from_numpy(H.matmat(V.numpy())), H @ V, scale, _rtol(H, problem),
-                  "finite-difference numpy vs torch")
+    _assert_close(
+        torch.from_numpy(H.matmat(V.numpy())),
+        H @ V,
+        scale,
+        _rtol(H, problem),
+        "finite-difference numpy vs torch",
+    )
     assert_state_unchanged(before, problem.model, "after finite-difference Hessian products")
 
 
@@ -475,8 +568,11 @@ def test_empirical_fisher_matches_reference_and_is_psd(spec):
     Fe = FisherOperator(problem.model, problem.loss_fn, problem.data, params=problem.params, kind="empirical")
     reference = reference_empirical_fisher(problem)
     rtol = _rtol(Fe, problem)
-    _assert_psd(_check_products(Fe, reference, rtol, "FisherOperator(kind='empirical')"), rtol,
-                "FisherOperator(kind='empirical')")
+    _assert_psd(
+        _check_products(Fe, reference, rtol, "FisherOperator(kind='empirical')"),
+        rtol,
+        "FisherOperator(kind='empirical')",
+    )
     assert_state_unchanged(before, problem.model, "after empirical Fisher products")
 
 
@@ -490,8 +586,15 @@ def test_mc_fisher_is_a_fixed_symmetric_psd_matrix(spec, mc_samples: bool):
     problem = build_problem(spec)
     _describe(problem)
     before = snapshot(problem.model)
-    Fm = FisherOperator(problem.model, problem.loss_fn, problem.data, params=problem.params,
-                        kind="mc", mc_samples=2 if mc_samples else 1, seed=spec.seed)
+    Fm = FisherOperator(
+        problem.model,
+        problem.loss_fn,
+        problem.data,
+        params=problem.params,
+        kind="mc",
+        mc_samples=2 if mc_samples else 1,
+        seed=spec.seed,
+    )
     rtol = _rtol(Fm, problem)
     dense = Fm.to_dense()
     norm = float(torch.linalg.matrix_norm(dense))
@@ -537,10 +640,20 @@ def test_jacobian_matches_reference_and_its_transpose(spec):
     JV, JtU = J @ V, J.T @ U
     _assert_close(JV, reference @ V, ref_norm * float(torch.linalg.matrix_norm(V)), rtol, "J @ V")
     _assert_close(JtU, reference.T @ U, ref_norm * float(torch.linalg.matrix_norm(U)), rtol, "J.T @ U")
-    _assert_close(torch.from_numpy(J.matmat(V.numpy())), JV, ref_norm * float(torch.linalg.matrix_norm(V)), rtol,
-                  "J.matmat(ndarray) vs torch")
-    _assert_close(torch.from_numpy(J.T.matmat(U.numpy())), JtU, ref_norm * float(torch.linalg.matrix_norm(U)), rtol,
-                  "J.T.matmat(ndarray) vs torch")
+    _assert_close(
+        torch.from_numpy(J.matmat(V.numpy())),
+        JV,
+        ref_norm * float(torch.linalg.matrix_norm(V)),
+        rtol,
+        "J.matmat(ndarray) vs torch",
+    )
+    _assert_close(
+        torch.from_numpy(J.T.matmat(U.numpy())),
+        JtU,
+        ref_norm * float(torch.linalg.matrix_norm(U)),
+        rtol,
+        "J.T.matmat(ndarray) vs torch",
+    )
     assert_state_unchanged(before, problem.model, "after Jacobian products")
 
 
@@ -560,9 +673,13 @@ def _poison_last_batch(problem: Problem) -> type[Exception]:
 
 OPERATOR_KINDS = {
     "hessian": lambda p: HessianOperator(p.model, p.loss_fn, p.data, params=p.params),
-    "hessian_fd": lambda p: HessianOperator(p.model, p.loss_fn, p.data, params=p.params, method="finite_difference"),
+    "hessian_fd": lambda p: HessianOperator(
+        p.model, p.loss_fn, p.data, params=p.params, method="finite_difference"
+    ),
     "ggn": lambda p: GGNOperator(p.model, p.loss_fn, p.data, params=p.params),
-    "fisher_empirical": lambda p: FisherOperator(p.model, p.loss_fn, p.data, params=p.params, kind="empirical"),
+    "fisher_empirical": lambda p: FisherOperator(
+        p.model, p.loss_fn, p.data, params=p.params, kind="empirical"
+    ),
     "fisher_mc": lambda p: FisherOperator(p.model, p.loss_fn, p.data, params=p.params, kind="mc"),
 }
 
@@ -595,4 +712,6 @@ def test_failed_product_leaves_model_unchanged(kind, spec):
             assert "method='autograd'" in str(caught.value), f"{kind}: {caught.value}"
         elif expected is FloatingPointError:
             assert f"batch {last}" in str(caught.value), f"{kind}: {caught.value} does not name batch {last}"
-        assert_state_unchanged(before, problem.model, f"after a failed {kind} product ({caught.type.__name__})")
+        assert_state_unchanged(
+            before, problem.model, f"after a failed {kind} product ({caught.type.__name__})"
+        )

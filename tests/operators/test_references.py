@@ -93,7 +93,9 @@ def assert_close_rel(actual: Tensor, expected: Tensor, rtol: float, what: str) -
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
     err = (actual - expected).abs().max()
-    assert err <= rtol * scale, f"{what}: max|Δ| = {err:.3e} > {rtol:.1e} · {scale:.3e} (rel {err / scale:.2e})"
+    assert err <= rtol * scale, (
+        f"{what}: max|Δ| = {err:.3e} > {rtol:.1e} · {scale:.3e} (rel {err / scale:.2e})"
+    )
 
 
 # --------------------------------------------------------------------------- cached refs
@@ -113,7 +115,7 @@ class Refs:
     EF: Tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def refs(case_id: str) -> Refs:
     """Build case ``case_id`` and its references (cached: they are reused by several tests)."""
     case = get_case(case_id)
@@ -150,9 +152,12 @@ def test_case_matrix_properties():
         assert (out.ndim == 2) == case.output_2d, case.id
         assert not model.training, case.id
     # coverage the operator tests rely on
-    assert TINY_LAST_BATCH_CASES and all(c.batch_sizes[-1] == 1 for c in TINY_LAST_BATCH_CASES)
-    assert any(c.tied for c in NO_NORM_CASES) and any(c.dict_inputs for c in NO_NORM_CASES)
-    assert any(c.has_norm for c in CASES) and not any(c.has_norm for c in NO_NORM_CASES)
+    assert TINY_LAST_BATCH_CASES
+    assert all(c.batch_sizes[-1] == 1 for c in TINY_LAST_BATCH_CASES)
+    assert any(c.tied for c in NO_NORM_CASES)
+    assert any(c.dict_inputs for c in NO_NORM_CASES)
+    assert any(c.has_norm for c in CASES)
+    assert not any(c.has_norm for c in NO_NORM_CASES)
     assert len(SMOOTH_CASES) < len(CASES)
     losses = {(type(c.make()[1]).__name__, c.make()[1].reduction) for c in CASES}
     for name in ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"):
@@ -171,7 +176,8 @@ def test_case_is_deterministic(case):
         return torch.cat([v.reshape(-1).double() for v in x.values()]) if isinstance(x, Mapping) else x
 
     for (x1, y1), (x2, y2) in zip(d1, d2):
-        assert torch.equal(flat(x1), flat(x2)) and torch.equal(y1, y2)
+        assert torch.equal(flat(x1), flat(x2))
+        assert torch.equal(y1, y2)
 
 
 def test_tied_parameter_is_shared():
@@ -228,7 +234,8 @@ def test_dense_hessian_is_symmetric(case):
     """(D, D), finite, symmetric to rounding (dense_hessian also asserts this internally)."""
     r = refs(case.id)
     D = num_params(r.params)
-    assert r.H.shape == (D, D) and torch.isfinite(r.H).all()
+    assert r.H.shape == (D, D)
+    assert torch.isfinite(r.H).all()
     assert_close_rel(r.H.T, r.H, DENSE_RTOL, "Hᵀ vs H")
 
 
@@ -294,7 +301,8 @@ def test_ggn_is_psd(case):
     """
     r = refs(case.id)
     M, D = r.J.shape
-    assert r.H_out.shape == (M, M) and r.G.shape == (D, D)
+    assert r.H_out.shape == (M, M)
+    assert r.G.shape == (D, D)
     eig_out = torch.linalg.eigvalsh(r.H_out)
     norm_out = eig_out.abs().max().item()
     assert eig_out.min().item() >= -10 * M * u * norm_out
@@ -339,7 +347,10 @@ def test_hessian_closed_form_linear_models(case_id):
     else:
         with torch.no_grad():
             p = torch.softmax(lin(x), dim=1)
-        H_wb = sum(torch.kron(torch.diag(p[n]) - torch.outer(p[n], p[n]), torch.outer(phi[n], phi[n])) for n in range(N))
+        H_wb = sum(
+            torch.kron(torch.diag(p[n]) - torch.outer(p[n], p[n]), torch.outer(phi[n], phi[n]))
+            for n in range(N)
+        )
     order = _wb_order(K, lin.in_features)
     expected = torch.empty_like(H_wb)
     expected[order[:, None], order[None, :]] = H_wb
@@ -373,7 +384,11 @@ def test_empirical_fisher_matches_separate_per_term_passes(case):
     is_ce = isinstance(r.loss_fn, nn.CrossEntropyLoss)
     for n in range(y.shape[0]):
         x_n, y_n = _slice(x, n), y[n : n + 1]
-        positions = [p for p in torch.cartesian_prod(*[torch.arange(s) for s in y_n.shape]).reshape(-1, y_n.ndim)] if is_ce else [None]
+        positions = (
+            list(torch.cartesian_prod(*[torch.arange(s) for s in y_n.shape]).reshape(-1, y_n.ndim))
+            if is_ce
+            else [None]
+        )
         for pos in positions:
             if pos is not None:
                 if y_n[tuple(pos)] == r.loss_fn.ignore_index:
@@ -409,7 +424,14 @@ def curvlinops_dense(op_name: str, r: Refs) -> Tensor:
     op_cls = getattr(curvlinops, op_name)
     # check_deterministic=False: the cases are deterministic by construction (eval mode, no
     # dropout), and the check costs extra passes
-    op = op_cls(_PositionalAdapter(r.model), r.loss_fn, r.params, r.data, check_deterministic=False, batch_size_fn=num_samples)
+    op = op_cls(
+        _PositionalAdapter(r.model),
+        r.loss_fn,
+        r.params,
+        r.data,
+        check_deterministic=False,
+        batch_size_fn=num_samples,
+    )
     return op @ torch.eye(num_params(r.params), dtype=torch.float64)
 
 
@@ -454,7 +476,9 @@ def test_curvlinops_weights_ignore_index_batches_by_samples():
     r = refs("attn_nonorm-ce_seq_ignore_mean")
     cl = curvlinops_dense("GGNLinearOperator", r)
     N = sum(num_samples(x) for x, _ in r.data)
-    batch_weighted = sum((num_samples(x) / N) * dense_ggn(r.model, r.loss_fn, [(x, y)], r.params) for x, y in r.data)
+    batch_weighted = sum(
+        (num_samples(x) / N) * dense_ggn(r.model, r.loss_fn, [(x, y)], r.params) for x, y in r.data
+    )
     assert_close_rel(cl, batch_weighted, DENSE_RTOL, "curvlinops vs sample-weighted batch GGNs")
     rel = ((cl - r.G).abs().max() / r.G.abs().max()).item()
     assert rel > 1e-3, f"curvlinops now matches the whole-dataset GGN (rel diff {rel:.1e}): update the docs"
@@ -469,7 +493,9 @@ def test_curvlinops_weights_ignore_index_batches_by_samples():
 def test_curvlinops_hessian_through_layernorm():
     """Sum reduction, so batch weighting is exact and only the LayerNorm path differs (~3e-2)."""
     r = refs("transformer_ln-ce_seq_ignore_sum-tiny_last")
-    assert_close_rel(curvlinops_dense("HessianLinearOperator", r), r.H, DENSE_RTOL, "curvlinops Hessian (LayerNorm)")
+    assert_close_rel(
+        curvlinops_dense("HessianLinearOperator", r), r.H, DENSE_RTOL, "curvlinops Hessian (LayerNorm)"
+    )
 
 
 # --------------------------------------------------------------------------- the vmap pitfall
@@ -529,12 +555,20 @@ def test_torch_func_hessian_through_layer_norm():
     params = trainable_params(model)
     H = dense_hessian(model, loss_fn, data, params)
     names = [n for n, _ in model.named_parameters()]
-    (inputs, targets), = data
+    ((inputs, targets),) = data
 
     def loss_of(*flat_params: Tensor) -> Tensor:
         out = torch.func.functional_call(model, dict(zip(names, flat_params)), (inputs,))
         return loss_fn(out, targets)
 
     blocks = torch.func.hessian(loss_of, argnums=tuple(range(len(params))))(*[p.detach() for p in params])
-    H_func = torch.cat([torch.cat([blocks[i][j].reshape(params[i].numel(), params[j].numel()) for j in range(len(params))], 1) for i in range(len(params))], 0)
+    H_func = torch.cat(
+        [
+            torch.cat(
+                [blocks[i][j].reshape(params[i].numel(), params[j].numel()) for j in range(len(params))], 1
+            )
+            for i in range(len(params))
+        ],
+        0,
+    )
     assert_close_rel(H_func, H, DENSE_RTOL, "torch.func.hessian vs double backward")

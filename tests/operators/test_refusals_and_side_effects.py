@@ -36,8 +36,10 @@ def _mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
 
 def _data(n_batches: int = 2, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(size, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (size,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(size, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (size,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 def _vector(dim: int, seed: int = 2, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -80,7 +82,9 @@ def test_finite_difference_product_of_tied_weights():
     torch.manual_seed(0)
     model = TiedEmbeddingModel().double()
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randint(0, 6, (5,), generator=g), torch.randint(0, 6, (5,), generator=g)) for _ in range(2)]
+    data = [
+        (torch.randint(0, 6, (5,), generator=g), torch.randint(0, 6, (5,), generator=g)) for _ in range(2)
+    ]
     params = list(model.parameters())
     versions = [p._version for p in params]
     op = HessianOperator(model, nn.CrossEntropyLoss(), data, method="finite_difference")
@@ -162,8 +166,11 @@ def test_first_batch_without_counted_terms_is_accepted(cls, first):
     kwargs = {"kind": "empirical"} if cls is FisherOperator else {}
     op = cls(_mlp(), loss, data, **kwargs)  # on HEAD: "does not reproduce ... please report it"
     model = _mlp()
-    reference = {HessianOperator: dense_hessian, GGNOperator: dense_ggn,
-                 FisherOperator: dense_empirical_fisher}[cls](model, loss, data, list(model.parameters()))
+    reference = {
+        HessianOperator: dense_hessian,
+        GGNOperator: dense_ggn,
+        FisherOperator: dense_empirical_fisher,
+    }[cls](model, loss, data, list(model.parameters()))
     v = _vector(op.shape[0])
     _close(op @ v, reference @ v, RTOL64)
 
@@ -172,7 +179,11 @@ def test_first_batch_without_counted_terms_is_accepted(cls, first):
     ("loss", "target", "message"),
     [
         (nn.MSELoss(), torch.zeros(4, 1, dtype=torch.float64), r"MSELoss.*\(4, 1\).*\(4, 2\).*broadcast"),
-        (nn.BCEWithLogitsLoss(), torch.zeros(4, 1, dtype=torch.float64), r"BCEWithLogitsLoss.*\(4, 1\).*\(4, 2\)"),
+        (
+            nn.BCEWithLogitsLoss(),
+            torch.zeros(4, 1, dtype=torch.float64),
+            r"BCEWithLogitsLoss.*\(4, 1\).*\(4, 2\)",
+        ),
         (nn.CrossEntropyLoss(), torch.zeros(4, 1, dtype=torch.long), r"must have shape \(4,\).*squeeze"),
     ],
     ids=["mse", "bce", "cross_entropy"],
@@ -190,10 +201,14 @@ def test_target_shape_mismatch_is_refused(loss, target, message, check):
 
 
 # ================================================================ settings (item 13)
-@pytest.mark.parametrize("build", [
-    lambda **kw: FisherOperator(_mlp(), nn.CrossEntropyLoss(), _data(), **kw),
-    lambda **kw: KFACOperator(_mlp(), nn.CrossEntropyLoss(), _data(), fisher_type="mc", **kw),
-], ids=["fisher", "kfac"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: FisherOperator(_mlp(), nn.CrossEntropyLoss(), _data(), **kw),
+        lambda **kw: KFACOperator(_mlp(), nn.CrossEntropyLoss(), _data(), fisher_type="mc", **kw),
+    ],
+    ids=["fisher", "kfac"],
+)
 def test_monte_carlo_settings_are_validated(build):
     with pytest.raises(ValueError, match="mc_samples must be a positive integer.*True"):
         build(mc_samples=True)
@@ -202,21 +217,24 @@ def test_monte_carlo_settings_are_validated(build):
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         build(seed=-1)
     op = build(seed=np.int64(5))
-    assert op.seed == 5 and type(op.seed) is int
+    assert op.seed == 5
+    assert type(op.seed) is int
 
 
 def test_seed_none_draws_a_fresh_seed_once():
     """seed=None: a fresh seed, stored; the operator is one fixed matrix, reproducible from it."""
     data = _data()
     op = FisherOperator(_mlp(), nn.CrossEntropyLoss(), data, seed=None)
-    assert isinstance(op.seed, int) and op.seed >= 0
+    assert isinstance(op.seed, int)
+    assert op.seed >= 0
     v = _vector(op.shape[0])
     first = op @ v
     torch.testing.assert_close(op @ v, first, rtol=0, atol=0)
     again = FisherOperator(_mlp(), nn.CrossEntropyLoss(), data, seed=op.seed)
     torch.testing.assert_close(again @ v, first, rtol=0, atol=0)
     kfac = KFACOperator(_mlp(), nn.CrossEntropyLoss(), data, fisher_type="mc", seed=None)
-    assert isinstance(kfac.seed, int) and kfac.seed >= 0
+    assert isinstance(kfac.seed, int)
+    assert kfac.seed >= 0
 
 
 def test_more_monte_carlo_samples_than_fit_are_refused():
@@ -244,8 +262,12 @@ def test_monte_carlo_fisher_names_the_nan_batch():
 def _all_operators():
     data = _data()
     loss = nn.CrossEntropyLoss()
-    return [HessianOperator(_mlp(), loss, data), GGNOperator(_mlp(), loss, data),
-            FisherOperator(_mlp(), loss, data), KFACOperator(_mlp(), loss, data)]
+    return [
+        HessianOperator(_mlp(), loss, data),
+        GGNOperator(_mlp(), loss, data),
+        FisherOperator(_mlp(), loss, data),
+        KFACOperator(_mlp(), loss, data),
+    ]
 
 
 def test_empty_block_gives_an_empty_result():
@@ -253,10 +275,12 @@ def test_empty_block_gives_an_empty_result():
     for op in _all_operators():
         dim = op.shape[0]
         empty = op @ torch.empty(dim, 0, dtype=torch.float64)
-        assert isinstance(empty, torch.Tensor) and empty.shape == (dim, 0)
+        assert isinstance(empty, torch.Tensor)
+        assert empty.shape == (dim, 0)
         assert op.matmat(torch.empty(dim, 0, dtype=torch.float64)).shape == (dim, 0)
         for result in (op.matmat(np.empty((dim, 0))), op @ np.empty((dim, 0))):
-            assert isinstance(result, np.ndarray) and result.shape == (dim, 0)
+            assert isinstance(result, np.ndarray)
+            assert result.shape == (dim, 0)
     jac = JacobianOperator(_mlp(), _data())
     assert (jac @ torch.empty(jac.shape[1], 0, dtype=torch.float64)).shape == (jac.shape[0], 0)
 
@@ -274,7 +298,8 @@ def test_bfloat16_model_works_on_torch_and_numpy():
     interface is float32 (input rounded to bfloat16, the same product, returned in float32)."""
     data = [(x.to(torch.bfloat16), y) for x, y in _data()]
     op = GGNOperator(_mlp(torch.bfloat16), nn.CrossEntropyLoss(), data)
-    assert op.dtype == np.float32 and op.torch_dtype == torch.bfloat16
+    assert op.dtype == np.float32
+    assert op.torch_dtype == torch.bfloat16
     v = _vector(op.shape[0]).to(torch.bfloat16)
     product = op @ v
     assert product.dtype == torch.bfloat16
