@@ -30,18 +30,19 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _report import emit_report  # noqa: E402
-from bench_matvec import build  # noqa: E402
+from _report import emit_report
+from bench_matvec import build
 
-from curvops import GGNOperator  # noqa: E402
-from curvops.algorithms.eigen import lanczos  # noqa: E402
-from curvops.operators.inverse import inverse  # noqa: E402
+from curvops import GGNOperator
+from curvops.algorithms.eigen import lanczos
+from curvops.operators.inverse import inverse
 
 RTOL = 1e-6
 MAXITER = 500
@@ -71,7 +72,7 @@ def run_curvlinops(model, loss, data, damping, b, kfac: bool) -> dict:
         return inner(X)
 
     damped.__matmul__ = counting  # linear_cg reads the bound attribute, so the instance one counts
-    hyper = {"tolerance": RTOL, "max_iter": CURVLINOPS_MAXITER}
+    hyper: dict[str, Any] = {"tolerance": RTOL, "max_iter": CURVLINOPS_MAXITER}
     setup = 0.0
     if kfac:
         start = time.perf_counter()
@@ -101,19 +102,38 @@ def run_curvops(G, model, loss, data, damping, b, kfac: bool) -> dict:
     x = inv @ b
     elapsed = time.perf_counter() - start
     info = inv.last_info
-    return {"x": x, "time": elapsed, "matvecs": info.num_matvecs, "iterations": int(info.iterations[0]),
-            "setup": setup, "converged": bool(info.all_converged), "rounds": info.rounds}
+    assert info is not None  # set by the product just taken
+    return {
+        "x": x,
+        "time": elapsed,
+        "matvecs": info.num_matvecs,
+        "iterations": int(info.iterations[0]),
+        "setup": setup,
+        "converged": bool(info.all_converged),
+        "rounds": info.rounds,
+    }
 
 
 def main() -> None:
     global MAXITER, CURVLINOPS_MAXITER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fractions", type=float, nargs="*", default=[1e-2, 1e-3],
-                        help="δ as fractions of the top GGN eigenvalue")
-    parser.add_argument("--methods", nargs="*", default=["curvlinops", "curvlinops_kfac", "curvops", "curvops_kfac"])
-    parser.add_argument("--rhs", nargs="*", default=["random", "gradient"],
-                        help="right-hand sides: a random vector and/or the loss gradient (a Newton step)")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=[1e-2, 1e-3],
+        help="δ as fractions of the top GGN eigenvalue",
+    )
+    parser.add_argument(
+        "--methods", nargs="*", default=["curvlinops", "curvlinops_kfac", "curvops", "curvops_kfac"]
+    )
+    parser.add_argument(
+        "--rhs",
+        nargs="*",
+        default=["random", "gradient"],
+        help="right-hand sides: a random vector and/or the loss gradient (a Newton step)",
+    )
     parser.add_argument("--maxiter", type=int, default=MAXITER)
     parser.add_argument("--curvlinops-maxiter", type=int, default=CURVLINOPS_MAXITER)
     parser.add_argument("--out", default=None, help="write the markdown table here")
@@ -130,17 +150,23 @@ def main() -> None:
     start = time.perf_counter()
     G @ torch.randn(dim)
     t_matvec = time.perf_counter() - start
-    print(f"D={dim}, λ_max ≈ {lam_max:.4g} ({top.num_matvecs} matvecs, {t_lanczos:.1f} s), one GGN matvec {t_matvec:.3f} s",
-          flush=True)
+    print(
+        f"D={dim}, λ_max ≈ {lam_max:.4g} ({top.num_matvecs} matvecs, {t_lanczos:.1f} s), "
+        f"one GGN matvec {t_matvec:.3f} s",
+        flush=True,
+    )
     try:
         import curvops.operators.kfac  # noqa: F401
+
         have_kfac = True
     except ImportError:
         have_kfac = False
     MAXITER = args.maxiter
     CURVLINOPS_MAXITER = args.curvlinops_maxiter
-    rhs = {"random": torch.randn(dim, generator=torch.Generator().manual_seed(0)),
-           "gradient": G.loss_and_gradient()[1]}
+    rhs = {
+        "random": torch.randn(dim, generator=torch.Generator().manual_seed(0)),
+        "gradient": G.loss_and_gradient()[1],
+    }
 
     rows = []
     for (rhs_name, b), fraction in ((r, f) for r in ((n, rhs[n]) for n in args.rhs) for f in args.fractions):
@@ -156,22 +182,29 @@ def main() -> None:
                 r = run_curvops(G, model, loss, data, damping, b, kfac)
             r["true"] = _true_relative_residual(G, damping, r.pop("x"), b)
             r.update(method=method, fraction=fraction, damping=damping, rhs=rhs_name)
-            print({k: v for k, v in r.items()}, flush=True)
+            print(dict(r.items()), flush=True)
             rows.append(r)
 
-    names = {"curvlinops": "curvlinops CG", "curvlinops_kfac": "curvlinops CG + curvlinops KFAC",
-             "curvops": "curvops CG", "curvops_kfac": "curvops CG + curvops KFAC"}
+    names = {
+        "curvlinops": "curvlinops CG",
+        "curvlinops_kfac": "curvlinops CG + curvlinops KFAC",
+        "curvops": "curvops CG",
+        "curvops_kfac": "curvops CG + curvops KFAC",
+    }
     lines = [
         f"# Inverse-GGN solves, (G + δI) x = b to relative residual {RTOL:g} ({datetime.date.today()})",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}. **The machine is shared and was "
-        "loaded by other engineers' test runs while this ran: times are indicative, iteration counts exact.**",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} torch threads, torch {torch.__version__}, Python {platform.python_version()}. "
+        "**The machine is shared and was loaded by other engineers' test runs while this ran: "
+        "times are indicative, iteration counts exact.**",
         "",
-        f"MLP 784-256-256-10 (ReLU), cross-entropy, 4 batches of 512 random inputs, float32, D = {dim:,}; "
-        f"λ_max(G) ≈ {lam_max:.4g} (Lanczos, {top.num_matvecs} matvecs); one GGN matvec ≈ {t_matvec:.2f} s. "
+        f"MLP 784-256-256-10 (ReLU), cross-entropy, 4 batches of 512 random inputs, float32, "
+        f"D = {dim:,}; λ_max(G) ≈ {lam_max:.4g} (Lanczos, {top.num_matvecs} matvecs); "
+        f"one GGN matvec ≈ {t_matvec:.2f} s. "
         f"b: a random vector (seed 0) or the loss gradient (a Newton step); maxiter {MAXITER} "
-        f"(curvlinops {CURVLINOPS_MAXITER}: it stops there when it does not reach the tolerance). `matvecs`: products with G (curvops: CG iterations + "
+        f"(curvlinops {CURVLINOPS_MAXITER}: it stops there when it does not reach the tolerance). "
+        "`matvecs`: products with G (curvops: CG iterations + "
         "1 verification product per refinement round). `true rel. residual`: ‖b − (G+δI)x‖/‖b‖ recomputed "
         "afterwards in float32. `setup`: building the KFAC preconditioner (factors + eigendecompositions).",
         "",
@@ -179,19 +212,25 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['rhs']} | {r['fraction']:g} | {names[r['method']]} | {r['matvecs']} | {r['time']:.1f} s | "
-                     f"{r['time'] / max(r['matvecs'], 1):.3f} s | {r['setup']:.1f} s | {r['true']:.2e} |")
+        lines.append(
+            f"| {r['rhs']} | {r['fraction']:g} | {names[r['method']]} | {r['matvecs']} | {r['time']:.1f} s | "
+            f"{r['time'] / max(r['matvecs'], 1):.3f} s | {r['setup']:.1f} s | {r['true']:.2e} |"
+        )
     lines.append("")
     for rhs_name, fraction in ((n, f) for n in args.rhs for f in args.fractions):
         by = {r["method"]: r for r in rows if r["fraction"] == fraction and r["rhs"] == rhs_name}
         if "curvops" in by and "curvlinops" in by:
-            lines.append(f"- b = {rhs_name}, δ/λ_max = {fraction:g}: curvops CG / curvlinops CG time "
-                         f"{by['curvops']['time'] / by['curvlinops']['time']:.2f}x, matvecs "
-                         f"{by['curvops']['matvecs']} vs {by['curvlinops']['matvecs']}.")
+            lines.append(
+                f"- b = {rhs_name}, δ/λ_max = {fraction:g}: curvops CG / curvlinops CG time "
+                f"{by['curvops']['time'] / by['curvlinops']['time']:.2f}x, matvecs "
+                f"{by['curvops']['matvecs']} vs {by['curvlinops']['matvecs']}."
+            )
         if "curvops_kfac" in by and "curvops" in by:
-            lines.append(f"- b = {rhs_name}, δ/λ_max = {fraction:g}: KFAC preconditioning changes curvops CG matvecs "
-                         f"{by['curvops']['matvecs']} → {by['curvops_kfac']['matvecs']} "
-                         f"({by['curvops']['matvecs'] / max(by['curvops_kfac']['matvecs'], 1):.2f}x).")
+            lines.append(
+                f"- b = {rhs_name}, δ/λ_max = {fraction:g}: KFAC preconditioning changes curvops CG matvecs "
+                f"{by['curvops']['matvecs']} → {by['curvops_kfac']['matvecs']} "
+                f"({by['curvops']['matvecs'] / max(by['curvops_kfac']['matvecs'], 1):.2f}x)."
+            )
     if not have_kfac:
         lines.append("- curvops.operators.kfac was not importable: no curvops KFAC rows.")
     emit_report(lines, args.out)

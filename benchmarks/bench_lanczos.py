@@ -59,7 +59,7 @@ import pathlib
 import platform
 import time
 import warnings
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import scipy
@@ -79,11 +79,22 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+class BlockProduct(Protocol):
+    """``block -> A @ block``, written into ``out`` when one is given."""
+
+    def __call__(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 class TimedOperator:
     """Torch-native operator protocol around a block function, timing every product."""
 
-    def __init__(self, apply_block: Callable[[torch.Tensor], torch.Tensor], dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        apply_block: BlockProduct,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.shape = (dim, dim)
         self.torch_dtype = dtype
         self.device = device
@@ -145,7 +156,7 @@ def run_arpack(apply_block, dim, dtype, seed, scale, kth_value):
     for arpack_tol in (TOL * scale / abs(kth_value), TOL):
         count, seconds = [0], [0.0]
 
-        def matvec(vector):
+        def matvec(vector, count=count, seconds=seconds):  # this attempt's counters
             count[0] += 1
             column = torch.as_tensor(np.asarray(vector, dtype=numpy_dtype), device=DEVICE).reshape(-1, 1)
             synchronize()
@@ -157,13 +168,19 @@ def run_arpack(apply_block, dim, dtype, seed, scale, kth_value):
 
         operator = sla.LinearOperator((dim, dim), matvec=matvec, dtype=numpy_dtype)
         start = time.perf_counter()
-        values, vectors = sla.eigsh(operator, k=K, which="LA", tol=arpack_tol, v0=start_vector(dim, seed),
-                                    ncv=max(2 * K + 1, 20))
+        values, vectors = sla.eigsh(
+            operator, k=K, which="LA", tol=arpack_tol, v0=start_vector(dim, seed), ncv=max(2 * K + 1, 20)
+        )
         wall = time.perf_counter() - start
-        residual = explicit_residual(apply_block, torch.as_tensor(vectors, device=DEVICE),
-                                     torch.as_tensor(values, device=DEVICE))
-        record = {"matvecs": count[0], "residual": float(residual.max()) / scale, "tol": arpack_tol,
-                  "overhead_ms": (wall - seconds[0]) / count[0] * 1e3}
+        residual = explicit_residual(
+            apply_block, torch.as_tensor(vectors, device=DEVICE), torch.as_tensor(values, device=DEVICE)
+        )
+        record = {
+            "matvecs": count[0],
+            "residual": float(residual.max()) / scale,
+            "tol": arpack_tol,
+            "overhead_ms": (wall - seconds[0]) / count[0] * 1e3,
+        }
         record["ok"] = record["residual"] <= TOL
         if record["ok"]:
             break
@@ -190,14 +207,18 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
     betas = run.betas.double().cpu().numpy()
     basis = torch.stack(run.basis, 1)
     for steps in range(K, run.iterations + 1):
-        tridiagonal = np.diag(alphas[:steps]) + np.diag(betas[: steps - 1], 1) + np.diag(betas[: steps - 1], -1)
+        tridiagonal = (
+            np.diag(alphas[:steps]) + np.diag(betas[: steps - 1], 1) + np.diag(betas[: steps - 1], -1)
+        )
         theta, vectors = np.linalg.eigh(tridiagonal)
         coupling = betas[steps - 1] if steps < run.iterations else float(run.last_beta)
         top = np.argsort(-theta)[:K]
         if np.max(np.abs(coupling * vectors[-1, top])) > TOL * scale:
             continue
         ritz = basis[:, :steps] @ torch.as_tensor(vectors[:, top], dtype=dtype, device=DEVICE)
-        residual = explicit_residual(apply_block, ritz, torch.as_tensor(theta[top], dtype=dtype, device=DEVICE))
+        residual = explicit_residual(
+            apply_block, ritz, torch.as_tensor(theta[top], dtype=dtype, device=DEVICE)
+        )
         if residual.max() <= TOL * scale:
             # Its overhead per step, from a run of exactly this many steps (full
             # reorthogonalization costs more per step as the basis grows).
@@ -206,8 +227,12 @@ def run_eigenthings(apply_block, dim, dtype, seed, scale, max_steps):
             lanczos_tridiagonal(operator, v0, steps, reorthogonalize=True)
             synchronize()
             overhead = (time.perf_counter() - start - seconds[0]) / steps
-            return {"matvecs": steps, "residual": float(residual.max()) / scale, "ok": True,
-                    "overhead_ms": overhead * 1e3}
+            return {
+                "matvecs": steps,
+                "residual": float(residual.max()) / scale,
+                "ok": True,
+                "overhead_ms": overhead * 1e3,
+            }
     return {"matvecs": run.iterations, "residual": math.nan, "ok": False, "overhead_ms": math.nan}
 
 
@@ -244,7 +269,9 @@ def isolated_overhead(apply_block, dim, dtype, seed, repeats=5):
         return result
 
     v0 = torch.as_tensor(start_vector(dim, seed), dtype=dtype, device=DEVICE)
-    recorded = lanczos(TimedOperator(recording, dim, dtype, DEVICE), k=K, which="LA", tol=TOL, v0=v0, seed=seed)
+    recorded = lanczos(
+        TimedOperator(recording, dim, dtype, DEVICE), k=K, which="LA", tol=TOL, v0=v0, seed=seed
+    )
     overheads = []
     for _ in range(repeats):
         operator = Replay(products, dim, dtype)
@@ -256,7 +283,7 @@ def isolated_overhead(apply_block, dim, dtype, seed, repeats=5):
         if result.num_matvecs != recorded.num_matvecs or operator._next != len(products):
             raise RuntimeError("the replayed run departed from the recorded one")
         overheads.append((wall - operator.seconds) / (result.num_matvecs - K))
-    del products
+    products.clear()  # free the recorded products before timing the matvec
     vector = torch.randn(dim, 1, dtype=dtype, device=DEVICE)
     matvecs = []
     for _ in range(repeats):
@@ -272,6 +299,7 @@ def random_problem(dim: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     gaussian = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
     matrix = ((gaussian + gaussian.T) / math.sqrt(2 * dim)).to(DEVICE)
+
     def apply_block(block, out=None):
         return torch.matmul(matrix, block, out=out)
 
@@ -284,12 +312,21 @@ def hessian_problem():
     if not hasattr(curvops, "HessianOperator"):
         return None
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-        torch.nn.Linear(256, 10),
-    ).double().to(DEVICE)
-    data = [(torch.randn(512, 784, dtype=torch.float64).to(DEVICE), torch.randint(0, 10, (512,)).to(DEVICE))
-            for _ in range(4)]
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(784, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
+        .double()
+        .to(DEVICE)
+    )
+    data = [
+        (torch.randn(512, 784, dtype=torch.float64).to(DEVICE), torch.randint(0, 10, (512,)).to(DEVICE))
+        for _ in range(4)
+    ]
     operator = curvops.HessianOperator(model, torch.nn.CrossEntropyLoss(), data)
     return operator.matmat_torch, torch.float64, operator.shape[0]
 
@@ -301,7 +338,14 @@ def compare(name, apply_block, dim, dtype, seed, max_steps):
     ours["isolated_matvec_ms"] = isolated[1] * 1e3
     arpack = run_arpack(apply_block, dim, dtype, seed, ours["scale"], ours["eigenvalues"][-1])
     eigenthings = run_eigenthings(apply_block, dim, dtype, seed, ours["scale"], max_steps)
-    row = {"problem": name, "dim": dim, "seed": seed, "ours": ours, "arpack": arpack, "eigenthings": eigenthings}
+    row = {
+        "problem": name,
+        "dim": dim,
+        "seed": seed,
+        "ours": ours,
+        "arpack": arpack,
+        "eigenthings": eigenthings,
+    }
     print(format_row(row), flush=True)
     return row
 
@@ -375,8 +419,9 @@ def main() -> None:
     else:
         apply_block, dtype, dim = problem
         for seed in range(args.hessian_seeds):
-            rows.append(compare("MLP 784-256-256-10 Hessian, CE, 4x512 (float64)", apply_block, dim,
-                                dtype, seed, 150))
+            rows.append(
+                compare("MLP 784-256-256-10 Hessian, CE, 4x512 (float64)", apply_block, dim, dtype, seed, 150)
+            )
     load_after = os.getloadavg()
 
     date = datetime.date.today().isoformat()
@@ -407,8 +452,10 @@ def main() -> None:
     ]
     if hessian_note:
         lines += [hessian_note, ""]
-    output = pathlib.Path(args.out) if args.out else (
-        pathlib.Path(__file__).parent / "results" / f"lanczos_{label}_{date}.md"
+    output = (
+        pathlib.Path(args.out)
+        if args.out
+        else (pathlib.Path(__file__).parent / "results" / f"lanczos_{label}_{date}.md")
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines))

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+def measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     """Median wall time (ms) after one warm-up, and the peak extra memory of one call (GiB)."""
     fn()
     sync()
@@ -72,19 +73,26 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- end to end
-def summed_torch_ce(loss: CausalLMLoss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+class SummedTorchCE:
+    """``loss``'s shifted cross-entropy through ``F.cross_entropy``, as a batch-sum callable."""
+
+    reduction = "sum"  # read by curvops: the batch sum, not a mean
+
+    def __init__(self, loss: CausalLMLoss) -> None:
+        self.loss = loss
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(
+            self.loss.flat_output(logits), self.loss.flat_target(labels), reduction="sum"
+        )
+
+
+def summed_torch_ce(loss: CausalLMLoss) -> SummedTorchCE:
     """``loss``'s shifted cross-entropy through ``F.cross_entropy``, as a batch-sum callable.
 
     Its Hessian is that of ``loss`` times the number of counted targets (a sum, not a mean).
     """
-
-    def torch_ce(logits, labels):
-        return torch.nn.functional.cross_entropy(
-            loss.flat_output(logits), loss.flat_target(labels), reduction="sum"
-        )
-
-    torch_ce.reduction = "sum"
-    return torch_ce
+    return SummedTorchCE(loss)
 
 
 def build_gpt2(small: bool, device: str):
@@ -92,16 +100,29 @@ def build_gpt2(small: bool, device: str):
 
     if small:
         config = GPT2Config(
-            n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64, attn_implementation="eager"
+            n_layer=2,
+            n_embd=64,
+            n_head=2,
+            vocab_size=1000,
+            n_positions=64,
+            # Taken by the config's **kwargs at run time; its dataclass signature does not list it.
+            attn_implementation="eager",  # type: ignore[call-arg]
         )
         shape = (2, 64)
     else:
         config = GPT2Config(
-            n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, attn_implementation="eager"
+            n_layer=12,
+            n_embd=768,
+            n_head=12,
+            vocab_size=50257,
+            n_positions=1024,
+            attn_implementation="eager",  # type: ignore[call-arg]  # as above
         )
         shape = (2, 1024)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).to(device).eval()
+    # As an nn.Module: transformers' decorated PreTrainedModel.to does not type-check.
+    model: torch.nn.Module = GPT2LMHeadModel(config)
+    model = model.to(device).eval()
     gen = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(0, config.vocab_size, shape, generator=gen).to(device)} for _ in range(4)
@@ -149,22 +170,25 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     num_params = sum(p.numel() for p in params)
     data = causal_lm_data(batches)
     loss = CausalLMLoss()
-    kw = {"check_deterministic": False}
     with_graph = ProductStrategy(output_tangent="dual_forward_with_graph")  # the CPU default
     separate = ProductStrategy(output_tangent="separate_tangent_pass")
     double_backward = ProductStrategy(hessian_vector="double_backward")  # single vectors
     ops = {
-        "ggn": GGNOperator(model, loss, data, **kw),
-        "ggn_tangent_with_graph": GGNOperator(model, loss, data, strategy=with_graph, **kw),
-        "ggn_func_jvp": _GGNFuncJvp(model, loss, data, strategy=separate, **kw),
-        "ggn_fused_head": GGNOperator(model, loss, data, fused_head=True, **kw),
-        "hessian": HessianOperator(model, loss, data, **kw),
-        "hessian_fd": HessianOperator(model, loss, data, method="finite_difference", **kw),
-        "hessian_db": HessianOperator(model, loss, data, strategy=double_backward, **kw),
+        "ggn": GGNOperator(model, loss, data, check_deterministic=False),
+        "ggn_tangent_with_graph": GGNOperator(
+            model, loss, data, strategy=with_graph, check_deterministic=False
+        ),
+        "ggn_func_jvp": _GGNFuncJvp(model, loss, data, strategy=separate, check_deterministic=False),
+        "ggn_fused_head": GGNOperator(model, loss, data, fused_head=True, check_deterministic=False),
+        "hessian": HessianOperator(model, loss, data, check_deterministic=False),
+        "hessian_fd": HessianOperator(
+            model, loss, data, method="finite_difference", check_deterministic=False
+        ),
+        "hessian_db": HessianOperator(model, loss, data, strategy=double_backward, check_deterministic=False),
     }
     # The pre-change Hessian path: the same objective through F.cross_entropy's own double
     # backward (a custom callable; its normaliser differs, the cost does not).
-    ops["hessian_torch_ce"] = HessianOperator(model, summed_torch_ce(loss), data, **kw)
+    ops["hessian_torch_ce"] = HessianOperator(model, summed_torch_ce(loss), data, check_deterministic=False)
     ops.update(eigenthings_operators(model, batches))
     gen = torch.Generator(device).manual_seed(0)
     v = torch.randn(num_params, device=device, generator=gen) * 1e-3
@@ -201,6 +225,7 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                 order = ["gradient (HF labels= loss)", "gradient (curvops loss_and_gradient)"] + names
                 shift = round_index % len(order)
                 for name in order[shift:] + order[:shift]:
+                    call: Callable[[], Any]
                     if name.startswith("gradient (HF"):
                         call = hf_gradient
                     elif name.startswith("gradient (curvops"):
@@ -209,7 +234,7 @@ def e2e(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                         # hessian-eigenthings' operators take torch vectors through .matvec.
                         op = ops[name]
                         apply = op.matvec if name.startswith("eigenthings") else op.__matmul__
-                        call = lambda apply=apply: apply(v)  # noqa: E731
+                        call = partial(apply, v)
                     try:
                         res = measure(call, args.repeats)
                     except Exception as exc:  # report, keep going
@@ -385,7 +410,8 @@ def markdown(env: dict[str, str], e2e_rows, head_rows) -> str:
         lines += [
             "## Head GGN product: d = 768, V = 50304, N = 16384, bf16",
             "",
-            "| variant | time ms | vs materialised | peak extra GiB | vs materialised | rel. err vs materialised |",
+            "| variant | time ms | vs materialised | peak extra GiB | vs materialised "
+            "| rel. err vs materialised |",
             "|---|---|---|---|---|---|",
         ]
         for r in head_rows:

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 from _report import emit_report  # benchmarks/ is on sys.path when a script runs
@@ -206,7 +207,7 @@ def main() -> None:
         "",
     ]
     for model_name in args.models:
-        runs = {method: [] for method in args.methods}
+        runs: dict[str, list[dict[str, Any]]] = {method: [] for method in args.methods}
         for round_index in range(args.rounds):
             shift = round_index % len(args.methods)
             for method in args.methods[shift:] + args.methods[:shift]:
@@ -228,7 +229,7 @@ def main() -> None:
                 measured = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(model_name, round_index, method, f"{measured['cost']:.3f}", flush=True)
                 runs[method].append(measured)
-        results = {}
+        results: dict[str, dict[str, Any] | None] = {}  # None: every run of the method failed
         for method, measured in runs.items():
             if measured:
                 ratios = [r for m in measured for r in m["ratios"]]
@@ -262,20 +263,18 @@ def main() -> None:
             ("curvops_hessian_db", "curvops_hessian_block8"),
             ("curvops_ggn", "curvops_ggn_block8"),
         ):
-            if results.get(single) and results.get(block):
+            if (single_run := results.get(single)) and (block_run := results.get(block)):
                 lines.append(
                     f"(D, 8) block vs 8 single products ({single}): "
-                    f"{results[single]['cost'] / results[block]['cost']:.2f}x cheaper per vector."
+                    f"{single_run['cost'] / block_run['cost']:.2f}x cheaper per vector."
                 )
         for ours, peers in (
             ("curvops_hessian", ("curvlinops_hessian", "eigenthings_hessian", "plain_double_backward")),
             ("curvops_ggn", ("curvlinops_ggn", "eigenthings_ggn")),
         ):
             for peer in peers:
-                if results.get(peer) and results.get(ours):
-                    lines.append(
-                        f"{peer} / {ours} cost: {results[peer]['cost'] / results[ours]['cost']:.2f}x"
-                    )
+                if (peer_run := results.get(peer)) and (our_run := results.get(ours)):
+                    lines.append(f"{peer} / {ours} cost: {peer_run['cost'] / our_run['cost']:.2f}x")
         lines.append("")
     emit_report(lines, args.out)
 

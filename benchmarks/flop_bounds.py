@@ -35,6 +35,7 @@ import datetime
 import os
 import platform
 import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -53,24 +54,27 @@ def _flops(call) -> int:
     return int(counter.get_total_flops())
 
 
-def count(model: torch.nn.Module, loss_fn: Any, data: list) -> dict[str, int]:
+def count(model: torch.nn.Module, loss_fn: Any, data: Iterable[tuple[Any, Any]]) -> dict[str, int]:
     """Matrix-product FLOPs of one gradient and of one product of each kind over ``data``."""
-    kw = {"check_deterministic": False}
-    hessian = HessianOperator(model, loss_fn, data, **kw)
+    hessian = HessianOperator(model, loss_fn, data, check_deterministic=False)
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0))
     hessian @ v  # the one-time check of reverse over forward, outside the counts
     double = HessianOperator(
-        model, loss_fn, data, strategy=ProductStrategy(hessian_vector="double_backward"), **kw
+        model,
+        loss_fn,
+        data,
+        strategy=ProductStrategy(hessian_vector="double_backward"),
+        check_deterministic=False,
     )
     kept = ProductStrategy(output_tangent="dual_forward_with_graph")
     separate = ProductStrategy(output_tangent="separate_tangent_pass")
     return {
         "gradient": _flops(hessian.loss_and_gradient),
         "ggn (kept-graph dual forward)": _flops(
-            lambda: GGNOperator(model, loss_fn, data, strategy=kept, **kw) @ v
+            lambda: GGNOperator(model, loss_fn, data, strategy=kept, check_deterministic=False) @ v
         ),
         "ggn (separate forward)": _flops(
-            lambda: GGNOperator(model, loss_fn, data, strategy=separate, **kw) @ v
+            lambda: GGNOperator(model, loss_fn, data, strategy=separate, check_deterministic=False) @ v
         ),
         "hessian (default: reverse over forward if it passes its check)": _flops(lambda: hessian @ v),
         "hessian (double backward)": _flops(lambda: double @ v),
@@ -96,7 +100,13 @@ def gpt2_counts(layers: int) -> dict[str, int]:
     from curvops.lm import CausalLMLoss, causal_lm_data
 
     config = GPT2Config(
-        n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, attn_implementation="eager"
+        n_layer=layers,
+        n_embd=768,
+        n_head=12,
+        vocab_size=50257,
+        n_positions=1024,
+        # Taken by the config's **kwargs at run time; its dataclass signature does not list it.
+        attn_implementation="eager",  # type: ignore[call-arg]
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
@@ -104,7 +114,7 @@ def gpt2_counts(layers: int) -> dict[str, int]:
     return count(model, CausalLMLoss(), causal_lm_data([{"input_ids": tokens}]))
 
 
-def table(title: str, counts: dict[str, float]) -> list[str]:
+def table(title: str, counts: Mapping[str, float]) -> list[str]:
     gradient = counts["gradient"]
     lines = [f"## {title}", "", "| product | matrix-product GFLOP | in gradients |", "|---|---|---|"]
     for name, flops in counts.items():

@@ -67,7 +67,8 @@ def main() -> None:
 
     ref = [x.double() for x in materialised()]
     record("materialised", materialised, ref)
-    # Pieces of the materialised path.
+    # Pieces of the materialised path (the lambdas bind z, zd and u as defaults, so that the
+    # `del` below frees them).
     z = h @ w.T
     zd = torch.addmm(hd @ w.T, h, wd.T)
     u = cross_entropy_hvp(z, zd, weight=c, reduction="sum")
@@ -76,14 +77,14 @@ def main() -> None:
     h2 = torch.cat([hd, h], dim=1)
     w2 = torch.cat([w, wd], dim=1)
     record("piece: zd = [hd h] [W Wd]^T (one K=2d mm)", lambda: h2 @ w2.T)
-    record("piece: CE kernel (API)", lambda: cross_entropy_hvp(z, zd, weight=c, reduction="sum"))
-    record("piece: u W", lambda: u @ w)
-    record("piece: u^T h", lambda: u.T @ h)
+    record("piece: CE kernel (API)", lambda z=z, zd=zd: cross_entropy_hvp(z, zd, weight=c, reduction="sum"))
+    record("piece: u W", lambda u=u: u @ w)
+    record("piece: u^T h", lambda u=u: u.T @ h)
     try:
         g32 = torch.zeros(vocab, d, device=dev)
         record(
             "piece: addmm(g32, u^T, h, out_dtype=f32)",
-            lambda: torch.addmm(g32, u.T, h, out_dtype=torch.float32),
+            lambda u=u: torch.addmm(g32, u.T, h, out_dtype=torch.float32),
         )
     except Exception as exc:
         print("out_dtype", exc)

@@ -11,19 +11,13 @@ Run: ``python -m pytest -q benchmarks/probe_lanczos_passes.py -p no:cacheprovide
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "algorithms"))
-
-from conftest import spectrum_matrix  # noqa: E402
-from test_alg_eigen import BACKENDS, DIM, EPS, _check_loose, _operator, check_eigenpairs  # noqa: E402
-
-from curvops.algorithms import lanczos  # noqa: E402
+from curvops.algorithms import lanczos
+from tests.algorithms.conftest import spectrum_matrix
+from tests.algorithms.test_alg_eigen import BACKENDS, DIM, EPS, _check_loose, _operator, check_eigenpairs
 
 
 @pytest.fixture
@@ -150,7 +144,8 @@ def test_converged_pairs_are_locked_and_restarts_shrink(make_spectrum_matrix, mo
     result = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=0, max_basis_size=12)
     assert result.num_restarts >= 3
     # Rows recombined: those after the locked ones, and the residual row moved behind them.
-    assert combined[0] == 12 + 1 and min(combined) <= 12 + 1 - 4  # the four outliers got locked
+    assert combined[0] == 12 + 1
+    assert min(combined) <= 12 + 1 - 4
     vectors = result.eigenvectors.numpy()
     assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), 1e-12)
     check_eigenpairs(matrix, result, 1e-10, "LA", 5)
@@ -201,15 +196,18 @@ def test_updates_come_in_consecutive_pairs_and_keep_the_level(tol, make_spectrum
         j, rows, forced, updated = step
         if steps[index - 1] is None and index > 1:
             # After a restart the cycle's first step updates every row (the arrow touches them all).
-            assert forced and updated == j + 1, step
+            assert forced, step
+            assert updated == j + 1, step
             cycles += 1
         if follow is not None:  # the second of a pair
-            assert forced and updated >= min(follow, j + 1), (steps[index - 1], step)
+            assert forced, (steps[index - 1], step)
+            assert updated >= min(follow, j + 1), (steps[index - 1], step)
             pairs += 1
             follow = None
         elif updated:
             follow = updated
-    assert cycles >= 3 and pairs >= cycles
+    assert cycles >= 3
+    assert pairs >= cycles
     vectors = result.eigenvectors.numpy()
     assert np.abs(vectors.T @ vectors - np.eye(5)).max() <= 10 * min(np.sqrt(EPS), tol / 100)
     check_eigenpairs(matrix, result, tol, "LA", 5)
@@ -260,7 +258,8 @@ def test_recurrence_norm_is_exact_where_used(backend, make_spectrum_matrix, monk
         assert len(from_recurrence) > 0.5 * len(records)
         np.testing.assert_allclose(from_recurrence, 1.0, rtol=0, atol=0.01 * 1e-8)
     else:
-        assert records and not from_recurrence
+        assert records
+        assert not from_recurrence
         np.testing.assert_allclose([unit for _, unit in records], 1.0, rtol=0, atol=100 * EPS)
     check_eigenpairs(matrix, result, 1e-6, "LA", 5)
 
@@ -273,6 +272,7 @@ def test_recurrence_norm_not_used_when_rounding_dominates(make_spectrum_matrix, 
     operator = _operator(matrix, "torch-measured")
     records = _spy_single_steps(monkeypatch)
     result = lanczos(operator, k=3, tol=1e-10, seed=0)
-    assert records and all(measured for measured, _ in records)
+    assert records
+    assert all(measured for measured, _ in records)
     np.testing.assert_allclose([unit for _, unit in records], 1.0, rtol=0, atol=100 * EPS)
     check_eigenpairs(matrix, result, 1e-10, "LA", 3)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
+from operator import matmul
 
 import torch
 from torch import nn
 
 import curvops
+from curvops.operators.strategy import HessianVectorMethod
 
 torch.manual_seed(0)
 dev = torch.device("cuda")
@@ -37,14 +41,18 @@ def cnn() -> tuple[nn.Module, list]:
     return m, [(torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))) for _ in range(4)]
 
 
-for name, make in (("mlp", mlp), ("cnn", cnn)):
+def probe(name: str, make: Callable[[], tuple[nn.Module, list]]) -> None:
     model, data = make()
     model = model.to(dev).eval()
     data = [(x.to(dev), y.to(dev)) for x, y in data]
     loss = nn.CrossEntropyLoss()
     params = list(model.parameters())
-    ops = {}
-    for label, method in (("rof", "reverse_over_forward"), ("db", "double_backward")):
+    ops: dict[str, curvops.HessianOperator | curvops.GGNOperator] = {}
+    methods: tuple[tuple[str, HessianVectorMethod], ...] = (
+        ("rof", "reverse_over_forward"),
+        ("db", "double_backward"),
+    )
+    for label, method in methods:
         ops[label] = curvops.HessianOperator(
             model, loss, data, strategy=curvops.ProductStrategy(hessian_vector=method)
         )
@@ -55,7 +63,10 @@ for name, make in (("mlp", mlp), ("cnn", cnn)):
         for x, y in data:
             torch.autograd.grad(loss(model(x), y), params)
 
-    runs = {"gradient": grad, **{k: (lambda op=op: op @ v) for k, op in ops.items()}}
+    runs: dict[str, Callable[[], object]] = {
+        "gradient": grad,
+        **{k: partial(matmul, op, v) for k, op in ops.items()},
+    }
     ref = ops["db"] @ v
     got = ops["rof"] @ v
     print(
@@ -65,8 +76,8 @@ for name, make in (("mlp", mlp), ("cnn", cnn)):
         "path",
         ops["rof"].single_vector_method,
     )
-    T = {k: [] for k in runs}
-    M = {}
+    T: dict[str, list[float]] = {k: [] for k in runs}
+    M: dict[str, float] = {}
     for k, f in runs.items():
         f()
         torch.cuda.synchronize()
@@ -85,5 +96,10 @@ for name, make in (("mlp", mlp), ("cnn", cnn)):
     g = statistics.median(T["gradient"])
     for k in runs:
         print(
-            f"  {name} {k:9s} {1e3 * statistics.median(T[k]):8.2f} ms {statistics.median(T[k]) / g:5.2f} gradients  peak extra {M[k]:8.1f} MiB"
+            f"  {name} {k:9s} {1e3 * statistics.median(T[k]):8.2f} ms "
+            f"{statistics.median(T[k]) / g:5.2f} gradients  peak extra {M[k]:8.1f} MiB"
         )
+
+
+for name, make in (("mlp", mlp), ("cnn", cnn)):
+    probe(name, make)

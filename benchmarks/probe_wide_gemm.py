@@ -17,6 +17,7 @@ import argparse
 import subprocess
 import sys
 from datetime import date
+from typing import Any
 
 from _report import emit_report
 
@@ -24,9 +25,9 @@ CASES = {
     "(19,20) @ (20,n)": "c = torch.randn(19, 20, device=d); a = torch.randn(20, n, device=d); r = c @ a",
     "(3,20) @ (20,n)": "c = torch.randn(3, 20, device=d); a = torch.randn(20, n, device=d); r = c @ a",
     "addmm (1,20) @ (20,n)": "c = torch.randn(1, 20, device=d); a = torch.randn(20, n, device=d); "
-                             "r = torch.addmm(torch.zeros(1, n, device=d), c, a)",
+    "r = torch.addmm(torch.zeros(1, n, device=d), c, a)",
     "addmm (2,20) @ (20,n)": "c = torch.randn(2, 20, device=d); a = torch.randn(20, n, device=d); "
-                             "r = torch.addmm(torch.zeros(2, n, device=d), c, a)",
+    "r = torch.addmm(torch.zeros(2, n, device=d), c, a)",
 }
 SIZES = (134_217_728, 269_068_288, 538_136_576)
 
@@ -35,7 +36,7 @@ def child(name: str, n: int) -> None:
     import torch
 
     d = "cuda"
-    scope = {"torch": torch, "d": d, "n": n}
+    scope: dict[str, Any] = {"torch": torch, "d": d, "n": n}  # exec() adds the case's tensors
     exec(CASES[name], scope)
     c, a, r = scope["c"], scope["a"], scope["r"]
     torch.cuda.synchronize()
@@ -53,12 +54,20 @@ def main() -> None:
         return
     import torch
 
-    lines = [f"# Wide float32 products ({torch.cuda.get_device_name()}, torch {torch.__version__}, {date.today()})",
-             "", "`python benchmarks/probe_wide_gemm.py`", "",
-             "| product | n | 20·n ≥ 2^31 | result |", "|---|---|---|---|"]
+    lines = [
+        f"# Wide float32 products ({torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, {date.today()})",
+        "",
+        "`python benchmarks/probe_wide_gemm.py`",
+        "",
+        "| product | n | 20·n ≥ 2^31 | result |",
+        "|---|---|---|---|",
+    ]
     for n in SIZES:
         for name in CASES:
-            done = subprocess.run([sys.executable, __file__, "--child", name, str(n)], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", name, str(n)], capture_output=True, text=True
+            )
             message = done.stdout.strip() or (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
             lines.append(f"| {name} | {n:,} | {20 * n >= 2**31} | {message} |")
             print(lines[-1], flush=True)

@@ -57,8 +57,9 @@ class InfluenceResult:
     block_summary: str
 
 
-def load(classes: tuple[int, int] = (1, 7), n_train: int | None = 200, n_test: int = 100,
-         seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load(
+    classes: tuple[int, int] = (1, 7), n_train: int | None = 200, n_test: int = 100, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Two digit classes as float64 tensors: pixels scaled to [0, 1], labels 0/1 of shape (n, 1)."""
     from sklearn.datasets import load_digits
 
@@ -72,13 +73,17 @@ def load(classes: tuple[int, int] = (1, 7), n_train: int | None = 200, n_test: i
     if n_train + n_test > len(y):
         raise ValueError(f"only {len(y)} images of classes {classes}; asked for {n_train} + {n_test}")
     to = lambda a: torch.tensor(a, dtype=DTYPE)  # noqa: E731
-    return (to(X[:n_train]), to(y[:n_train, None]), to(X[n_train:n_train + n_test]),
-            to(y[n_train:n_train + n_test, None]))
+    return (
+        to(X[:n_train]),
+        to(y[:n_train, None]),
+        to(X[n_train : n_train + n_test]),
+        to(y[n_train : n_train + n_test, None]),
+    )
 
 
 def batches(X: Tensor, y: Tensor, size: int = 64) -> list[tuple[Tensor, Tensor]]:
     """Fixed-order mini-batches (the operators take re-iterable batches)."""
-    return [(X[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+    return [(X[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
 def objective_gradient(model: nn.Module, loss_fn: nn.Module, data, l2: float) -> Tensor:
@@ -91,7 +96,9 @@ def objective_gradient(model: nn.Module, loss_fn: nn.Module, data, l2: float) ->
     return torch.cat([(g + l2 * p.detach()).reshape(-1) for g, p in zip(grads, params)])
 
 
-def train_newton(model: nn.Module, data, l2: float, *, tol: float = 1e-11, max_steps: int = 50) -> tuple[float, str]:
+def train_newton(
+    model: nn.Module, data, l2: float, *, tol: float = 1e-11, max_steps: int = 50
+) -> tuple[float, str]:
     """Newton's method with curvops: θ ← θ − (G + δI)⁻¹ ∇L(θ), solved by CG to rtol 1e-12.
 
     Returns the final gradient norm and the last solve's summary.
@@ -105,10 +112,13 @@ def train_newton(model: nn.Module, data, l2: float, *, tol: float = 1e-11, max_s
         G = GGNOperator(model, loss_fn, data, check_deterministic=False)
         step_op = inverse(G, damping=l2, method="cg", rtol=1e-12)
         step = step_op @ grad
-        summary = step_op.last_info.summary()
+        info = step_op.last_info
+        assert info is not None  # set by the product just taken
+        summary = info.summary()
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(model.parameters()) - step,
-                                                model.parameters())
+            torch.nn.utils.vector_to_parameters(
+                torch.nn.utils.parameters_to_vector(model.parameters()) - step, model.parameters()
+            )
     return float(objective_gradient(model, loss_fn, data, l2).norm()), summary
 
 
@@ -135,8 +145,14 @@ def test_loss_of(theta: Tensor, x: Tensor, t: Tensor) -> float:
     return float(nn.functional.binary_cross_entropy_with_logits(z, t[0], reduction="sum"))
 
 
-def run(classes: tuple[int, int] = (1, 7), n_train: int | None = 200, l2: float = 5.0, n_top: int = 5,
-        loo: str = "all", seed: int = 0) -> InfluenceResult:
+def run(
+    classes: tuple[int, int] = (1, 7),
+    n_train: int | None = 200,
+    l2: float = 5.0,
+    n_top: int = 5,
+    loo: str = "all",
+    seed: int = 0,
+) -> InfluenceResult:
     """Influences of every training point on the worst test point's loss, and their LOO check.
 
     Parameters
@@ -165,13 +181,14 @@ def run(classes: tuple[int, int] = (1, 7), n_train: int | None = 200, l2: float 
     with torch.no_grad():
         test_losses = nn.functional.binary_cross_entropy_with_logits(model(Xte), yte, reduction="none")[:, 0]
     j = int(test_losses.argmax())
-    x_test, y_test = Xte[j:j + 1], yte[j:j + 1]
+    x_test, y_test = Xte[j : j + 1], yte[j : j + 1]
 
     # s = (G + δI)⁻¹ ∇L_test(θ): one CG solve.
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     G = GGNOperator(model, loss_fn, data)
-    g_test = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(x_test), y_test),
-                                                                   list(model.parameters()))])
+    g_test = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(x_test), y_test), list(model.parameters()))]
+    )
     inv = inverse(G, damping=l2, method="cg", rtol=1e-10)
     s = inv @ g_test
     # ∇ℓ_i(θ)ᵀ s = (∂ℓ_i/∂f_i) · [J s]_i for all i: one Jacobian product.
@@ -209,11 +226,24 @@ def run(classes: tuple[int, int] = (1, 7), n_train: int | None = 200, l2: float 
     correlation = float(np.corrcoef(predicted[done], actual[done])[0, 1]) if done.sum() > 2 else float("nan")
     rel = np.abs(predicted[top] - actual[top]) / np.abs(actual[top])
     rel_corrected = np.abs(corrected[top] - actual[top]) / np.abs(actual[top])
-    return InfluenceResult(predicted=predicted, corrected=corrected, leverage=leverage, actual=actual,
-                           correlation=correlation,
-                           top=top, top_relative_errors=rel, top_relative_errors_corrected=rel_corrected,
-                           test_index=j, test_loss=base, gradient_norm=grad_norm,
-                           solve_summary=inv.last_info.summary(), block_summary=block_inv.last_info.summary())
+    solve_info, block_info = inv.last_info, block_inv.last_info
+    assert solve_info is not None  # set by the products taken above
+    assert block_info is not None
+    return InfluenceResult(
+        predicted=predicted,
+        corrected=corrected,
+        leverage=leverage,
+        actual=actual,
+        correlation=correlation,
+        top=top,
+        top_relative_errors=rel,
+        top_relative_errors_corrected=rel_corrected,
+        test_index=j,
+        test_loss=base,
+        gradient_norm=grad_norm,
+        solve_summary=solve_info.summary(),
+        block_summary=block_info.summary(),
+    )
 
 
 def main() -> None:
@@ -226,13 +256,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     r = run(tuple(args.classes), args.n_train, args.l2, args.top)
-    print(f"trained by Newton/CG: ‖∇L‖ = {r.gradient_norm:.2e}; test point {r.test_index}, loss {r.test_loss:.4f}")
+    print(
+        f"trained by Newton/CG: ‖∇L‖ = {r.gradient_norm:.2e}; "
+        f"test point {r.test_index}, loss {r.test_loss:.4f}"
+    )
     print(f"inverse-GGN solve: {r.solve_summary}")
-    print(f"correlation(predicted, leave-one-out) over {len(r.predicted)} training points: {r.correlation:.6f}")
+    print(
+        f"correlation(predicted, leave-one-out) over {len(r.predicted)} training points: {r.correlation:.6f}"
+    )
     print(f"leverages, (D, n) block solve: {r.block_summary}")
     print(f"{'point':>6} {'influence':>13} {'rel. err':>9} {'corrected':>13} {'rel. err':>9} {'LOO ΔL':>13}")
     for i, e, ec in zip(r.top, r.top_relative_errors, r.top_relative_errors_corrected):
-        print(f"{i:>6} {r.predicted[i]:>13.5e} {e:>9.2%} {r.corrected[i]:>13.5e} {ec:>9.2%} {r.actual[i]:>13.5e}")
+        print(
+            f"{i:>6} {r.predicted[i]:>13.5e} {e:>9.2%} "
+            f"{r.corrected[i]:>13.5e} {ec:>9.2%} {r.actual[i]:>13.5e}"
+        )
     if args.plot:
         import matplotlib
 

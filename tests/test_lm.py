@@ -59,12 +59,12 @@ def hf_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 def concatenated(batches: list[dict[str, torch.Tensor]], length: int = 8) -> tuple[dict, torch.Tensor]:
     """One batch of all sequences, right-padded to ``length``; labels -100 on padding."""
-    ids, masks = [], []
+    id_rows, mask_rows = [], []
     for batch in batches:
         extra = length - batch["input_ids"].shape[1]
-        ids.append(F.pad(batch["input_ids"], (0, extra), value=0))
-        masks.append(F.pad(batch["attention_mask"], (0, extra), value=0))
-    ids, mask = torch.cat(ids), torch.cat(masks)
+        id_rows.append(F.pad(batch["input_ids"], (0, extra), value=0))
+        mask_rows.append(F.pad(batch["attention_mask"], (0, extra), value=0))
+    ids, mask = torch.cat(id_rows), torch.cat(mask_rows)
     return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
 
 
@@ -128,7 +128,8 @@ def dense_ggn(logits_of, model: nn.Module, params: list[nn.Parameter], labels: t
         e = torch.zeros(sum(numels), dtype=DT)
         e[i] = 1
         tangents = tuple(t.view_as(p) for t, p in zip(e.split(numels), params))
-        _, jv = torch.func.jvp(lambda *ps: logits_of(dict(zip(names, ps))), primals, tangents)
+        # [1]: torch annotates jvp's result as a 2- or 3-tuple (has_aux), so no unpacking.
+        jv = torch.func.jvp(lambda *ps: logits_of(dict(zip(names, ps))), primals, tangents)[1]
         cols.append(jv.reshape(-1))
     jac = torch.stack(cols, dim=1)  # (B·T·V, D)
     z = logits_of({}).detach().requires_grad_(True)

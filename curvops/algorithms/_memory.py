@@ -150,8 +150,13 @@ def format_bytes(count: float) -> str:
 
 
 def plan_columns(
-    operand: Any, budget: float, fixed_columns: float, per_unit_columns: float, wanted: int,
-    what: str, fix: str,
+    operand: Any,
+    budget: float,
+    fixed_columns: float,
+    per_unit_columns: float,
+    wanted: int,
+    what: str,
+    fix: str,
 ) -> int:
     """Largest ``u <= wanted`` with ``(fixed_columns + u * per_unit_columns)`` columns within
     ``budget``; ``MemoryError`` naming the bytes needed for ``u = 1`` and the ``fix`` if none.
@@ -197,8 +202,15 @@ def plan_columns(
 
 
 def plan_block(
-    operand: Any, requested: int | None, default: int, memory_budget: Any, fixed_columns: float,
-    per_unit_columns: float, what: str, option: str, fix: str,
+    operand: Any,
+    requested: int | None,
+    default: int,
+    memory_budget: Any,
+    fixed_columns: float,
+    per_unit_columns: float,
+    what: str,
+    option: str,
+    fix: str,
 ) -> int:
     """Units per block (probes per block product, probes per Lanczos batch): ``requested`` if
     given (``MemoryError`` if it does not fit), else the largest ``<= default`` that fits.

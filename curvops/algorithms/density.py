@@ -424,8 +424,14 @@ def spectral_density(
     if probe_batch_size is not None:
         check_int(probe_batch_size, "probe_batch_size", 1)
     batch = plan_block(
-        operand, probe_batch_size, num_probes, memory_budget, num_probes, steps + _WORK_COLUMNS,
-        f"spectral_density with {steps} Lanczos steps", "probe_batch_size",
+        operand,
+        probe_batch_size,
+        num_probes,
+        memory_budget,
+        num_probes,
+        steps + _WORK_COLUMNS,
+        f"spectral_density with {steps} Lanczos steps",
+        "probe_batch_size",
         "pass fewer lanczos_steps, or a larger memory_budget= if the memory is there",
     )
     rng = operand.rng(seed)

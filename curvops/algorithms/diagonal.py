@@ -105,8 +105,17 @@ def hutchinson_diagonal(
         exact.
     """
     operand, budget, block_size, rng = _setup(
-        A, budget, probe, seed, block_size, dim, 1, memory_budget, PRODUCT_COLUMNS + 3,
-        "hutchinson_diagonal", 4,
+        A,
+        budget,
+        probe,
+        seed,
+        block_size,
+        dim,
+        1,
+        memory_budget,
+        PRODUCT_COLUMNS + 3,
+        "hutchinson_diagonal",
+        4,
     )
     if budget >= operand.dim:
         return _exact_diagonal(operand, block_size)
@@ -385,7 +394,15 @@ def hutchinson_squared_frobenius(
         Units: squared operator entries.
     """
     operand, budget, block_size, rng = _setup(
-        A, budget, probe, seed, block_size, dim, 1, memory_budget, PRODUCT_COLUMNS,
+        A,
+        budget,
+        probe,
+        seed,
+        block_size,
+        dim,
+        1,
+        memory_budget,
+        PRODUCT_COLUMNS,
         "hutchinson_squared_frobenius",
     )
     if budget >= operand.dim:

@@ -258,7 +258,15 @@ def lanczos(
         else:
             eigenvalues, ritz_vectors, estimates, norm_estimate = _whole_space(operand, k, which, width)
             return _finish(
-                operand, k, tol, eigenvalues, ritz_vectors, estimates, norm_estimate, 0, exact_residuals,
+                operand,
+                k,
+                tol,
+                eigenvalues,
+                ritz_vectors,
+                estimates,
+                norm_estimate,
+                0,
+                exact_residuals,
                 f"although the products spanned the whole space (D={size}): tol is below their rounding",
             )
     # Basis orthogonality kept: semi-orthogonality, sqrt(eps) (1.5e-8 in float64), which keeps
@@ -288,8 +296,18 @@ def lanczos(
 
     weights = state.scales[:stop, None] * vectors[:, wanted]
     ritz_vectors = operand.matmul(state.basis[:stop].T, operand.from_host(weights))
-    return _finish(operand, k, tol, theta[wanted], ritz_vectors, residual_estimates[wanted], norm_estimate,
-                   search.restarts, exact_residuals, f"within max_iter={max_steps} matvecs")
+    return _finish(
+        operand,
+        k,
+        tol,
+        theta[wanted],
+        ritz_vectors,
+        residual_estimates[wanted],
+        norm_estimate,
+        search.restarts,
+        exact_residuals,
+        f"within max_iter={max_steps} matvecs",
+    )
 
 
 class _RestartedSearch:

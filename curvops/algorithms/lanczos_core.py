@@ -808,8 +808,20 @@ class LanczosState:
         norm_after = norm_before
         if reach:
             norm_after, alpha = drift.reorthogonalize_row(
-                operand, views, scales, new, reach, norm_before, orthogonality, j, own, alpha, predicted,
-                forced, first, known if measure_all else None,
+                operand,
+                views,
+                scales,
+                new,
+                reach,
+                norm_before,
+                orthogonality,
+                j,
+                own,
+                alpha,
+                predicted,
+                forced,
+                first,
+                known if measure_all else None,
             )
         elif measure_all:
             operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])

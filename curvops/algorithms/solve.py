@@ -102,16 +102,26 @@ class SolveInfo:
         rel = self.relative_residuals
         worst = float(rel.max()) if rel.size else 0.0
         its = self.iterations
-        return (f"{self.method}: {int(self.converged.sum())}/{self.converged.size} converged, "
-                f"iterations {int(its.min()) if its.size else 0}..{int(its.max()) if its.size else 0}, "
-                f"max relative residual {worst:.3g} (rtol {self.rtol:g}, atol {self.atol:g}), "
-                f"{self.num_matvecs} matvecs")
+        return (
+            f"{self.method}: {int(self.converged.sum())}/{self.converged.size} converged, "
+            f"iterations {int(its.min()) if its.size else 0}..{int(its.max()) if its.size else 0}, "
+            f"max relative residual {worst:.3g} (rtol {self.rtol:g}, atol {self.atol:g}), "
+            f"{self.num_matvecs} matvecs"
+        )
 
 
 # ============================================================== public solvers
-def cg(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, maxiter: int | None = None,
-       preconditioner: MatMul | None = None, x0: Tensor | None = None,
-       warn: bool = True) -> tuple[Tensor, SolveInfo]:
+def cg(
+    matmul: MatMul,
+    B: Tensor,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: MatMul | None = None,
+    x0: Tensor | None = None,
+    warn: bool = True,
+) -> tuple[Tensor, SolveInfo]:
     """Conjugate gradients for a symmetric positive definite ``A``, block right-hand sides.
 
     Parameters
@@ -143,13 +153,31 @@ def cg(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, maxi
         If the recurrence meets non-positive curvature ``pᵀAp ≤ 0`` (A is not positive
         definite) or ``rᵀMr ≤ 0`` (the preconditioner is not).
     """
-    return _solve("cg", _cg_core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
-                  preconditioner=preconditioner, x0=x0, warn=warn)
+    return _solve(
+        "cg",
+        _cg_core,
+        matmul,
+        B,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        preconditioner=preconditioner,
+        x0=x0,
+        warn=warn,
+    )
 
 
-def minres(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, maxiter: int | None = None,
-           preconditioner: MatMul | None = None, x0: Tensor | None = None,
-           warn: bool = True) -> tuple[Tensor, SolveInfo]:
+def minres(
+    matmul: MatMul,
+    B: Tensor,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: MatMul | None = None,
+    x0: Tensor | None = None,
+    warn: bool = True,
+) -> tuple[Tensor, SolveInfo]:
     """MINRES (Paige & Saunders 1975) for a symmetric, possibly indefinite ``A``.
 
     The preconditioner must be symmetric positive definite. The recurrence's residual
@@ -180,13 +208,31 @@ def minres(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, 
     info : SolveInfo
         Per-column convergence, iterations, residuals and the matvec count.
     """
-    return _solve("minres", _minres_core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
-                  preconditioner=preconditioner, x0=x0, warn=warn)
+    return _solve(
+        "minres",
+        _minres_core,
+        matmul,
+        B,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        preconditioner=preconditioner,
+        x0=x0,
+        warn=warn,
+    )
 
 
-def lsmr(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, maxiter: int | None = None,
-         preconditioner: MatMul | None = None, x0: Tensor | None = None,
-         warn: bool = True) -> tuple[Tensor, SolveInfo]:
+def lsmr(
+    matmul: MatMul,
+    B: Tensor,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: MatMul | None = None,
+    x0: Tensor | None = None,
+    warn: bool = True,
+) -> tuple[Tensor, SolveInfo]:
     """LSMR (Fong & Saunders 2011) for a symmetric ``A``: min ‖b − A x‖ by Golub-Kahan bidiagonalisation.
 
     Two sequential products per iteration (``A`` and ``Aᵀ = A``); converges like MINRES
@@ -219,13 +265,31 @@ def lsmr(matmul: MatMul, B: Tensor, *, rtol: float = 1e-6, atol: float = 0.0, ma
     info : SolveInfo
         Per-column convergence, iterations, residuals and the matvec count.
     """
-    return _solve("lsmr", _lsmr_core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
-                  preconditioner=preconditioner, x0=x0, warn=warn)
+    return _solve(
+        "lsmr",
+        _lsmr_core,
+        matmul,
+        B,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        preconditioner=preconditioner,
+        x0=x0,
+        warn=warn,
+    )
 
 
-def neumann(matmul: MatMul, B: Tensor, *, scale: float, rtol: float = 1e-6, atol: float = 0.0,
-            maxiter: int | None = None, x0: Tensor | None = None,
-            warn: bool = True) -> tuple[Tensor, SolveInfo]:
+def neumann(
+    matmul: MatMul,
+    B: Tensor,
+    *,
+    scale: float,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    x0: Tensor | None = None,
+    warn: bool = True,
+) -> tuple[Tensor, SolveInfo]:
     """Truncated Neumann series ``x = α Σ_j (I − αA)^j b``.
 
     Converges iff every eigenvalue of ``A`` lies in ``(0, 2/α)``, at the rate
@@ -268,12 +332,25 @@ def neumann(matmul: MatMul, B: Tensor, *, scale: float, rtol: float = 1e-6, atol
     def core(mm, pc, R0, target, budget):
         return _neumann_core(mm, float(scale), R0, target, budget)
 
-    return _solve("neumann", core, matmul, B, rtol=rtol, atol=atol, maxiter=maxiter,
-                  preconditioner=None, x0=x0, warn=warn)
+    return _solve(
+        "neumann",
+        core,
+        matmul,
+        B,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        preconditioner=None,
+        x0=x0,
+        warn=warn,
+    )
 
 
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolveInfo]]] = {
-    "cg": cg, "minres": minres, "lsmr": lsmr, "neumann": neumann,
+    "cg": cg,
+    "minres": minres,
+    "lsmr": lsmr,
+    "neumann": neumann,
 }
 
 
@@ -348,8 +425,10 @@ def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, wa
         R = B2.clone()
     else:
         if not torch.is_tensor(x0) or tuple(x0.shape) != tuple(B.shape):
-            raise ValueError(f"x0 must be a tensor of shape {tuple(B.shape)}, got "
-                             f"{tuple(x0.shape) if torch.is_tensor(x0) else type(x0).__name__}")
+            raise ValueError(
+                f"x0 must be a tensor of shape {tuple(B.shape)}, got "
+                f"{tuple(x0.shape) if torch.is_tensor(x0) else type(x0).__name__}"
+            )
         X = (x0.unsqueeze(1) if vector else x0).to(B2).clone()
         R = B2 - mm(X)
     bnorm, rnorm = _host(_colnorm(B2), _colnorm(R))
@@ -380,9 +459,17 @@ def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, wa
     converged = rnorm <= target
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(bnorm > 0, rnorm / np.where(bnorm > 0, bnorm, 1.0), 0.0)
-    info = SolveInfo(method=name, iterations=iterations, residual_norms=rnorm, relative_residuals=relative,
-                     converged=converged, num_matvecs=mm.count, rounds=rounds, rtol=float(rtol),
-                     atol=float(atol))
+    info = SolveInfo(
+        method=name,
+        iterations=iterations,
+        residual_norms=rnorm,
+        relative_residuals=relative,
+        converged=converged,
+        num_matvecs=mm.count,
+        rounds=rounds,
+        rtol=float(rtol),
+        atol=float(atol),
+    )
     if warn and not info.all_converged:
         bad = np.nonzero(~converged)[0]
         worst = bad[np.argmax(relative[bad])]
@@ -391,7 +478,8 @@ def _solve(name, core, matmul, B, *, rtol, atol, maxiter, preconditioner, x0, wa
             f"{relative[worst]:.3g} (column {worst}, {iterations[worst]} iterations) > rtol={rtol:g} "
             f"(atol={atol:g}, maxiter={maxiter}). Raise maxiter, increase the damping, precondition, "
             "or loosen rtol (in float32 relative residuals below ~1e-5·cond are rounding noise).",
-            SolverWarning, stacklevel=3,
+            SolverWarning,
+            stacklevel=3,
         )
     X = X.squeeze(1) if vector else X
     return X, info
@@ -494,10 +582,19 @@ def _minres_core(mm, pc, R0, target, budget):
     # relative reduction that the 2-norm target asks for (the driver verifies the result).
     r0norm = _colnorm(R0)
     s = {
-        "x": torch.zeros_like(R0), "r1": R0.clone(), "r2": R0.clone(), "y": y,
-        "w": torch.zeros_like(R0), "w2": torch.zeros_like(R0),
-        "beta": beta1, "oldb": zeros.clone(), "dbar": zeros.clone(), "epsln": zeros.clone(),
-        "phibar": beta1.clone(), "cs": -torch.ones_like(beta1), "sn": zeros.clone(),
+        "x": torch.zeros_like(R0),
+        "r1": R0.clone(),
+        "r2": R0.clone(),
+        "y": y,
+        "w": torch.zeros_like(R0),
+        "w2": torch.zeros_like(R0),
+        "beta": beta1,
+        "oldb": zeros.clone(),
+        "dbar": zeros.clone(),
+        "epsln": zeros.clone(),
+        "phibar": beta1.clone(),
+        "cs": -torch.ones_like(beta1),
+        "sn": zeros.clone(),
         "ratio": beta1 / r0norm.clamp_min(tiny),
     }
     it = 0
@@ -535,8 +632,21 @@ def _minres_core(mm, pc, R0, target, budget):
         phi = cs * s["phibar"]
         w1, w2 = s["w2"], s["w"]
         w = (v - oldeps * w1 - delta * w2) / gamma
-        s.update(x=s["x"] + phi * w, r1=r1, r2=r2, y=y, w=w, w2=w2, beta=beta, oldb=oldb, dbar=dbar,
-                 epsln=epsln, phibar=sn * s["phibar"], cs=cs, sn=sn)
+        s.update(
+            x=s["x"] + phi * w,
+            r1=r1,
+            r2=r2,
+            y=y,
+            w=w,
+            w2=w2,
+            beta=beta,
+            oldb=oldb,
+            dbar=dbar,
+            epsln=epsln,
+            phibar=sn * s["phibar"],
+            cs=cs,
+            sn=sn,
+        )
         it += 1
     return block.solution, block.iterations
 
@@ -563,12 +673,27 @@ def _lsmr_core(mm, pc, R0, target, budget):
     v = safe_div(v, alpha)
     ones, zeros = torch.ones_like(beta), torch.zeros_like(beta)
     s = {
-        "y": torch.zeros_like(R0), "u": u, "v": v, "h": v.clone(), "hbar": torch.zeros_like(R0),
-        "alpha": alpha, "zetabar": alpha * beta, "alphabar": alpha.clone(), "rho": ones.clone(),
-        "rhobar": ones.clone(), "cbar": ones.clone(), "sbar": zeros.clone(), "betadd": beta.clone(),
-        "betad": zeros.clone(), "rhodold": ones.clone(), "tautildeold": zeros.clone(),
-        "thetatilde": zeros.clone(), "zeta": zeros.clone(), "normA2": alpha * alpha,
-        "normr": beta.clone(), "normar": (alpha * beta).abs(),
+        "y": torch.zeros_like(R0),
+        "u": u,
+        "v": v,
+        "h": v.clone(),
+        "hbar": torch.zeros_like(R0),
+        "alpha": alpha,
+        "zetabar": alpha * beta,
+        "alphabar": alpha.clone(),
+        "rho": ones.clone(),
+        "rhobar": ones.clone(),
+        "cbar": ones.clone(),
+        "sbar": zeros.clone(),
+        "betadd": beta.clone(),
+        "betad": zeros.clone(),
+        "rhodold": ones.clone(),
+        "tautildeold": zeros.clone(),
+        "thetatilde": zeros.clone(),
+        "zeta": zeros.clone(),
+        "normA2": alpha * alpha,
+        "normr": beta.clone(),
+        "normar": (alpha * beta).abs(),
     }
     it = 0
     while True:
@@ -616,12 +741,31 @@ def _lsmr_core(mm, pc, R0, target, budget):
         betad = -stildeold * s["betad"] + ctildeold * betahat
         tautildeold = (zetaold - thetatildeold * s["tautildeold"]) / rhotildeold
         taud = (zeta - thetatilde * tautildeold) / rhodold
-        normr = torch.sqrt((betad - taud) ** 2 + betadd ** 2)
+        normr = torch.sqrt((betad - taud) ** 2 + betadd**2)
         normA2 = s["normA2"] + beta * beta + alpha * alpha
-        s.update(y=y, u=u, v=v, h=h, hbar=hbar, alpha=alpha, zetabar=zetabar, alphabar=alphabar, rho=rho,
-                 rhobar=rhobar, cbar=cbar, sbar=sbar, betadd=betadd, betad=betad, rhodold=rhodold,
-                 tautildeold=tautildeold, thetatilde=thetatilde, zeta=zeta, normA2=normA2, normr=normr,
-                 normar=zetabar.abs())
+        s.update(
+            y=y,
+            u=u,
+            v=v,
+            h=h,
+            hbar=hbar,
+            alpha=alpha,
+            zetabar=zetabar,
+            alphabar=alphabar,
+            rho=rho,
+            rhobar=rhobar,
+            cbar=cbar,
+            sbar=sbar,
+            betadd=betadd,
+            betad=betad,
+            rhodold=rhodold,
+            tautildeold=tautildeold,
+            thetatilde=thetatilde,
+            zeta=zeta,
+            normA2=normA2,
+            normr=normr,
+            normar=zetabar.abs(),
+        )
         it += 1
     return block.solution, block.iterations
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -204,22 +205,36 @@ def probe_block_size(
     if block_size is not None:
         check_block_size(block_size)
     return plan_block(
-        operand, block_size, DEFAULT_BLOCK_SIZE, memory_budget, fixed_columns, per_probe_columns,
-        what, "block_size", "a larger memory_budget= if the memory is there",
+        operand,
+        block_size,
+        DEFAULT_BLOCK_SIZE,
+        memory_budget,
+        fixed_columns,
+        per_probe_columns,
+        what,
+        "block_size",
+        "a larger memory_budget= if the memory is there",
     )
 
 
 def _setup(
-    A: Any, budget: Any, probe: str, seed: Any, block_size: Any, dim: Any, minimum: int,
-    memory_budget: float | None, per_probe_columns: float, what: str, fixed_columns: float = 0.0,
+    A: Any,
+    budget: Any,
+    probe: str,
+    seed: Any,
+    block_size: Any,
+    dim: Any,
+    minimum: int,
+    memory_budget: float | None,
+    per_probe_columns: float,
+    what: str,
+    fixed_columns: float = 0.0,
 ):
     """Operand, budget, probes per block (planned against the memory budget) and generator."""
     operand = as_operand(A, dim)
     budget = check_budget(budget, minimum)
     check_probe(probe)
-    block_size = probe_block_size(
-        operand, block_size, memory_budget, per_probe_columns, what, fixed_columns
-    )
+    block_size = probe_block_size(operand, block_size, memory_budget, per_probe_columns, what, fixed_columns)
     rng = operand.rng(check_seed(seed))
     return operand, budget, block_size, rng
 

@@ -16,7 +16,7 @@ assume_psd=True)``) assert a tag for an operator the library cannot know about.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch import Tensor
 from curvops.algorithms.solve import SOLVERS, SolveInfo, SolverWarning
 from curvops.algorithms.vectors import Operand, as_operand
 from curvops.operators.base import MAX_DENSE_DIM, TorchLinearOperator
+
+if TYPE_CHECKING:
+    from curvops.algorithms._torch_backend import TorchOperand
 
 METHODS: tuple[str, ...] = ("cg", "minres", "lsmr", "neumann", "eigh", "cholesky")
 _PSD_METHODS = ("cg", "neumann", "cholesky")
@@ -53,7 +56,8 @@ def _torch_matmul(operand: Operand) -> Any:
 
 def _torch_dtype_device(operand: Operand) -> tuple[torch.dtype, torch.device]:
     if operand.backend == "torch":
-        return operand.dtype, operand.device
+        # The torch backend's operands are TorchOperand (or its distributed subclasses).
+        return operand.dtype, cast("TorchOperand", operand).device
     return (torch.float32 if operand.dtype == np.float32 else torch.float64), torch.device("cpu")
 
 
@@ -93,11 +97,17 @@ class TaggedOperator(TorchLinearOperator):
         Assert positive semi-definiteness (implies ``symmetric``; default: ``A``'s tag).
     """
 
-    def __init__(self, A: Any, *, symmetric: bool | None = None,
-                 positive_semidefinite: bool | None = None) -> None:
+    #: The wrapped operator (never itself a TaggedOperator).
+    operator: Any
+
+    def __init__(
+        self, A: Any, *, symmetric: bool | None = None, positive_semidefinite: bool | None = None
+    ) -> None:
         inner = A.operator if isinstance(A, TaggedOperator) else A
         if getattr(inner, "sharding", None) is not None:
-            raise NotImplementedError("inverse() of an FSDP-sharded operator is not supported (DDP operators work)")
+            raise NotImplementedError(
+                "inverse() of an FSDP-sharded operator is not supported (DDP operators work)"
+            )
         self._operand, _ = _adapt(A)
         own_symmetric, own_psd = _tags(A)
         if positive_semidefinite and symmetric is False:
@@ -132,11 +142,15 @@ class TaggedOperator(TorchLinearOperator):
     _transpose = _adjoint
 
     def __repr__(self) -> str:
-        return (f"TaggedOperator({type(self.operator).__name__}, D={self.shape[0]}, "
-                f"symmetric={self._symmetric}, positive_semidefinite={self._psd})")
+        return (
+            f"TaggedOperator({type(self.operator).__name__}, D={self.shape[0]}, "
+            f"symmetric={self._symmetric}, positive_semidefinite={self._psd})"
+        )
 
 
-def tag(A: Any, *, symmetric: bool | None = None, positive_semidefinite: bool | None = None) -> TaggedOperator:
+def tag(
+    A: Any, *, symmetric: bool | None = None, positive_semidefinite: bool | None = None
+) -> TaggedOperator:
     """Wrap ``A`` with asserted tags (see :class:`TaggedOperator`). The assertion is not checked."""
     return TaggedOperator(A, symmetric=symmetric, positive_semidefinite=positive_semidefinite)
 
@@ -175,16 +189,31 @@ class InverseOperator(TorchLinearOperator):
         Products (solves) so far; :attr:`total_matvecs` the products of ``A`` they used.
     """
 
-    def __init__(self, A: Any, damping: float, method: str, *, rtol: float, atol: float,
-                 maxiter: int | None, preconditioner: Any, assume_psd: bool, scale: float | None,
-                 warn: bool, max_dim: int, _eigh: tuple[Tensor, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        A: Any,
+        damping: float,
+        method: str,
+        *,
+        rtol: float,
+        atol: float,
+        maxiter: int | None,
+        preconditioner: Any,
+        assume_psd: bool,
+        scale: float | None,
+        warn: bool,
+        max_dim: int,
+        _eigh: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number, got {damping!r}")
         if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}: negative damping shifts the "
-                             "spectrum towards (or past) zero and can make A + δI singular or indefinite")
+            raise ValueError(
+                f"damping must be >= 0, got {damping!r}: negative damping shifts the "
+                "spectrum towards (or past) zero and can make A + δI singular or indefinite"
+            )
         self.operator = A.operator if isinstance(A, TaggedOperator) else A
         self._given = A  # with its tags, for with_damping() and the Neumann scale
         self._operand, tag_source = _adapt(A)
@@ -197,9 +226,11 @@ class InverseOperator(TorchLinearOperator):
                 "symmetric operator. If it is, wrap it: curvops.operators.inverse.tag(A, symmetric=True)"
             )
         if method in _PSD_METHODS and not psd:
-            hint = (" The Hessian is indefinite in general: use method='minres' (or 'lsmr') with "
-                    "damping instead." if "Hessian" in type(self.operator).__name__ else
-                    " Use method='minres' or 'lsmr' for indefinite operators.")
+            hint = (
+                " The Hessian is indefinite in general: use method='minres' (or 'lsmr') with damping instead."
+                if "Hessian" in type(self.operator).__name__
+                else " Use method='minres' or 'lsmr' for indefinite operators."
+            )
             raise ValueError(
                 f"method={method!r} needs a positive semi-definite operator, and "
                 f"{type(self.operator).__name__} is not known to be one.{hint} If you know A is positive "
@@ -263,9 +294,20 @@ class InverseOperator(TorchLinearOperator):
 
     def with_damping(self, damping: float) -> InverseOperator:
         """The same inverse for another δ; ``eigh`` reuses the eigendecomposition."""
-        return InverseOperator(self._given, damping, self.method, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter,
-                               preconditioner=self.preconditioner, assume_psd=self._psd, scale=None,
-                               warn=self.warn, max_dim=self.max_dim, _eigh=self._eigh)
+        return InverseOperator(
+            self._given,
+            damping,
+            self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            maxiter=self.maxiter,
+            preconditioner=self.preconditioner,
+            assume_psd=self._psd,
+            scale=None,
+            warn=self.warn,
+            max_dim=self.max_dim,
+            _eigh=self._eigh,
+        )
 
     def _apply(self, X: Tensor) -> Tensor:
         return self._solve(X, None)[0]
@@ -278,8 +320,13 @@ class InverseOperator(TorchLinearOperator):
             if B.dim() == 1:
                 X = X.squeeze(1)
         else:
-            kwargs: dict[str, Any] = {"rtol": self.rtol, "atol": self.atol, "maxiter": self.maxiter,
-                                      "x0": x0, "warn": self.warn}
+            kwargs: dict[str, Any] = {
+                "rtol": self.rtol,
+                "atol": self.atol,
+                "maxiter": self.maxiter,
+                "x0": x0,
+                "warn": self.warn,
+            }
             if self.method == "neumann":
                 kwargs["scale"] = self._neumann_scale()
             else:
@@ -303,8 +350,10 @@ class InverseOperator(TorchLinearOperator):
             return _torch_matmul(as_operand(P))
         if callable(P):
             return P
-        raise TypeError("preconditioner must be an operator (matmat_torch, a tensor, an array, a scipy "
-                        f"LinearOperator) or a callable on torch blocks, got {type(P).__name__}")
+        raise TypeError(
+            "preconditioner must be an operator (matmat_torch, a tensor, an array, a scipy "
+            f"LinearOperator) or a callable on torch blocks, got {type(P).__name__}"
+        )
 
     def _neumann_scale(self) -> float:
         if self.scale is None:
@@ -325,15 +374,17 @@ class InverseOperator(TorchLinearOperator):
         """``A`` materialised (D <= ``max_dim``), symmetric to rounding; for eigh and cholesky."""
         dim = self.shape[0]
         if dim > self.max_dim:
-            raise ValueError(f"method={self.method!r} materialises the {dim}x{dim} matrix; that exceeds "
-                             f"max_dim={self.max_dim}. Use a Krylov method, or pass a larger max_dim.")
+            raise ValueError(
+                f"method={self.method!r} materialises the {dim}x{dim} matrix; that exceeds "
+                f"max_dim={self.max_dim}. Use a Krylov method, or pass a larger max_dim."
+            )
         if isinstance(self.operator, TorchLinearOperator):
             M = self.operator.to_dense(max_dim=self.max_dim)
         elif isinstance(self.operator, Tensor):
             M = self.operator.detach().to(self.torch_dtype)
         else:
             eye = torch.eye(dim, dtype=self.torch_dtype, device=self.device)
-            M = torch.cat([self._matmul_A(eye[:, i:i + 256]) for i in range(0, dim, 256)], dim=1)
+            M = torch.cat([self._matmul_A(eye[:, i : i + 256]) for i in range(0, dim, 256)], dim=1)
         return 0.5 * (M + M.T)  # the factorisations read one triangle only
 
     def _decomposition(self) -> tuple[Tensor, Tensor]:
@@ -368,9 +419,11 @@ class InverseOperator(TorchLinearOperator):
         eps = float(torch.finfo(evals.dtype).eps)
         floor = self.shape[0] * eps * float(evals.abs().max())
         if bool((shifted.abs() <= floor).any()):
-            raise ValueError(f"A + δI is singular to working precision (an eigenvalue + δ = "
-                             f"{float(shifted[shifted.abs().argmin()]):.3g}, below {floor:.3g}); "
-                             "increase the damping")
+            raise ValueError(
+                f"A + δI is singular to working precision (an eigenvalue + δ = "
+                f"{float(shifted[shifted.abs().argmin()]):.3g}, below {floor:.3g}); "
+                "increase the damping"
+            )
         X = evecs @ ((evecs.T @ B) / shifted[:, None])
         return X, _direct_info("eigh", B, B - (evecs @ (shifted[:, None] * (evecs.T @ X))))
 
@@ -380,8 +433,11 @@ class InverseOperator(TorchLinearOperator):
     _transpose = _adjoint
 
     def __repr__(self) -> str:
-        return (f"InverseOperator(({type(self.operator).__name__} + {self.damping:g} I)^-1, method={self.method!r}, "
-                f"D={self.shape[0]}, rtol={self.rtol:g}, preconditioned={self.preconditioner is not None})")
+        return (
+            f"InverseOperator(({type(self.operator).__name__} + {self.damping:g} I)^-1, "
+            f"method={self.method!r}, D={self.shape[0]}, rtol={self.rtol:g}, "
+            f"preconditioned={self.preconditioner is not None})"
+        )
 
 
 def _direct_info(method: str, B: Tensor, R: Tensor) -> SolveInfo:
@@ -390,14 +446,33 @@ def _direct_info(method: str, B: Tensor, R: Tensor) -> SolveInfo:
     bnorm = torch.linalg.vector_norm(B, dim=0).double().cpu().numpy()
     k = B.shape[1]
     rel = np.where(bnorm > 0, rnorm / np.where(bnorm > 0, bnorm, 1.0), 0.0)
-    return SolveInfo(method=method, iterations=np.zeros(k, dtype=np.int64), residual_norms=rnorm,
-                     relative_residuals=rel, converged=np.ones(k, dtype=bool), num_matvecs=0, rounds=0,
-                     rtol=0.0, atol=0.0)
+    return SolveInfo(
+        method=method,
+        iterations=np.zeros(k, dtype=np.int64),
+        residual_norms=rnorm,
+        relative_residuals=rel,
+        converged=np.ones(k, dtype=bool),
+        num_matvecs=0,
+        rounds=0,
+        rtol=0.0,
+        atol=0.0,
+    )
 
 
-def inverse(A: Any, damping: float = 0.0, method: str = "cg", *, rtol: float = 1e-6, atol: float = 0.0,
-            maxiter: int | None = None, preconditioner: Any = None, assume_psd: bool = False,
-            scale: float | None = None, warn: bool = True, max_dim: int = MAX_DENSE_DIM) -> InverseOperator:
+def inverse(
+    A: Any,
+    damping: float = 0.0,
+    method: str = "cg",
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: Any = None,
+    assume_psd: bool = False,
+    scale: float | None = None,
+    warn: bool = True,
+    max_dim: int = MAX_DENSE_DIM,
+) -> InverseOperator:
     """An operator for ``(A + δI)⁻¹``.
 
     Parameters
@@ -439,6 +514,16 @@ def inverse(A: Any, damping: float = 0.0, method: str = "cg", *, rtol: float = 1
     -------
     InverseOperator
     """
-    return InverseOperator(A, damping, method, rtol=rtol, atol=atol, maxiter=maxiter,
-                           preconditioner=preconditioner, assume_psd=assume_psd, scale=scale,
-                           warn=warn, max_dim=max_dim)
+    return InverseOperator(
+        A,
+        damping,
+        method,
+        rtol=rtol,
+        atol=atol,
+        maxiter=maxiter,
+        preconditioner=preconditioner,
+        assume_psd=assume_psd,
+        scale=scale,
+        warn=warn,
+        max_dim=max_dim,
+    )

@@ -25,7 +25,8 @@ class TorchNativeOperator(scipy.sparse.linalg.LinearOperator):
         self.calls: list[tuple[int, ...]] = []
 
     def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
-        assert block.ndim == 2 and block.dtype == self.torch_dtype
+        assert block.ndim == 2
+        assert block.dtype == self.torch_dtype
         self.calls.append(tuple(block.shape))
         return self._matrix @ block
 

@@ -38,7 +38,9 @@ def test_quadrature_moments_exact_per_probe(make_spectrum_matrix):
         seen.append(block.copy())
         return matrix @ block
 
-    operator = scipy.sparse.linalg.LinearOperator(matrix.shape, matvec=lambda v: matrix @ v, matmat=record, dtype=float)
+    operator = scipy.sparse.linalg.LinearOperator(
+        matrix.shape, matvec=lambda v: matrix @ v, matmat=record, dtype=float
+    )
     steps = 6
     result = spectral_density(operator, num_probes=4, lanczos_steps=steps, seed=1)
     probes = seen[0]
@@ -98,11 +100,12 @@ def test_evaluate_density_band_and_log(make_spectrum_matrix):
     assert np.trapezoid(curve.density, curve.grid) == pytest.approx(1.0, abs=1e-4)
     assert curve.per_probe.shape == (6, 2000)
     np.testing.assert_allclose(curve.density, curve.per_probe.mean(0))
-    assert np.all(curve.lower <= curve.density) and np.all(curve.density <= curve.upper)
+    assert np.all(curve.lower <= curve.density)
+    assert np.all(curve.density <= curve.upper)
     logged = result.evaluate(num_points=2000, log_scale=True)
     floor = 1e-12 * curve.density.max()
     np.testing.assert_allclose(logged.density, np.log10(np.maximum(curve.density, floor)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sigma must be positive, got 0.0"):
         result.evaluate(sigma=0.0)
 
 
@@ -112,12 +115,16 @@ def test_json_round_trip(tmp_path, make_spectrum_matrix):
     path = tmp_path / "slq.json"
     text = result.to_json(str(path))
     data = json.loads(path.read_text())
-    assert data == json.loads(text) and data["seed"] == 7 and data["dim"] == 30
+    assert data == json.loads(text)
+    assert data["seed"] == 7
+    assert data["dim"] == 30
     restored = SpectralDensity.from_json(text)
     np.testing.assert_array_equal(restored.nodes, result.nodes)
     np.testing.assert_array_equal(restored.weights, result.weights)
     assert restored.num_matvecs == result.num_matvecs == 24
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"not a curvops\.spectral_density/1 record \(format='something else'\)"
+    ):
         SpectralDensity.from_dict({"format": "something else"})
 
 
@@ -127,9 +134,12 @@ def test_plot_draws_density_and_band(make_spectrum_matrix):
     matrix = make_spectrum_matrix(np.r_[np.linspace(0.0, 1.0, 37), 5.0, 8.0, 9.0], seed=6)[0]
     result = spectral_density(matrix, num_probes=4, lanczos_steps=10, seed=0)
     ax = result.plot(label="A")
-    assert len(ax.lines) == 1 and ax.get_yscale() == "log" and len(ax.collections) == 1
+    assert len(ax.lines) == 1
+    assert ax.get_yscale() == "log"
+    assert len(ax.collections) == 1
     ax = result.plot(log_scale=False, band=False)
-    assert ax.get_yscale() == "linear" and len(ax.collections) == 0
+    assert ax.get_yscale() == "linear"
+    assert len(ax.collections) == 0
     import matplotlib.pyplot as plt
 
     plt.close("all")

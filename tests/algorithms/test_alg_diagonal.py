@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-from curvops.algorithms import hutchinson_diagonal, xdiag
+from curvops.algorithms import DiagonalEstimate, hutchinson_diagonal, xdiag
 
 DIM = 60
 NUM_SEEDS = 200
-ESTIMATORS = {"hutchinson": hutchinson_diagonal, "xdiag": xdiag}
+ESTIMATORS: dict[str, Callable[..., DiagonalEstimate]] = {"hutchinson": hutchinson_diagonal, "xdiag": xdiag}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def test_xdiag_beats_hutchinson_on_decaying_spectrum(make_spectrum_matrix):
     truth = np.diag(decaying)
 
     def mse(function):
-        return np.mean([np.sum((function(decaying, budget, seed=s).estimate - truth) ** 2) for s in range(20)])
+        return np.mean(
+            [np.sum((function(decaying, budget, seed=s).estimate - truth) ** 2) for s in range(20)]
+        )
 
     assert mse(xdiag) < mse(hutchinson_diagonal) / 10
 
@@ -62,7 +66,8 @@ def test_xdiag_beats_hutchinson_on_decaying_spectrum(make_spectrum_matrix):
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_exact_at_full_budget(name, matrix):
     result = ESTIMATORS[name](matrix, DIM, seed=0)
-    assert result.exact and result.num_matvecs == DIM
+    assert result.exact
+    assert result.num_matvecs == DIM
     np.testing.assert_allclose(result.estimate, np.diag(matrix), rtol=0, atol=1e-14)
     assert np.all(result.standard_error == 0)
 
@@ -93,7 +98,9 @@ def nonsymmetric_matrix():
 def test_diagonal_unbiased_on_nonsymmetric_matrix(name, form, nonsymmetric_matrix, operator_form):
     operator = operator_form(nonsymmetric_matrix, form)
     estimates, _ = _runs(ESTIMATORS[name], operator, 10, "gaussian")
-    z_scores = (estimates.mean(0) - np.diag(nonsymmetric_matrix)) / (estimates.std(0, ddof=1) / np.sqrt(NUM_SEEDS))
+    z_scores = (estimates.mean(0) - np.diag(nonsymmetric_matrix)) / (
+        estimates.std(0, ddof=1) / np.sqrt(NUM_SEEDS)
+    )
     critical = scipy.stats.norm.ppf(1 - 0.0027 / (2 * nonsymmetric_matrix.shape[0]))  # as above
     assert np.all(np.abs(z_scores) <= critical)
 
@@ -119,7 +126,9 @@ def test_xdiag_refuses_operator_without_transpose(nonsymmetric_matrix, make_spec
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_xdiag_jackknife_matches_recomputation_without_each_probe(symmetric, make_spectrum_matrix, nonsymmetric_matrix):
+def test_xdiag_jackknife_matches_recomputation_without_each_probe(
+    symmetric, make_spectrum_matrix, nonsymmetric_matrix
+):
     # Estimate and per-entry jackknife error equal XDiag written out with dense projectors, on
     # the probes and on the probes without probe j (float64; 1e-9 relative leaves room for the
     # conditioning of R).

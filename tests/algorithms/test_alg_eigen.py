@@ -80,7 +80,10 @@ def check_eigenpairs(matrix, result, tol, which, k):
     explicit = np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
     # The result's residuals and ours differ only by rounding in A @ Y (~ sqrt(D) eps ||A||).
     np.testing.assert_allclose(residuals, explicit, rtol=0, atol=100 * np.sqrt(DIM) * EPS * spectral_norm)
-    assert np.all(explicit <= tol * result.spectral_norm_estimate * (1 + 1e-6) + 100 * np.sqrt(DIM) * EPS * spectral_norm)
+    assert np.all(
+        explicit
+        <= tol * result.spectral_norm_estimate * (1 + 1e-6) + 100 * np.sqrt(DIM) * EPS * spectral_norm
+    )
     assert np.all(np.asarray(result.converged))
 
     # Eigenvalue error <= residual norm (symmetric Bauer-Fike), so with residual <= 1e-10 ||A||
@@ -145,10 +148,12 @@ def test_float32_lanczos_is_unaffected_by_the_operator_scale(scale, make_spectru
     values = np.r_[4.0, 3.9, 3.8, rng.uniform(-1.0, 3.6, DIM - 3)]
     matrix, _ = make_spectrum_matrix(values * scale, seed=9)
     result = lanczos(torch.tensor(matrix, dtype=torch.float32), k=3, seed=0, max_basis_size=8)
-    assert bool(result.converged.all()) and result.num_restarts >= 4
+    assert bool(result.converged.all())
+    assert result.num_restarts >= 4
     # Default tol = sqrt(eps32): eigenvalue error <= residual <= 3.5e-4 * ||A||.
-    np.testing.assert_allclose(result.eigenvalues.numpy() / scale, [4.0, 3.9, 3.8],
-                               atol=np.sqrt(np.finfo(np.float32).eps) * 4 * 1.01)
+    np.testing.assert_allclose(
+        result.eigenvalues.numpy() / scale, [4.0, 3.9, 3.8], atol=np.sqrt(np.finfo(np.float32).eps) * 4 * 1.01
+    )
 
 
 def _check_loose(matrix, result, tol, which, k):
@@ -293,7 +298,9 @@ def test_float32_torch_converges_to_default_tol(make_spectrum_matrix):
     assert result.eigenvalues.dtype == torch.float32
     assert bool(result.converged.all())
     # Default tol = sqrt(eps32) ~ 3.5e-4: eigenvalue error <= residual <= 3.5e-4 * 4.
-    np.testing.assert_allclose(result.eigenvalues.numpy(), [4.0, 3.0, 2.0], atol=np.sqrt(np.finfo(np.float32).eps) * 4 * 1.01)
+    np.testing.assert_allclose(
+        result.eigenvalues.numpy(), [4.0, 3.0, 2.0], atol=np.sqrt(np.finfo(np.float32).eps) * 4 * 1.01
+    )
 
 
 @pytest.mark.parametrize("which_values", [np.r_[10.0, 5.0, 2.5], np.r_[-10.0, 5.0, -2.5]])
@@ -347,7 +354,8 @@ def test_products_are_row_stacks_with_standard_strides(block_size):
 
     operand = as_operand(_ContiguousColumnOperator(torch.eye(DIM, dtype=torch.float64)))
     rows = operand.matmat_rows(torch.ones(block_size, DIM, dtype=torch.float64))
-    assert rows.shape == (block_size, DIM) and rows.stride() == (DIM, 1)
+    assert rows.shape == (block_size, DIM)
+    assert rows.stride() == (DIM, 1)
     result, expected = _lanczos_on("cpu", block_size)
     np.testing.assert_allclose(result.eigenvalues.numpy(), expected, rtol=1e-9)
 
@@ -365,22 +373,29 @@ def test_lanczos_on_cuda_with_contiguous_column_products(block_size):
 def test_lanczos_on_cuda_writes_products_into_its_basis(block_size):
     """On CUDA the products land in basis rows through ``out=`` (a dense tensor's matmul and a
     HessianOperator accumulating there), and the residual is formed in place on those (1, D)
-    and (2, D) row views (cuBLAS rejects some in-place layouts, see _torch_backend.TorchOperand._row_layout)."""
+    and (2, D) row views (cuBLAS rejects some in-place layouts, see
+    _torch_backend.TorchOperand._row_layout)."""
     from curvops import HessianOperator
 
     rng = np.random.default_rng(12)
     values = np.r_[6.0, 5.0, 4.5, 4.0, rng.uniform(-3, 3, DIM - 4)]
     q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
-    dense = lanczos(torch.tensor((q * values) @ q.T, device="cuda"), k=4, tol=1e-10, seed=0, block_size=block_size)
+    dense = lanczos(
+        torch.tensor((q * values) @ q.T, device="cuda"), k=4, tol=1e-10, seed=0, block_size=block_size
+    )
     np.testing.assert_allclose(dense.eigenvalues.cpu().numpy(), values[:4], rtol=1e-9)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double().cuda()
-    data = [(torch.randn(16, 6, dtype=torch.float64, device="cuda"), torch.randint(0, 3, (16,), device="cuda"))]
+    data = [
+        (torch.randn(16, 6, dtype=torch.float64, device="cuda"), torch.randint(0, 3, (16,), device="cuda"))
+    ]
     hessian = HessianOperator(model, torch.nn.CrossEntropyLoss(), data)
     expected = np.sort(np.linalg.eigvalsh(hessian.to_dense().cpu().numpy()))[::-1][:4]
     result = lanczos(hessian, k=4, tol=1e-10, seed=0, block_size=block_size)
     assert result.eigenvectors.device.type == "cuda"
-    np.testing.assert_allclose(result.eigenvalues.cpu().numpy(), expected, rtol=1e-8, atol=1e-10 * abs(expected[0]))
+    np.testing.assert_allclose(
+        result.eigenvalues.cpu().numpy(), expected, rtol=1e-8, atol=1e-10 * abs(expected[0])
+    )
 
 
 class _RecordingOperator:
@@ -410,7 +425,8 @@ def test_lanczos_writes_each_krylov_product_into_its_basis(block_size, make_spec
     result = lanczos(operator, k=4, tol=1e-10, seed=0, block_size=block_size)
     krylov, final = operator.calls[:-1], operator.calls[-1]
     assert final == (4, None)
-    assert krylov and all(width == block_size and out is not None for width, out in krylov)
+    assert krylov
+    assert all(width == block_size and out is not None for width, out in krylov)
     storages = {out.untyped_storage().data_ptr() for _, out in krylov}
     assert len(storages) == 1
     assert result.num_matvecs == sum(width for width, _ in operator.calls)
@@ -472,7 +488,9 @@ def test_tridiagonal_check_equals_the_dense_eigensolver(monkeypatch, make_spectr
     monkeypatch.setattr(scipy.linalg.lapack, "dstev", failing)
     dense = lanczos(torch.tensor(matrix), k=5, tol=1e-10, seed=2, max_basis_size=12)
     assert (dense.num_matvecs, dense.num_restarts) == (tridiagonal.num_matvecs, tridiagonal.num_restarts)
-    np.testing.assert_allclose(dense.eigenvalues.numpy(), tridiagonal.eigenvalues.numpy(), rtol=0, atol=100 * EPS * 9)
+    np.testing.assert_allclose(
+        dense.eigenvalues.numpy(), tridiagonal.eigenvalues.numpy(), rtol=0, atol=100 * EPS * 9
+    )
     overlaps = np.abs(np.sum(dense.eigenvectors.numpy() * tridiagonal.eigenvectors.numpy(), axis=0))
     np.testing.assert_allclose(overlaps, 1.0, atol=1e-8)
     check_eigenpairs(matrix, tridiagonal, 1e-10, "LA", 5)
@@ -501,10 +519,14 @@ def _random_configuration(index: int):
         values = np.r_[rng.uniform(1.0, 5.0, 8), np.zeros(dim - 8)]
     k = int(rng.integers(1, 8))
     block_size = int(rng.choice([1, 1, 1, 2, 3]))
-    settings = dict(
-        k=k, which=str(rng.choice(["LA", "SA", "LM", "BE"])), tol=float(rng.choice([1e-4, 1e-6, 1e-8, 1e-10])),
-        block_size=block_size, max_basis_size=int(rng.integers(k + block_size + 1, min(dim, 3 * k + 20))), seed=index,
-    )
+    settings = {
+        "k": k,
+        "which": str(rng.choice(["LA", "SA", "LM", "BE"])),
+        "tol": float(rng.choice([1e-4, 1e-6, 1e-8, 1e-10])),
+        "block_size": block_size,
+        "max_basis_size": int(rng.integers(k + block_size + 1, min(dim, 3 * k + 20))),
+        "seed": index,
+    }
     return values * 10.0 ** rng.uniform(-6, 6), settings, str(rng.choice(["torch", "numpy"]))
 
 

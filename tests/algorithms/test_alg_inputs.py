@@ -63,7 +63,9 @@ def test_power_iteration_same_across_forms(form, matrix, start_vector, operator_
 def test_exact_estimates_same_across_forms(function, form, matrix, operator_form, numpy_of):
     reference = function(matrix, DIM, seed=0)
     result = function(operator_form(matrix, form), DIM, seed=0)
-    np.testing.assert_allclose(numpy_of(result.estimate), numpy_of(reference.estimate), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        numpy_of(result.estimate), numpy_of(reference.estimate), rtol=1e-13, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("function", ESTIMATORS, ids=lambda f: f.__name__)
@@ -72,7 +74,9 @@ def test_seeded_estimates_same_within_backend(function, matrix, operator_form, n
     # same seed reproduces the result within a backend, whatever the operator's form.
     for forms in (("numpy", "scipy"), TORCH_FORMS):
         first, second = (function(operator_form(matrix, form), 20, seed=5) for form in forms)
-        np.testing.assert_allclose(numpy_of(first.estimate), numpy_of(second.estimate), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            numpy_of(first.estimate), numpy_of(second.estimate), rtol=1e-12, atol=1e-12
+        )
         assert first.num_matvecs == second.num_matvecs
 
 
@@ -101,7 +105,8 @@ def test_float32_torch_native_keeps_dtype(matrix, torch_native_class):
     result = alg.lanczos(operator, k=2, seed=0)
     assert result.eigenvectors.dtype == torch.float32
     diagonal = alg.hutchinson_diagonal(operator, 10, seed=0)
-    assert diagonal.estimate.dtype == torch.float32 and diagonal.estimate.shape == (DIM,)
+    assert diagonal.estimate.dtype == torch.float32
+    assert diagonal.estimate.shape == (DIM,)
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ def test_lanczos_bad_k(k, matrix):
 
 
 def test_power_iteration_k_limits(matrix):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"power_iteration needs k <= D \(got k={DIM + 1}, D={DIM}\)"):
         alg.power_iteration(matrix, k=DIM + 1)
     with pytest.raises(TypeError):
         alg.power_iteration(matrix, k=1.5)
@@ -152,9 +157,25 @@ def test_lanczos_bad_which(which, matrix):
         alg.lanczos(matrix, k=2, which=which)
 
 
-@pytest.mark.parametrize("kwargs", [{"tol": 0.0}, {"tol": -1.0}, {"max_basis_size": 2}, {"max_basis_size": DIM + 1}, {"block_size": 0}])
-def test_lanczos_bad_options(kwargs, matrix):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"tol": 0.0},
+            r"tol is a relative residual tolerance .* must lie in \(0, 1\), e\.g\. 1e-6; got 0\.0",
+        ),
+        (
+            {"tol": -1.0},
+            r"tol is a relative residual tolerance .* must lie in \(0, 1\), e\.g\. 1e-6; got -1\.0",
+        ),
+        # k=3 with the default block_size=1: the basis must hold k + block_size = 4 vectors.
+        ({"max_basis_size": 2}, "max_basis_size must be >= 4, got 2"),
+        ({"max_basis_size": DIM + 1}, f"max_basis_size must be <= D={DIM}, got {DIM + 1}"),
+        ({"block_size": 0}, "block_size must be >= 1, got 0"),
+    ],
+)
+def test_lanczos_bad_options(kwargs, message, matrix):
+    with pytest.raises(ValueError, match=message):
         alg.lanczos(matrix, k=3, **kwargs)
 
 
@@ -179,7 +200,9 @@ def test_exchangeable_estimators_need_two_matvecs(matrix):
             function(matrix, 1)
 
 
-@pytest.mark.parametrize("v0", [np.ones(DIM - 1), np.ones((DIM, 2)), torch.ones(DIM + 1), np.zeros(DIM), np.full(DIM, np.nan)])
+@pytest.mark.parametrize(
+    "v0", [np.ones(DIM - 1), np.ones((DIM, 2)), torch.ones(DIM + 1), np.zeros(DIM), np.full(DIM, np.nan)]
+)
 def test_bad_v0(v0, matrix):
     with pytest.raises(ValueError, match="v0"):
         alg.lanczos(matrix, k=2, v0=v0)
@@ -238,6 +261,7 @@ def test_lanczos_non_finite_product_mid_run(bad, block_size, backend, matrix):
         return torch.as_tensor(out) if backend == "torch" else out
 
     if backend == "torch":
+
         class Native:
             shape = (DIM, DIM)
             torch_dtype = torch.float64

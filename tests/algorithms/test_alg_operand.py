@@ -41,9 +41,16 @@ def recorded(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # (left shape, right shape): D as the output rows, the reduction, the output columns; vectors.
-SHAPES = [((200, 3), (3, 2)), ((3, 200), (200, 2)), ((3, 5), (5, 200)),
-          ((200, 3), (3,)), ((200,), (200, 3)), ((4, 200), (200,)), ((2, 3), (3, 4)),
-          ((1, 200), (200, 1))]
+SHAPES = [
+    ((200, 3), (3, 2)),
+    ((3, 200), (200, 2)),
+    ((3, 5), (5, 200)),
+    ((200, 3), (3,)),
+    ((200,), (200, 3)),
+    ((4, 200), (200,)),
+    ((2, 3), (3, 4)),
+    ((1, 200), (200, 1)),
+]
 
 
 @pytest.mark.parametrize("left_shape, right_shape", SHAPES)
@@ -58,7 +65,8 @@ def test_wide_matmul_equals_matmul(small_thresholds, left_shape, right_shape):
     # Split reductions add the pieces in another order: float64 rounding of a 200-term sum.
     torch.testing.assert_close(result.as_subclass(torch.Tensor), expected, rtol=1e-13, atol=1e-13)
     if max(left.numel(), right.numel(), expected.numel()) >= WIDE:
-        assert RecordingTensor.sizes and max(RecordingTensor.sizes) <= CHUNK
+        assert RecordingTensor.sizes
+        assert max(RecordingTensor.sizes) <= CHUNK
     else:
         assert RecordingTensor.sizes == [max(left.numel(), right.numel())]
 
@@ -81,7 +89,9 @@ def test_to_host_keeps_shape_and_value(shape):
     operand = _torch_backend.TorchOperand(4, torch.float32, torch.device("cpu"), lambda block: block)
     array = torch.arange(1, 1 + int(np.prod(shape)), dtype=torch.float32).reshape(shape) / 3
     host = operand.to_host(array)
-    assert isinstance(host, np.ndarray) and host.dtype == np.float64 and host.shape == shape
+    assert isinstance(host, np.ndarray)
+    assert host.dtype == np.float64
+    assert host.shape == shape
     np.testing.assert_array_equal(host, array.double().numpy())
 
 
@@ -111,15 +121,17 @@ def test_wide_matmul_of_transposed_view(small_thresholds):
     """Lanczos forms Ritz vectors from ``basis.T`` (a strided view): pieces are copied contiguous."""
     rows = torch.randn(6, 100, dtype=torch.float64)
     coefficients = torch.randn(6, 2, dtype=torch.float64)
-    torch.testing.assert_close(_torch_backend.wide_matmul(rows.T, coefficients), rows.T @ coefficients,
-                               rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(
+        _torch_backend.wide_matmul(rows.T, coefficients), rows.T @ coefficients, rtol=1e-13, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("shape", [(300, 4), (301, 1), (64, 16), (90, 7)])
 def test_tall_qr_is_a_thin_qr(small_thresholds, shape):
     block = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     q, r = _torch_backend.tall_qr(block)
-    assert q.shape == shape and r.shape == (shape[1], shape[1])
+    assert q.shape == shape
+    assert r.shape == (shape[1], shape[1])
     eps = torch.finfo(torch.float64).eps
     torch.testing.assert_close(q.T @ q, torch.eye(shape[1], dtype=torch.float64), rtol=0, atol=100 * eps)
     torch.testing.assert_close(q @ r, block, rtol=0, atol=100 * eps * float(block.abs().max()))
@@ -152,7 +164,6 @@ def test_algorithms_equal_with_split_products(monkeypatch, name, make_spectrum_m
     np.testing.assert_allclose(split, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max())
 
 
-
 class _IdentityReturningInput(scipy.sparse.linalg.LinearOperator):
     """The identity, written the lazy way: every product hands back the caller's own array."""
 
@@ -176,8 +187,15 @@ def test_operator_returning_its_input_is_not_updated_in_place(backend):
     """Lanczos updates products in place; a product that is the input block must be copied
     first, or the update would overwrite the Lanczos basis (a zero Ritz vector)."""
     op = _IdentityReturningInput(40)
-    operator = op if backend == "torch" else scipy.sparse.linalg.aslinearoperator(
-        scipy.sparse.linalg.LinearOperator(op.shape, matvec=op._matvec, matmat=op._matmat, dtype=np.float64))
+    operator = (
+        op
+        if backend == "torch"
+        else scipy.sparse.linalg.aslinearoperator(
+            scipy.sparse.linalg.LinearOperator(
+                op.shape, matvec=op._matvec, matmat=op._matmat, dtype=np.float64
+            )
+        )
+    )
     result = alg.lanczos(operator, k=1, seed=0, tol=1e-10)
     vector = np.asarray(result.eigenvectors)[:, 0]
     assert float(np.asarray(result.eigenvalues)[0]) == pytest.approx(1.0, rel=1e-12)
@@ -204,18 +222,26 @@ def test_combine_rows_in_place_by_pieces(monkeypatch, backend, step):
 
 
 class _Native:
-    """A torch-native operator; with ``takes_out`` its ``matmat_torch`` accepts ``out=``."""
+    """A torch-native operator whose ``matmat_torch`` has no ``out=`` parameter."""
 
-    def __init__(self, matrix: torch.Tensor, takes_out: bool, honour_out: bool = True) -> None:
+    def __init__(self, matrix: torch.Tensor) -> None:
         self.shape, self.device, self.torch_dtype = tuple(matrix.shape), matrix.device, matrix.dtype
-        self.matrix, self.honour_out, self.outs = matrix, honour_out, []
-        if takes_out:
-            self.matmat_torch = self._with_out
+        self.matrix = matrix
 
     def matmat_torch(self, block: torch.Tensor) -> torch.Tensor:
         return self.matrix @ block
 
-    def _with_out(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+
+class _NativeWithOut(_Native):
+    """A torch-native operator whose ``matmat_torch`` accepts ``out=`` (recorded in ``outs``);
+    with ``honour_out=False`` it returns a fresh product instead of writing into ``out``."""
+
+    def __init__(self, matrix: torch.Tensor, honour_out: bool = True) -> None:
+        super().__init__(matrix)
+        self.honour_out = honour_out
+        self.outs: list[torch.Tensor | None] = []
+
+    def matmat_torch(self, block: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.outs.append(out)
         if out is None or not self.honour_out:
             return self.matrix @ block  # allowed: the operand copies it into out
@@ -231,16 +257,22 @@ def test_lanczos_writes_products_into_its_basis_through_out(block_size):
     values = np.r_[np.linspace(10.0, 6.0, 6), generator.uniform(-1.0, 1.0, 194)]
     basis, _ = np.linalg.qr(generator.standard_normal((200, 200)))
     matrix = torch.tensor((basis * values) @ basis.T)
-    with_out = _Native(matrix, takes_out=True)
-    ignoring = _Native(matrix, takes_out=True, honour_out=False)
-    without = _Native(matrix, takes_out=False)
-    assert vectors.as_operand(with_out).takes_out and not vectors.as_operand(without).takes_out
-    results = [alg.lanczos(op, k=4, tol=1e-10, seed=1, block_size=block_size) for op in (with_out, ignoring, without)]
+    with_out = _NativeWithOut(matrix)
+    ignoring = _NativeWithOut(matrix, honour_out=False)
+    without = _Native(matrix)
+    assert vectors.as_operand(with_out).takes_out
+    assert not vectors.as_operand(without).takes_out
+    results = [
+        alg.lanczos(op, k=4, tol=1e-10, seed=1, block_size=block_size) for op in (with_out, ignoring, without)
+    ]
     # Every Lanczos step writes into the basis; only the final residual block (k columns) does not.
     steps = [out for out in with_out.outs if out is not None]
     assert all(out.shape == (200, block_size) for out in steps)
-    assert len(steps) * block_size == results[0].num_matvecs - 4 and len(with_out.outs) == len(steps) + 1
+    assert len(steps) * block_size == results[0].num_matvecs - 4
+    assert len(with_out.outs) == len(steps) + 1
     for result in results:
         np.testing.assert_allclose(result.eigenvalues.numpy(), values[:4], rtol=1e-12)
         assert result.num_matvecs == results[0].num_matvecs
-    np.testing.assert_allclose(results[1].eigenvalues.numpy(), results[2].eigenvalues.numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        results[1].eigenvalues.numpy(), results[2].eigenvalues.numpy(), rtol=0, atol=1e-13
+    )

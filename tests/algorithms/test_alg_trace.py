@@ -139,7 +139,9 @@ def test_low_rank_methods_beat_hutchinson_on_decaying_spectrum(make_spectrum_mat
 @pytest.mark.parametrize("extra", [0, 7])
 def test_exact_at_full_budget(name, extra, indefinite_matrix):
     result = ESTIMATORS[name](indefinite_matrix, DIM + extra, seed=0)
-    assert result.exact and result.standard_error == 0.0 and result.num_matvecs == DIM
+    assert result.exact
+    assert result.standard_error == 0.0
+    assert result.num_matvecs == DIM
     assert result.estimate == pytest.approx(np.trace(indefinite_matrix), rel=1e-12, abs=1e-12)
 
 
@@ -163,14 +165,17 @@ def test_xtrace_rank_deficient_sketch_exact(make_spectrum_matrix):
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_squared_frobenius_unbiased_and_calibrated(probe, indefinite_matrix):
     truth = np.sum(indefinite_matrix**2)
-    results = [hutchinson_squared_frobenius(indefinite_matrix, 10, probe=probe, seed=s) for s in range(NUM_SEEDS)]
+    results = [
+        hutchinson_squared_frobenius(indefinite_matrix, 10, probe=probe, seed=s) for s in range(NUM_SEEDS)
+    ]
     estimates = np.array([r.estimate for r in results])
     errors = np.array([r.standard_error for r in results])
     assert abs(estimates.mean() - truth) <= 3 * estimates.std(ddof=1) / np.sqrt(NUM_SEEDS)
     ratio = np.mean(errors**2) / estimates.var(ddof=1)
     assert abs(ratio - 1) <= _variance_ratio_bound(estimates, errors)
     exact = hutchinson_squared_frobenius(indefinite_matrix, DIM, seed=0)
-    assert exact.exact and exact.estimate == pytest.approx(truth, rel=1e-12)
+    assert exact.exact
+    assert exact.estimate == pytest.approx(truth, rel=1e-12)
 
 
 def test_single_probe_standard_error_is_nan(indefinite_matrix):
@@ -188,13 +193,17 @@ def test_xnystrace_unbiased_and_beats_xtrace_on_psd(probe, psd_decaying_matrix):
     from curvops.algorithms import xnystrace
 
     truth = np.trace(psd_decaying_matrix)
-    results = [xnystrace(psd_decaying_matrix, 12, probe=probe, seed=s, assume_psd=True) for s in range(NUM_SEEDS)]
+    results = [
+        xnystrace(psd_decaying_matrix, 12, probe=probe, seed=s, assume_psd=True) for s in range(NUM_SEEDS)
+    ]
     estimates = np.array([r.estimate for r in results])
     assert all(r.num_matvecs == 12 and not r.exact for r in results)
     assert abs(estimates.mean() - truth) <= 3 * estimates.std(ddof=1) / np.sqrt(NUM_SEEDS)
     # One matvec per probe: at equal budget, twice XTrace's probes, and a smaller spread on a
     # PSD decaying spectrum (the paper's motivating case).
-    others = np.array([xtrace(psd_decaying_matrix, 12, probe=probe, seed=s).estimate for s in range(NUM_SEEDS)])
+    others = np.array(
+        [xtrace(psd_decaying_matrix, 12, probe=probe, seed=s).estimate for s in range(NUM_SEEDS)]
+    )
     assert estimates.std() < others.std()
     errors = np.array([r.standard_error for r in results])
     # The jackknife standard error: conservative (Efron-Stein), and of the right order.
@@ -211,7 +220,8 @@ def test_xnystrace_exact_when_rank_below_budget(make_spectrum_matrix):
     assert abs(result.estimate - values.sum()) <= 1e-9 * values.sum()
     assert result.standard_error <= 1e-9 * values.sum()
     exact = xnystrace(matrix, DIM, seed=0, assume_psd=True)
-    assert exact.exact and abs(exact.estimate - values.sum()) <= 1e-12 * values.sum()
+    assert exact.exact
+    assert abs(exact.estimate - values.sum()) <= 1e-12 * values.sum()
 
 
 def test_xnystrace_refuses_operators_not_known_psd(indefinite_matrix):

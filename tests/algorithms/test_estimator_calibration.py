@@ -11,11 +11,13 @@ estimator fails it with probability about 0.1%.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from curvops.algorithms import (
+    DiagonalEstimate,
     hutchinson_diagonal,
     hutchinson_trace,
     hutchpp_trace,
@@ -56,7 +58,8 @@ def matrices(make_spectrum_matrix):
 
 def _coverage(estimates: np.ndarray, errors: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of (seed, entry) pairs with ``|estimate - truth| <= 2 standard_error``."""
-    assert np.all(np.isfinite(errors)) and np.all(errors > 0)
+    assert np.all(np.isfinite(errors))
+    assert np.all(errors > 0)
     return float(np.mean(np.abs(estimates - truth) <= 2 * errors))
 
 
@@ -81,7 +84,10 @@ def test_trace_two_standard_errors_cover_the_trace(name, shape, matrices):
     assert coverage >= LOWEST_COVERAGE, f"{name} on a {shape} spectrum: coverage {coverage:.3f}"
 
 
-DIAGONAL_ESTIMATORS = {"hutchinson_diagonal": hutchinson_diagonal, "xdiag": xdiag}
+DIAGONAL_ESTIMATORS: dict[str, Callable[..., DiagonalEstimate]] = {
+    "hutchinson_diagonal": hutchinson_diagonal,
+    "xdiag": xdiag,
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -98,7 +98,8 @@ def test_breakdown_continues_with_an_orthogonal_direction_and_zero_coupling(back
     matrix = np.diag(np.repeat([3.0, 1.0, -2.0], DIM // 3))
     state, _, stop, rows = _run(matrix, backend, 1, 6, orthogonality=0.0)
     assert stop == 6
-    assert state.projected[3, 2] == 0.0 and state.projected[2, 3] == 0.0
+    assert state.projected[3, 2] == 0.0
+    assert state.projected[2, 3] == 0.0
     np.testing.assert_allclose(np.linalg.eigvalsh(state.projected[:3, :3]), [-2.0, 1.0, 3.0], atol=1e-12)
     assert np.abs(rows @ rows.T - np.eye(stop + 1)).max() <= 100 * math.sqrt(DIM) * EPS
 
@@ -176,9 +177,7 @@ def test_norm_after_a_small_update_comes_from_the_removed_coefficients(dtype):
     for size, usable in ((1e-8, dtype == torch.float64), (0.9, False)):
         vector = residual + rows @ (size * np.linalg.norm(residual) * rng.standard_normal(reach))
         coefficients = (rows.T @ vector)[:, None]
-        norms = norms_after_update(
-            operand, coefficients, np.array([np.linalg.norm(vector)]), reach, level
-        )
+        norms = norms_after_update(operand, coefficients, np.array([np.linalg.norm(vector)]), reach, level)
         if not usable:
             assert norms is None
             continue

@@ -35,7 +35,9 @@ def _check_result(matrix, result, tol, which, k, scale=1.0, estimates=False):
     values = np.asarray(result.eigenvalues, dtype=np.float64) / scale
     vectors = np.asarray(result.eigenvectors, dtype=np.float64)
     converged = np.asarray(result.converged)
-    assert values.shape == (k,) and vectors.shape == (matrix.shape[0], k) and converged.shape == (k,)
+    assert values.shape == (k,)
+    assert vectors.shape == (matrix.shape[0], k)
+    assert converged.shape == (k,)
     explicit = np.linalg.norm(matrix @ vectors - vectors * values, axis=0)
     allowed = tol * result.spectral_norm_estimate / scale * (1.01 if estimates else 1 + 1e-6) + rounding
     assert np.all((explicit <= allowed) | ~converged), (explicit / norm, converged)
@@ -75,7 +77,9 @@ def test_every_block_size_finds_the_top_of_diag_1_to_10(backend):
         converged = _check_result(matrix, result, np.sqrt(EPS), "LA", 2)
         assert converged.all(), block_size
         # Eigenvalue error <= residual <= sqrt(eps) * 10.
-        np.testing.assert_allclose(np.asarray(result.eigenvalues), [10.0, 9.0], rtol=0, atol=np.sqrt(EPS) * 10)
+        np.testing.assert_allclose(
+            np.asarray(result.eigenvalues), [10.0, 9.0], rtol=0, atol=np.sqrt(EPS) * 10
+        )
 
 
 @pytest.mark.parametrize("size", [30, 41])
@@ -88,8 +92,15 @@ def test_block_lanczos_with_a_basis_as_large_as_the_space(size):
         for which in WHICH:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # converged: no warning
-                result = lanczos(matrix, k=3, which=which, block_size=block_size, max_basis_size=size,
-                                 seed=block_size, tol=1e-10)
+                result = lanczos(
+                    matrix,
+                    k=3,
+                    which=which,
+                    block_size=block_size,
+                    max_basis_size=size,
+                    seed=block_size,
+                    tol=1e-10,
+                )
             assert _check_result(matrix, result, 1e-10, which, 3).all(), (block_size, which)
 
 
@@ -147,7 +158,9 @@ def test_start_vectors_of_extreme_scale(scale):
     assert _check_result(matrix, result, 1e-10, "LA", 2).all()
     unscaled = lanczos(matrix, k=2, tol=1e-10, v0=v0, seed=0)
     # Both converged to 1e-10 ||A||: the eigenvalues agree to twice that.
-    np.testing.assert_allclose(result.eigenvalues, unscaled.eigenvalues, rtol=0, atol=2e-10 * np.abs(values).max())
+    np.testing.assert_allclose(
+        result.eigenvalues, unscaled.eigenvalues, rtol=0, atol=2e-10 * np.abs(values).max()
+    )
 
 
 def test_small_spaces_never_report_a_wrong_converged_pair():
@@ -167,8 +180,14 @@ def test_small_spaces_never_report_a_wrong_converged_pair():
                     for backend in ("torch", "numpy"):
                         run += 1
                         operator = torch.tensor(matrix) if backend == "torch" else matrix
-                        settings = dict(k=k, which=which, block_size=block_size, seed=run,
-                                        tol=tolerances[run % 3], exact_residuals=run % 5 != 0)
+                        settings = {
+                            "k": k,
+                            "which": which,
+                            "block_size": block_size,
+                            "seed": run,
+                            "tol": tolerances[run % 3],
+                            "exact_residuals": run % 5 != 0,
+                        }
                         if k + block_size > size:
                             with pytest.raises(ValueError, match="block_size"):
                                 lanczos(operator, **settings)
@@ -176,7 +195,13 @@ def test_small_spaces_never_report_a_wrong_converged_pair():
                         with warnings.catch_warnings(record=True) as caught:
                             warnings.simplefilter("always")
                             result = lanczos(operator, **settings)
-                        converged = _check_result(matrix, result, settings["tol"], which, k,
-                                                  estimates=not settings["exact_residuals"])
+                        converged = _check_result(
+                            matrix,
+                            result,
+                            settings["tol"],
+                            which,
+                            k,
+                            estimates=not settings["exact_residuals"],
+                        )
                         warned = any("converged" in str(w.message) for w in caught)
                         assert converged.all() or warned, settings

@@ -50,7 +50,10 @@ def test_xtrace_peak_memory_within_planned_budget():
     memory_budget = (2 * probes + 3 * (1 << 22) / dim + 4 * 5) * column
     output = subprocess.run(
         [sys.executable, "-c", _CHILD, str(dim), str(budget), str(memory_budget)],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
         env={"OMP_NUM_THREADS": "1", "PATH": ""},
     ).stdout.split()
     growth, estimate = int(output[0]), float(output[1])
@@ -87,7 +90,9 @@ def test_spectral_density_batches_probes_to_fit(make_spectrum_matrix):
     # Ritz values in [-1, 3] from float64 Lanczos with full reorthogonalization: 1e-10 leaves
     # room for rounding amplified by the ~20 steps, far below the spacing of the nodes.
     np.testing.assert_allclose(batched.nodes, together.nodes, rtol=0, atol=1e-10)
-    with pytest.raises(MemoryError, match=r"probe_batch_size=5 needs .* \(at most 2 fit\): pass a smaller probe_batch_size"):
+    with pytest.raises(
+        MemoryError, match=r"probe_batch_size=5 needs .* \(at most 2 fit\): pass a smaller probe_batch_size"
+    ):
         spectral_density(matrix, 5, steps, seed=0, probe_batch_size=5, memory_budget=two_probes)
 
 
@@ -129,8 +134,23 @@ def test_cli_memory_budget(tmp_path, monkeypatch, capsys):
     (tmp_path / "budgetmod.py").write_text(_USER_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    common = ["spectrum", "-q", "--model", "budgetmod:make_model", "--data", "budgetmod:make_data",
-              "-k", "2", "--probes", "3", "--lanczos-steps", "8", "--trace-matvecs", "12", "--no-plot"]
+    common = [
+        "spectrum",
+        "-q",
+        "--model",
+        "budgetmod:make_model",
+        "--data",
+        "budgetmod:make_data",
+        "-k",
+        "2",
+        "--probes",
+        "3",
+        "--lanczos-steps",
+        "8",
+        "--trace-matvecs",
+        "12",
+        "--no-plot",
+    ]
     # 1 KiB: less than XTrace's 12 probe columns of D = 57 float32 entries alone.
     assert main([*common, "--memory-budget", str(2.0**-20), "-o", "tight"]) == 1
     assert "MemoryError: xtrace with budget 12 needs at least" in capsys.readouterr().err

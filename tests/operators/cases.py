@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,21 @@ from torch import Tensor, nn
 
 DTYPE = torch.float64
 
-Inputs = Union[Tensor, dict[str, Tensor]]
+Inputs = Tensor | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]
-CaseTuple = tuple[nn.Module, Callable[[Tensor, Tensor], Tensor], list[Batch]]
+
+
+class LossWithReduction(Protocol):
+    """A loss ``loss_fn(output, target) -> Tensor`` with torch's ``reduction`` attribute
+    (``"mean"`` or ``"sum"``): torch's loss modules, and the custom callables of the property
+    tests."""
+
+    reduction: str
+
+    def __call__(self, output: Tensor, target: Tensor, /) -> Tensor: ...
+
+
+CaseTuple = tuple[nn.Module, LossWithReduction, list[Batch]]
 
 DEFAULT_BATCH_SIZES = (5, 3, 2)
 TINY_LAST_BATCH_SIZES = (4, 3, 1)
@@ -183,6 +195,7 @@ class TinyTransformer(nn.Module):
             # non-trivial affine parameters, so the LayerNorm weight/bias blocks are generic
             with torch.no_grad():
                 for ln in (self.ln1, self.ln2):
+                    assert isinstance(ln, nn.LayerNorm)  # layernorm=True: both are LayerNorms
                     ln.weight.add_(0.3 * torch.randn_like(ln.weight))
                     ln.bias.add_(0.2 * torch.randn_like(ln.bias))
 
@@ -308,7 +321,7 @@ def _mlp_builder(
         k = sizes[-1]
         if loss == "ce":
             y = torch.randint(0, k, lead)
-            loss_fn: nn.Module = nn.CrossEntropyLoss(reduction=reduction)
+            loss_fn: LossWithReduction = nn.CrossEntropyLoss(reduction=reduction)
         elif loss == "mse":
             y = torch.randn(*lead, k, dtype=DTYPE)
             loss_fn = nn.MSELoss(reduction=reduction)
@@ -353,6 +366,10 @@ def _cnn_builder(
             # the running ones) changes the curvature visibly
             with torch.no_grad():
                 bn = model.bn
+                assert bn is not None  # batchnorm=True
+                # BatchNorm2d(3) tracks running statistics (buffers, never None here)
+                assert bn.running_mean is not None
+                assert bn.running_var is not None
                 bn.running_mean.copy_(0.5 * torch.randn(3, dtype=DTYPE))
                 bn.running_var.copy_(0.5 + torch.rand(3, dtype=DTYPE))
                 bn.weight.copy_(1.0 + 0.3 * torch.randn(3, dtype=DTYPE))
@@ -419,7 +436,7 @@ def _dict_mlp_builder(loss: str, reduction: str) -> Callable[[tuple[int, ...]], 
         mask = torch.bernoulli(torch.full((n, 4), 0.75, dtype=DTYPE))
         if loss == "mse":
             y = torch.randn(n, 3, dtype=DTYPE)
-            loss_fn: nn.Module = nn.MSELoss(reduction=reduction)
+            loss_fn: LossWithReduction = nn.MSELoss(reduction=reduction)
         else:
             y = torch.bernoulli(torch.full((n, 3), 0.5, dtype=DTYPE))
             loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)

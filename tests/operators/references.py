@@ -43,12 +43,13 @@ exponential-family losses), so its tests compare against :func:`dense_ggn`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.operators.cases import call_model
+from tests.operators.cases import LossWithReduction, call_model
 
 Inputs = Tensor | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]
@@ -101,15 +102,24 @@ def _flat_grad(out: Tensor, params: Sequence[Tensor], *, create_graph: bool = Fa
 
 
 # --------------------------------------------------------------------------- data
+@overload
+def concat_batches(data: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]: ...
+@overload
+def concat_batches(data: Sequence[Batch]) -> Batch: ...
 def concat_batches(data: Sequence[Batch]) -> Batch:
     """Concatenate all batches into one along dimension 0 (dict inputs key-wise)."""
     xs = [x for x, _ in data]
     ys = torch.cat([y for _, y in data])
-    if isinstance(xs[0], Mapping):
-        keys = list(xs[0].keys())
-        assert all(set(x.keys()) == set(keys) for x in xs), "all batches need the same input keys"
-        return {k: torch.cat([x[k] for x in xs]) for k in keys}, ys
-    return torch.cat(xs), ys
+    first = xs[0]
+    if isinstance(first, Mapping):
+        dicts = [x for x in xs if isinstance(x, Mapping)]
+        assert len(dicts) == len(xs), "all batches need dict inputs when the first has them"
+        keys = list(first.keys())
+        assert all(set(x.keys()) == set(keys) for x in dicts), "all batches need the same input keys"
+        return {k: torch.cat([x[k] for x in dicts]) for k in keys}, ys
+    tensors = [x for x in xs if isinstance(x, Tensor)]
+    assert len(tensors) == len(xs), "all batches need tensor inputs when the first has them"
+    return torch.cat(tensors), ys
 
 
 def whole_dataset_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[Batch]) -> Tensor:
@@ -195,7 +205,7 @@ def dense_ggn(
 
 
 # --------------------------------------------------------------------------- empirical Fisher
-def loss_terms(loss_fn: LossFn, output: Tensor, targets: Tensor) -> tuple[Tensor, float]:
+def loss_terms(loss_fn: LossWithReduction, output: Tensor, targets: Tensor) -> tuple[Tensor, float]:
     """Loss terms ℓ_t and normaliser c with ``loss_fn(output, targets) == c · Σ_t ℓ_t``.
 
     Returns
@@ -273,7 +283,7 @@ def loss_terms(loss_fn: LossFn, output: Tensor, targets: Tensor) -> tuple[Tensor
 
 
 def dense_empirical_fisher(
-    model: nn.Module, loss_fn: LossFn, data: Sequence[Batch], params: Sequence[Tensor]
+    model: nn.Module, loss_fn: LossWithReduction, data: Sequence[Batch], params: Sequence[Tensor]
 ) -> Tensor:
     """Dense empirical Fisher c Σ_t ∇_θ ℓ_t ∇_θ ℓ_tᵀ, (D, D), by a plain loop over loss terms.
 

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from tests.operators.cases import LossWithReduction
+
 DTYPE = torch.float64
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
@@ -153,9 +155,9 @@ class Problem:
 
     spec: ProblemSpec
     model: nn.Module
-    loss_fn: object
-    data: list[tuple[object, Tensor]]
-    params: object = field(default=None)
+    loss_fn: LossWithReduction
+    data: list[tuple[Tensor, Tensor]]
+    params: list[str] | list[nn.Parameter] | None = field(default=None)
     #: Names (``named_parameters()`` order) of the parameters the operator must act on.
     selected: list[str] = field(default_factory=list)
 
@@ -316,13 +318,20 @@ def _make_model(spec: ProblemSpec, g: torch.Generator) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(max(p.shape[-1], 1)) + 0.1)
         for m in model.modules():
+            # (the norms built here are affine with a bias and track running statistics, so
+            # the None checks below only narrow the types)
             if (
                 isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d))
                 and m.weight is not None
+                and m.bias is not None
             ):
                 m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=DTYPE))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g, dtype=DTYPE))
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if (
+                isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+                and m.running_mean is not None
+                and m.running_var is not None
+            ):
                 m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g, dtype=DTYPE))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g, dtype=DTYPE))
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
@@ -353,7 +362,7 @@ class LogCoshLoss:
 
 def _make_loss_and_targets(
     spec: ProblemSpec, output_shape: tuple[int, ...], n: int, g: torch.Generator
-) -> tuple[object, Tensor]:
+) -> tuple[LossWithReduction, Tensor]:
     C = output_shape[1]
     if spec.loss == "ce":
         positions = (n, *output_shape[2:])
@@ -415,6 +424,7 @@ def build_problem(spec: ProblemSpec) -> Problem:
     if spec.frozen is not None:
         named[spec.frozen % len(named)][1].requires_grad_(False)
     trainable = [(name, p) for name, p in named if p.requires_grad]
+    params: list[str] | list[nn.Parameter] | None
     if spec.selection == "all":
         params, selected = None, [name for name, _ in trainable]
     else:
@@ -427,16 +437,17 @@ def build_problem(spec: ProblemSpec) -> Problem:
             # a chosen name itself, or (odd indices) its module's "prefix.*" where that module
             # holds no frozen parameter (a pattern matching a frozen one is refused)
             frozen_names = [name for name, p in named if not p.requires_grad]
-            params = []
+            patterns: list[str] = []
             for i in picked:
                 name = trainable[i][0]
                 prefix = name.rsplit(".", 1)[0] + "." if "." in name else None
-                wildcard = (
-                    i % 2 == 1 and prefix is not None and not any(n.startswith(prefix) for n in frozen_names)
-                )
-                params.append(prefix + "*" if wildcard else name)
+                if i % 2 == 1 and prefix is not None and not any(n.startswith(prefix) for n in frozen_names):
+                    patterns.append(prefix + "*")
+                else:
+                    patterns.append(name)
+            params = patterns
             selected = [
-                name for name, _ in trainable if any(fnmatch.fnmatchcase(name, pat) for pat in params)
+                name for name, _ in trainable if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
             ]
 
     if spec.with_grads:

@@ -1,4 +1,5 @@
-"""Operator algebra (``H + G``, ``2 * H``, ``H @ G``, ``-H``, ``H / 2``, ``H ** 2``, ``.T``) on the torch path.
+"""Operator algebra (``H + G``, ``2 * H``, ``H @ G``, ``-H``, ``H / 2``, ``H ** 2``, ``.T``) on the
+torch path.
 
 References are dense: the operands' ``to_dense()`` combined with torch's own arithmetic
 (the composition is what is under test; the operands' products are tested elsewhere).
@@ -76,14 +77,18 @@ def test_composites_stay_on_the_torch_path_and_match_dense(operators):
     V = torch.randn(H.shape[0], 3, generator=gen, dtype=DTYPE)
     for name, (op, dense) in _expressions(H, G, Hd, Gd).items():
         out = op @ v
-        assert isinstance(out, torch.Tensor) and out.dtype == DTYPE and out.device == v.device, name
+        assert isinstance(out, torch.Tensor), name
+        assert out.dtype == DTYPE, name
+        assert out.device == v.device, name
         assert _rel(out, dense @ v) <= RTOL, name
         for product in (op @ V, op.matmat(V), op.matmat_torch(V)):
-            assert isinstance(product, torch.Tensor) and product.shape == (H.shape[0], 3), name
+            assert isinstance(product, torch.Tensor), name
+            assert product.shape == (H.shape[0], 3), name
             assert _rel(product, dense @ V) <= RTOL, name
         assert isinstance(op.matvec(v), torch.Tensor), name
         host = op @ v.numpy()  # numpy in, numpy out (scipy semantics)
-        assert isinstance(host, np.ndarray) and _rel(torch.from_numpy(host), dense @ v) <= RTOL, name
+        assert isinstance(host, np.ndarray), name
+        assert _rel(torch.from_numpy(host), dense @ v) <= RTOL, name
         assert _rel(op.to_dense(), dense) <= RTOL, name
         assert _rel(torch.from_numpy(op.rmatvec(v.numpy())), dense.T @ v) <= RTOL, name
 

@@ -202,7 +202,7 @@ def _fd_gradients(f, leaves, seed, eps=1e-6):
 
     base = [t.detach().clone() for t in leaves]
     grads = []
-    for i, leaf in enumerate(base):
+    for leaf in base:
         g = torch.zeros_like(leaf)
         for j in range(leaf.numel()):
             orig = leaf.view(-1)[j].item()

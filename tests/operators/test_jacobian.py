@@ -128,7 +128,8 @@ def test_bad_shapes_dtype_device():
         J @ torch.zeros(M, dtype=torch.float64)  # an output-space vector where a parameter one belongs
     with pytest.raises(ValueError, match="shape"):
         J.T @ torch.zeros(D, dtype=torch.float64)
-    with pytest.raises(ValueError):
+    # numpy in goes through scipy's LinearOperator.matvec, which checks the shape itself.
+    with pytest.raises(ValueError, match="dimension mismatch"):
         J @ np.zeros(D + 1)
     with pytest.raises(TypeError, match="dtype"):
         J @ torch.zeros(D, dtype=torch.float32)

@@ -374,6 +374,7 @@ def test_works_with_scipy_and_library_algorithms(small_kfac):
     assert K.torch_dtype == DTYPE
     assert K.matmat_torch(torch.eye(K.shape[0], dtype=DTYPE)[:, :5]).shape == (K.shape[0], 5)
     from curvops import algorithms
+
     result = algorithms.lanczos(K, k=3, which="LA", seed=0)
     got = np.sort(np.asarray(torch.as_tensor(result.eigenvalues)))
     assert np.allclose(got, ref, rtol=1e-8)

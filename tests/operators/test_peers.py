@@ -39,8 +39,9 @@ class _Positional(nn.Module):
 
 
 def _curvlinops_dense(name: str, model, loss_fn, data, params) -> torch.Tensor:
-    op = getattr(curvlinops, name)(_Positional(model), loss_fn, params, data,
-                                   check_deterministic=False, batch_size_fn=num_samples)
+    op = getattr(curvlinops, name)(
+        _Positional(model), loss_fn, params, data, check_deterministic=False, batch_size_fn=num_samples
+    )
     return op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
 
 
@@ -48,8 +49,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-PEER_CASES = [get_case(i) for i in ("mlp_tanh-ce_mean", "mlp_gelu-bce_mean", "cnn_tanh_avgpool-ce_mean",
-                                    "tied_embed-ce_sum-tiny_last", "dict_mlp-mse_mean", "attn_nonorm-ce_seq_mean")]
+PEER_CASES = [
+    get_case(i)
+    for i in (
+        "mlp_tanh-ce_mean",
+        "mlp_gelu-bce_mean",
+        "cnn_tanh_avgpool-ce_mean",
+        "tied_embed-ce_sum-tiny_last",
+        "dict_mlp-mse_mean",
+        "attn_nonorm-ce_seq_mean",
+    )
+]
 
 
 @pytest.mark.parametrize("case", PEER_CASES, ids=case_ids(PEER_CASES))
@@ -59,7 +69,10 @@ def test_agrees_with_curvlinops(case):
         op = ours(model, loss_fn, data)
         assert _rel(op.to_dense(), _curvlinops_dense(theirs, model, loss_fn, data, op.params)) <= DENSE_RTOL
     ef = FisherOperator(model, loss_fn, data, kind="empirical")
-    assert _rel(ef.to_dense(), _curvlinops_dense("EFLinearOperator", model, loss_fn, data, ef.params)) <= DENSE_RTOL
+    assert (
+        _rel(ef.to_dense(), _curvlinops_dense("EFLinearOperator", model, loss_fn, data, ef.params))
+        <= DENSE_RTOL
+    )
 
 
 def test_layernorm_hessian_right_where_curvlinops_is_not():
@@ -91,4 +104,6 @@ def test_unequal_batches_exact_where_eigenthings_is_not():
     assert _rel(H.to_dense(), closed_form) <= DENSE_RTOL
     op = he.HessianOperator(model, data, he.supervised_loss(nn.MSELoss()))
     theirs = torch.stack([op.matvec(e) for e in torch.eye(4, dtype=torch.float64)], dim=1)
-    assert _rel(theirs, closed_form) > 0.05, "hessian-eigenthings now weights batches exactly: update the docs"
+    assert _rel(theirs, closed_form) > 0.05, (
+        "hessian-eigenthings now weights batches exactly: update the docs"
+    )

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +77,9 @@ DOCUMENTED_FD_RTOL = 1e-8
 
 def _examples(fraction: float) -> settings:
     """The loaded profile's number of examples, scaled for a property's cost (at least 2)."""
-    return settings(max_examples=max(2, round(settings.default.max_examples * fraction)))
+    profile = settings.default
+    assert profile is not None  # conftest.py loads a profile before collection
+    return settings(max_examples=max(2, round(profile.max_examples * fraction)))
 
 
 # =========================================================================== references
@@ -126,10 +130,13 @@ def _objective(problem: Problem, model: nn.Module) -> Tensor:
     if not problem.spec.train_mode:
         x, y = concat_batches(problem.data)
         return loss_fn(model(x), y)
+    # reduce(add), not sum(): the same left-to-right additions, minus sum's leading 0 (not a Tensor)
     if loss_fn.reduction == "sum":
-        return sum(loss_fn(model(x), y) for x, y in problem.data)
+        return functools.reduce(operator.add, (loss_fn(model(x), y) for x, y in problem.data))
     total = sum(_normaliser(loss_fn, y) for _, y in problem.data)
-    return sum(loss_fn(model(x), y) * (_normaliser(loss_fn, y) / total) for x, y in problem.data)
+    return functools.reduce(
+        operator.add, (loss_fn(model(x), y) * (_normaliser(loss_fn, y) / total) for x, y in problem.data)
+    )
 
 
 def reference_hessian(problem: Problem) -> Tensor:
@@ -208,7 +215,7 @@ def reference_empirical_fisher(problem: Problem) -> Tensor:
             _flat_grad(problem.loss_fn(output[n : n + 1], y[n : n + 1]), params)
             for n in range(output.shape[0])
         ]
-        return c * sum(torch.outer(g, g) for g in grads)
+        return c * functools.reduce(operator.add, (torch.outer(g, g) for g in grads))
 
 
 # =========================================================================== model state
@@ -274,7 +281,9 @@ def assert_state_unchanged(before: _State, model: nn.Module, when: str) -> None:
         assert (grad is None) == (grad2 is None), (
             f"{when}: parameter {name}'s .grad went {'from None' if grad is None else 'to None'}"
         )
-        assert grad is None or torch.equal(grad, grad2), f"{when}: parameter {name}'s .grad changed"
+        assert grad is None or (grad2 is not None and torch.equal(grad, grad2)), (
+            f"{when}: parameter {name}'s .grad changed"
+        )
     for (name, value, version), (_, value2, version2) in zip(before.buffers, after.buffers):
         assert torch.equal(value, value2), f"{when}: buffer {name} changed value"
         assert version == version2, f"{when}: buffer {name}'s version counter moved {version} -> {version2}"
@@ -431,8 +440,8 @@ def _describe(problem: Problem) -> None:
 @example(spec=LARGE_ATTENTION)
 def test_hessian_matches_reference(spec):
     """Autograd Hessian: blocks (double backward), single vectors (reverse over forward where
-    every operation is verified, else double backward), to_dense, numpy paths; symmetric, also when built column by column
-    from single-vector products; no side effects."""
+    every operation is verified, else double backward), to_dense, numpy paths; symmetric, also
+    when built column by column from single-vector products; no side effects."""
     problem = build_problem(spec)
     _describe(problem)
     before = snapshot(problem.model)
@@ -502,13 +511,13 @@ def test_finite_difference_hessian_within_documented_error(spec):
     allowed = DOCUMENTED_FD_RTOL * ref_norm + 2.0 * torch.linalg.vector_norm(dense2 - dense, dim=0)
     errors = torch.linalg.vector_norm(dense - reference, dim=0)
     worst = int(torch.argmax(errors - allowed))
-    note(
-        f"finite-difference relative error {float(torch.linalg.matrix_norm(dense - reference)) / ref_norm:.2e}"
-    )
+    relative_error = float(torch.linalg.matrix_norm(dense - reference)) / ref_norm
+    note(f"finite-difference relative error {relative_error:.2e}")
     assert bool((errors <= allowed).all()), (
-        f"finite-difference column {worst}: error {float(errors[worst]):.3e} > allowed {float(allowed[worst]):.3e} "
-        f"(documented {DOCUMENTED_FD_RTOL:.0e}·‖H‖ = {DOCUMENTED_FD_RTOL * ref_norm:.3e}, truncation estimate "
-        f"{float(allowed[worst]) - DOCUMENTED_FD_RTOL * ref_norm:.3e})"
+        f"finite-difference column {worst}: error {float(errors[worst]):.3e} "
+        f"> allowed {float(allowed[worst]):.3e} "
+        f"(documented {DOCUMENTED_FD_RTOL:.0e}·‖H‖ = {DOCUMENTED_FD_RTOL * ref_norm:.3e}, "
+        f"truncation estimate {float(allowed[worst]) - DOCUMENTED_FD_RTOL * ref_norm:.3e})"
     )
     # ‖D − Dᵀ‖_F ≤ ‖D − H‖_F + ‖(D − H)ᵀ‖_F ≤ 2 ‖allowed‖ (H symmetric)
     asymmetry = float(torch.linalg.matrix_norm(dense - dense.T))

@@ -49,6 +49,7 @@ from tests.operators.cases import (
     SMOOTH_CASES,
     TINY_LAST_BATCH_CASES,
     Case,
+    LossWithReduction,
     call_model,
     case_ids,
     get_case,
@@ -105,7 +106,7 @@ class Refs:
 
     case: Case
     model: nn.Module
-    loss_fn: nn.Module
+    loss_fn: LossWithReduction
     data: list
     params: list
     H: Tensor
@@ -143,7 +144,8 @@ def test_case_matrix_properties():
         assert 10 <= D <= 400, (case.id, D)
         assert all(p.dtype == torch.float64 for p in model.parameters()), case.id
         sizes = [num_samples(x) for x, _ in data]
-        assert tuple(sizes) == case.batch_sizes and len(set(sizes)) == len(sizes), (case.id, sizes)
+        assert tuple(sizes) == case.batch_sizes, (case.id, sizes)
+        assert len(set(sizes)) == len(sizes), (case.id, sizes)
         x0 = data[0][0]
         assert isinstance(x0, Mapping) == case.dict_inputs, case.id
         ys = torch.cat([y for _, y in data])
@@ -195,7 +197,8 @@ def test_vector_roundtrip():
     assert v.shape == (num_params(params),)
     assert torch.equal(v[: params[0].numel()], params[0].detach().reshape(-1))
     assert all(torch.equal(a, b) for a, b in zip(from_vector(v, params), params))
-    with pytest.raises(ValueError):
+    expected = rf"expected a vector of {v.numel()} entries, got shape \({v.numel() - 1},\)"
+    with pytest.raises(ValueError, match=expected):
         from_vector(v[:-1], params)
 
 

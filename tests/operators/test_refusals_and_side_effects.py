@@ -117,7 +117,7 @@ def test_data_changed_after_construction_is_refused(change):
         data.append(_data(3)[2])
     else:
         data[1][1][:2] = -100
-    for name, op in ops.items():
+    for op in ops.values():
         with pytest.raises(ValueError, match="data changed since the operator was built.*build a new"):
             op @ v
         with pytest.raises(ValueError, match="data changed since the operator was built"):
@@ -191,13 +191,20 @@ def test_first_batch_without_counted_terms_is_accepted(cls, first):
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 def test_target_shape_mismatch_is_refused(loss, target, message, check):
     """Targets that torch would broadcast (with only a warning) or reject cryptically get a
-    shape error naming both shapes, before any number is computed and without the warning."""
+    shape error naming both shapes, before any number is computed and without the warning.
+    Checked, the construction's determinism check runs the model and refuses; unchecked, the
+    construction runs nothing and the first product refuses."""
     data = [(x, target) for x, _ in _data()]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch's broadcasting UserWarning must not come first
-        with pytest.raises(ValueError, match=message):
-            op = GGNOperator(_mlp(), loss, data, check_deterministic=check)
-            op @ _vector(op.shape[0])
+        warnings.simplefilter("error", UserWarning)  # torch's broadcasting UserWarning must not come first
+        if check:
+            with pytest.raises(ValueError, match=message):
+                GGNOperator(_mlp(), loss, data, check_deterministic=True)
+        else:
+            op = GGNOperator(_mlp(), loss, data, check_deterministic=False)
+            vector = _vector(op.shape[0])
+            with pytest.raises(ValueError, match=message):
+                op @ vector
 
 
 # ================================================================ settings (item 13)
