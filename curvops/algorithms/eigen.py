@@ -221,8 +221,78 @@ def lanczos(
         A :class:`RuntimeWarning` is issued if some pair did not converge within ``max_iter``.
     """
     operand = as_operand(A, dim)
-    size = operand.dim
     which = _check_which(which)
+    k, width, basis_size, default_basis_size = _check_sizes(operand.dim, k, block_size, max_basis_size)
+    tol = _check_tol(tol, operand)
+    max_steps = max(1000, 50 * basis_size) if max_iter is None else check_int(max_iter, "max_iter", width)
+    rng = operand.rng(check_seed(seed))
+    # Every product is of A / s, s a power of two of about the first product's size where
+    # ||A|| is far from 1 (see Operand.scale_products); results are scaled back at the end.
+    operand.scale_products()
+    if width > 1 and basis_size + width > operand.dim:
+        # A cycle would need more than D orthonormal rows (its basis and the residual block
+        # after it): its last blocks would have fewer new directions than columns, and no
+        # direction is left to replace the others with. Where a basis of the default size
+        # still fits beside the residual block, the basis shrinks to D - b; else (D < about
+        # 20 + b) the whole space costs about as many products as one such cycle, and its Ritz
+        # pairs are the eigenpairs, where a tiny basis could restart past a wanted one.
+        if operand.dim - width >= default_basis_size:
+            basis_size = operand.dim - width
+        else:
+            problem = _Problem(operand, k, which, tol, width, basis_size, max_steps, exact_residuals)
+            spanned = f"although the products spanned the whole space (D={operand.dim})"
+            return _finish(problem, _whole_space(problem), f"{spanned}: tol is below their rounding")
+    problem = _Problem(operand, k, which, tol, width, basis_size, max_steps, exact_residuals)
+    return _finish(problem, _restarted_lanczos(problem, v0, rng), f"within max_iter={max_steps} matvecs")
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The checked arguments of :func:`lanczos` (see there): the operator in the vector layer,
+    ``k``, ``which``, ``tol``, the block size, the basis size between restarts, the matvec
+    budget of the steps and whether the final residuals are computed explicitly."""
+
+    operand: Operand
+    k: int
+    which: str
+    tol: float
+    width: int
+    basis_size: int
+    max_steps: int
+    exact_residuals: bool
+
+
+@dataclass(frozen=True)
+class _RitzPairs:
+    """The wanted Ritz pairs a run ends with, in the units of the scaled products
+    (:meth:`Operand.scale_products`): values, vectors ``(D, k)``, residual estimates, the
+    ``||A||`` estimate and the restarts taken."""
+
+    eigenvalues: np.ndarray
+    vectors: Array
+    estimates: np.ndarray
+    norm_estimate: float
+    restarts: int
+
+
+@dataclass(frozen=True)
+class _Cycle:
+    """One restart cycle's outcome: the basis rows ``[0, stop)`` reached, the residual block's
+    ``(b, b)`` coupling, the Ritz values, vectors (in the basis) and residual estimates, the
+    wanted indices and how many of them have converged."""
+
+    stop: int
+    coupling: np.ndarray
+    theta: np.ndarray
+    vectors: np.ndarray
+    residual_estimates: np.ndarray
+    wanted: list[int]
+    num_converged: int
+
+
+def _check_sizes(size: int, k: Any, block_size: Any, max_basis_size: Any) -> tuple[int, int, int, int]:
+    """Checked ``k``, block size and basis size of :func:`lanczos` on a ``D = size`` operator,
+    and the default basis size."""
     k = check_int(k, "k", 1)
     if k >= size:
         raise ValueError(
@@ -233,7 +303,6 @@ def lanczos(
         raise ValueError(
             f"lanczos needs k + block_size <= D (got {k} + {width} > {size}): use block_size <= {size - k}"
         )
-    tol = _check_tol(tol, operand)
     default_basis_size = max(2 * k + 1, 20, k + 2 * width)
     if max_basis_size is None:
         basis_size = min(size, default_basis_size)
@@ -241,72 +310,36 @@ def lanczos(
         basis_size = check_int(max_basis_size, "max_basis_size", k + width)
         if basis_size > size:
             raise ValueError(f"max_basis_size must be <= D={size}, got {basis_size}")
-    max_steps = max(1000, 50 * basis_size) if max_iter is None else check_int(max_iter, "max_iter", width)
-    rng = operand.rng(check_seed(seed))
-    # Every product is of A / s, s a power of two of about the first product's size where
-    # ||A|| is far from 1 (see Operand.scale_products); results are scaled back at the end.
-    operand.scale_products()
-    if width > 1 and basis_size + width > size:
-        # A cycle would need more than D orthonormal rows (its basis and the residual block
-        # after it): its last blocks would have fewer new directions than columns, and no
-        # direction is left to replace the others with. Where a basis of the default size
-        # still fits beside the residual block, the basis shrinks to D - b; else (D < about
-        # 20 + b) the whole space costs about as many products as one such cycle, and its Ritz
-        # pairs are the eigenpairs, where a tiny basis could restart past a wanted one.
-        if size - width >= default_basis_size:
-            basis_size = size - width
-        else:
-            eigenvalues, ritz_vectors, estimates, norm_estimate = _whole_space(operand, k, which, width)
-            return _finish(
-                operand,
-                k,
-                tol,
-                eigenvalues,
-                ritz_vectors,
-                estimates,
-                norm_estimate,
-                0,
-                exact_residuals,
-                f"although the products spanned the whole space (D={size}): tol is below their rounding",
-            )
+    return k, width, basis_size, default_basis_size
+
+
+def _restarted_lanczos(problem: _Problem, v0: Any, rng: Any) -> _RitzPairs:
+    """Thick-restart Lanczos cycles (Wu & Simon 2000) until the wanted pairs converge or the
+    matvec budget is spent; the wanted Ritz pairs."""
+    operand, width = problem.operand, problem.width
     # Basis orthogonality kept: semi-orthogonality, sqrt(eps) (1.5e-8 in float64), which keeps
     # the Ritz values accurate to rounding (Simon 1984), and 100x below tol, so that the
     # residual estimates are within 1% of tol. The drift regrows by a roughly constant factor
     # per step after each pair of updates, so a tighter level only makes the pairs more frequent.
-    orthogonality = min(math.sqrt(operand.eps), 0.01 * tol)
-
-    state = LanczosState(operand, basis_size, width, rng, orthogonality)
+    orthogonality = min(math.sqrt(operand.eps), 0.01 * problem.tol)
+    state = LanczosState(operand, problem.basis_size, width, rng, orthogonality)
     state.basis[:width] = start_block(operand, v0, width, rng)
-    search = _RestartedSearch(state, k, which, tol, basis_size)
+    search = _RestartedSearch(state, problem)
     while True:
-        # At least one block fits: start <= basis_size - width after a restart, and the loop
-        # ends before the matvec budget drops below one block.
-        start = search.start
-        num_blocks = min((basis_size - start) // width, (max_steps - operand.num_matvecs) // width)
-        coupling, stop = state.extend(start, start + width * num_blocks, search.converged)
-        theta, vectors, residual_estimates = search.ritz(stop, coupling)
-        norm_estimate = state.norm_estimate = max(state.norm_estimate, float(np.abs(theta).max()))
-        wanted = _select(theta, which, min(k, stop))
-        threshold = search.active_threshold(tol * norm_estimate)
-        num_converged = int(np.sum(residual_estimates[wanted] <= threshold))
-        out_of_budget = operand.num_matvecs + width > max_steps
-        if (num_converged == k and len(wanted) == k) or out_of_budget:
+        cycle = search.run_cycle(problem.max_steps)
+        out_of_budget = operand.num_matvecs + width > problem.max_steps
+        if (cycle.num_converged == problem.k and len(cycle.wanted) == problem.k) or out_of_budget:
             break
-        search.thick_restart(stop, coupling, theta, vectors, residual_estimates, wanted, num_converged)
-
-    weights = state.scales[:stop, None] * vectors[:, wanted]
+        search.thick_restart(cycle)
+    stop, wanted = cycle.stop, cycle.wanted
+    weights = state.scales[:stop, None] * cycle.vectors[:, wanted]
     ritz_vectors = operand.matmul(state.basis[:stop].T, operand.from_host(weights))
-    return _finish(
-        operand,
-        k,
-        tol,
-        theta[wanted],
+    return _RitzPairs(
+        cycle.theta[wanted],
         ritz_vectors,
-        residual_estimates[wanted],
-        norm_estimate,
+        cycle.residual_estimates[wanted],
+        state.norm_estimate,
         search.restarts,
-        exact_residuals,
-        f"within max_iter={max_steps} matvecs",
     )
 
 
@@ -324,19 +357,19 @@ class _RestartedSearch:
     ----------
     state
         The Lanczos basis and projection, its start block set.
-    k
-        Number of wanted eigenpairs.
-    which
-        ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"`` (see :func:`lanczos`).
-    tol
-        Relative residual tolerance.
-    basis_size
-        Basis vectors between restarts.
+    problem
+        ``k``, ``which``, ``tol`` and the basis size between restarts (see :func:`lanczos`).
     """
 
-    def __init__(self, state: LanczosState, k: int, which: str, tol: float, basis_size: int) -> None:
+    def __init__(self, state: LanczosState, problem: _Problem) -> None:
         self.state = state
-        self.k, self.which, self.tol, self.basis_size = k, which, tol, basis_size
+        self.k, self.which, self.tol, self.basis_size = (
+            problem.k,
+            problem.which,
+            problem.tol,
+            problem.basis_size,
+        )
+        tol = problem.tol
         self.width = state.width
         self.start, self.restarts = 0, 0
         self.locked, self.locked_residuals = 0, np.zeros(0)
@@ -440,51 +473,80 @@ class _RestartedSearch:
         wanted = _select(theta, self.which, min(k, stop))
         return all(residuals[index] <= threshold for index in wanted) and stop >= k
 
-    def thick_restart(
-        self,
-        stop: int,
-        coupling: np.ndarray,
-        theta: np.ndarray,
-        vectors: np.ndarray,
-        residual_estimates: np.ndarray,
-        wanted: list[int],
-        num_converged: int,
-    ) -> None:
-        """Restart the state from the kept Ritz vectors of rows ``[0, stop)``.
+    def run_cycle(self, max_steps: int) -> _Cycle:
+        """Extend the state from the cycle's start until its basis is full, the wanted pairs
+        converge or the matvec budget ``max_steps`` is spent, then its Ritz pairs.
 
-        The basis becomes the kept Ritz vectors (``vectors``' columns, in the basis, with values
-        ``theta``), the projection ``diag(theta)`` plus their couplings to the residual block
-        (``coupling``, the block's coupling to row ``stop``), which moves behind them. Locked
-        rows stay where they are; newly locked ones (wanted pairs with residual estimates below
-        the lock level; single-vector Lanczos only) come next, then the other kept Ritz vectors:
-        only the rows after the old locked ones are recombined.
+        At least one block fits: ``start <= basis_size - width`` after a restart, and the run
+        ends before the budget drops below one block."""
+        state, width, start = self.state, self.width, self.start
+        num_blocks = min((self.basis_size - start) // width, (max_steps - state.operand.num_matvecs) // width)
+        coupling, stop = state.extend(start, start + width * num_blocks, self.converged)
+        theta, vectors, residual_estimates = self.ritz(stop, coupling)
+        norm_estimate = state.norm_estimate = max(state.norm_estimate, float(np.abs(theta).max()))
+        wanted = _select(theta, self.which, min(self.k, stop))
+        threshold = self.active_threshold(self.tol * norm_estimate)
+        num_converged = int(np.sum(residual_estimates[wanted] <= threshold))
+        return _Cycle(stop, coupling, theta, vectors, residual_estimates, wanted, num_converged)
+
+    def thick_restart(self, cycle: _Cycle) -> None:
+        """Restart the state from the kept Ritz vectors of the cycle's rows ``[0, stop)`` (Wu &
+        Simon 2000).
+
+        The basis becomes the kept Ritz vectors, the projection ``diag(theta)`` plus their
+        couplings to the residual block, which moves behind them. Locked rows stay where they
+        are; newly locked ones (wanted pairs with residual estimates below the lock level;
+        single-vector Lanczos only) come next, then the other kept Ritz vectors: only the rows
+        after the old locked ones are recombined.
         """
-        state, width, locked = self.state, self.width, self.locked
-        operand, basis, scales, projected = state.operand, state.basis, state.scales, state.projected
-        num_kept = _num_kept(self.k, self.basis_size - width + 1, num_converged)
-        kept = np.asarray(_select(theta, self.which, num_kept))
-        lockable = np.zeros(stop, dtype=bool)
+        order, lockable = self._restart_order(cycle)
+        self._recombine(cycle, order)
+        newly = int(lockable[order[self.locked :]].sum())
+        self._load_projection(cycle, order, newly)
+        self.restarts += 1
+
+    def _restart_order(self, cycle: _Cycle) -> tuple[np.ndarray, np.ndarray]:
+        """The kept columns of the cycle's Ritz vectors in their new row order (locked rows,
+        newly locked ones, the others; ARPACK's count, :func:`_num_kept`), and which columns may
+        be locked."""
+        width, locked = self.width, self.locked
+        num_kept = _num_kept(self.k, self.basis_size - width + 1, cycle.num_converged)
+        kept = np.asarray(_select(cycle.theta, self.which, num_kept))
+        lockable = np.zeros(cycle.stop, dtype=bool)
         if width == 1:
-            lockable[wanted] = residual_estimates[wanted] <= self.lock_threshold * state.norm_estimate
+            wanted = cycle.wanted
+            lockable[wanted] = (
+                cycle.residual_estimates[wanted] <= self.lock_threshold * self.state.norm_estimate
+            )
         moving = kept[kept >= locked][: max(num_kept - locked, 0)]
         # Array operations: list comprehensions over numpy integers cost more, once per restart.
         order = np.concatenate((np.arange(locked), moving[lockable[moving]], moving[~lockable[moving]]))
-        num_kept = order.size
-        # One recombination gives the kept Ritz vectors and moves the residual block after them,
-        # normalized (its recorded scale applied: carried over restarts, it would drift).
+        return order, lockable
+
+    def _recombine(self, cycle: _Cycle, order: np.ndarray) -> None:
+        """One recombination of the rows after the locked ones gives the kept Ritz vectors and
+        moves the residual block after them, normalized (its recorded scale applied: carried
+        over restarts, it would drift); the drift estimates follow (Simon 1984)."""
+        state, width, locked, stop = self.state, self.width, self.locked, cycle.stop
+        scales, num_kept = state.scales, order.size
         combination = np.zeros((num_kept - locked + width, stop - locked + width))
-        kept_vectors = vectors[locked:stop, order[locked:]].T * scales[locked:stop]
+        kept_vectors = cycle.vectors[locked:stop, order[locked:]].T * scales[locked:stop]
         combination[: num_kept - locked, : stop - locked] = kept_vectors
         combination[num_kept - locked :, stop - locked :] = np.diag(scales[stop : stop + width])
-        operand.combine_rows_(basis[locked : stop + width], combination)
+        state.operand.combine_rows_(state.basis[locked : stop + width], combination)
         scales[locked : num_kept + width] = 1.0
-        drift = self.drift
-        if drift is not None:
-            drift.restart(vectors, order)
-        arrow = coupling @ vectors[stop - width : stop, order]
-        newly = int(lockable[order[locked:]].sum())
+        if self.drift is not None:
+            self.drift.restart(cycle.vectors, order)
+
+    def _load_projection(self, cycle: _Cycle, order: np.ndarray, newly: int) -> None:
+        """Lock ``newly`` more rows and set the projection to ``diag(theta)`` on the kept rows
+        plus their couplings ("arrow") to the residual block; the locked rows' couplings (below
+        the lock level) are dropped."""
+        state, width, locked, drift = self.state, self.width, self.locked, self.drift
+        projected, num_kept = state.projected, order.size
+        arrow = cycle.coupling @ cycle.vectors[cycle.stop - width : cycle.stop, order]
         self.locked_residuals = np.concatenate(
-            [self.locked_residuals, residual_estimates[order[locked : locked + newly]]]
+            [self.locked_residuals, cycle.residual_estimates[order[locked : locked + newly]]]
         )
         self.locked = locked = locked + newly
         arrow[:, :locked] = 0.0  # the locked rows' couplings (<= lock_threshold ||A||) are dropped
@@ -492,23 +554,20 @@ class _RestartedSearch:
         if drift is not None:
             drift.locked_residuals = self.locked_residual_floats
         projected[:] = 0.0
-        projected[np.arange(num_kept), np.arange(num_kept)] = theta[order]
+        projected[np.arange(num_kept), np.arange(num_kept)] = cycle.theta[order]
         projected[num_kept : num_kept + width, :num_kept] = arrow
         projected[:num_kept, num_kept : num_kept + width] = arrow.T
         self.start = num_kept
         if width == 1:
             self.head = tridiagonal_head(projected, locked, num_kept)
             state.projection.load(num_kept, self.head)
-        self.restarts += 1
 
 
-def _whole_space(
-    operand: Operand, k: int, which: str, width: int
-) -> tuple[np.ndarray, Array, np.ndarray, float]:
+def _whole_space(problem: _Problem) -> _RitzPairs:
     """The ``k`` wanted eigenpairs from the products of the whole standard basis, ``width``
     columns at a time: the projected matrix is ``A`` itself (symmetrized), and its eigenpairs'
-    residuals in it are the residual estimates. Returns the eigenvalues, the eigenvectors
-    ``(D, k)``, the residual estimates and ``||A||``."""
+    residuals in it are the residual estimates."""
+    operand, k, which, width = problem.operand, problem.k, problem.which, problem.width
     size = operand.dim
     identity = operand.identity_columns(0, size)
     images = operand.zeros((operand.local_dim, size))
@@ -529,26 +588,17 @@ def _whole_space(
     chosen = vectors[:, wanted]
     estimates = np.linalg.norm(matrix @ chosen - chosen * values[wanted], axis=0)
     ritz_vectors = operand.matmul(identity, operand.from_host(chosen))
-    return values[wanted], ritz_vectors, estimates, float(np.abs(values).max())
+    return _RitzPairs(values[wanted], ritz_vectors, estimates, float(np.abs(values).max()), 0)
 
 
-def _finish(
-    operand: Operand,
-    k: int,
-    tol: float,
-    eigenvalues: np.ndarray,
-    ritz_vectors: Array,
-    estimates: np.ndarray,
-    norm_estimate: float,
-    restarts: int,
-    exact_residuals: bool,
-    unconverged: str,
-) -> EigenResult:
+def _finish(problem: _Problem, pairs: _RitzPairs, unconverged: str) -> EigenResult:
     """:func:`lanczos`' result from its Ritz pairs (in the units of the scaled products, see
-    :meth:`Operand.scale_products`): residuals (explicit, or ``estimates``), the convergence
+    :meth:`Operand.scale_products`): residuals (explicit, or the estimates), the convergence
     flags, a warning ending in ``unconverged`` if some pair is missing or not converged, and the
     values scaled back to ``A``'s units."""
-    if exact_residuals:
+    operand, k, tol = problem.operand, problem.k, problem.tol
+    eigenvalues, ritz_vectors, norm_estimate = pairs.eigenvalues, pairs.vectors, pairs.norm_estimate
+    if problem.exact_residuals:
         # NaN/Inf in the product propagate into the norms: their check replaces a pass.
         residual_block = operand.matmat(ritz_vectors, check_finite=False)
         operand.subtract_scaled_columns_(residual_block, ritz_vectors, eigenvalues)
@@ -557,7 +607,7 @@ def _finish(
             operand.require_finite_product(residual_block)
             raise FloatingPointError("lanczos: the final residuals overflowed (the product itself is finite)")
     else:
-        residual_norms = estimates
+        residual_norms = pairs.estimates
     converged = residual_norms <= tol * norm_estimate
     values = operand.unscale(np.asarray(eigenvalues, dtype=np.float64))
     residual_norms = operand.unscale(np.asarray(residual_norms, dtype=np.float64))
@@ -573,7 +623,7 @@ def _finish(
         residual_norms=operand.from_host(residual_norms),
         converged=operand.flags_from_host(converged),
         num_matvecs=operand.num_matvecs,
-        num_restarts=restarts,
+        num_restarts=pairs.restarts,
         spectral_norm_estimate=operand.unscale(norm_estimate),
     )
 

@@ -57,8 +57,10 @@ from curvops.algorithms.vectors import Array, Operand
 __all__ = [
     "BREAKDOWN_FACTOR",
     "BasisRowViews",
+    "BlockStep",
     "LanczosState",
     "ProbeTridiagonals",
+    "RowStep",
     "TridiagonalProjection",
     "random_orthogonal",
     "start_block",
@@ -333,52 +335,6 @@ def _first_coupled(projected: np.ndarray, j: int, width: int, start: int) -> int
     return int(coupled[0]) if coupled.size else j
 
 
-def _record_scale(operand: Operand, row: Array, scales: np.ndarray, index: int, stored_norm: float) -> None:
-    """Make ``scales[index] * basis[index]`` (``row``) a unit vector: record ``1 / stored_norm``
-    (no pass over the row), or normalize the row in place once its norm has left
-    ``[1 / scale_limit, scale_limit]``. Stored norms multiply by about ``beta`` per step, so an
-    operator with ``||A||`` far from 1 would otherwise drive them to over- or underflow within a
-    run (with ``||A|| = 90``, about ``90**-63 = 1e-123`` after 63 steps)."""
-    limit = operand.scale_limit
-    if 1.0 / limit <= stored_norm <= limit:
-        scales[index] = 1.0 / stored_norm
-    else:
-        operand.scaled_copy_(row, row, 1.0 / stored_norm)
-        scales[index] = 1.0
-
-
-def _broke_down(
-    operand: Operand, basis: Array, scales: np.ndarray, row: int, norm: float, norm_estimate: float, rng: Any
-) -> bool:
-    """If the new row's true ``norm`` is at rounding level (an invariant subspace), replace it by
-    a fresh random unit direction orthogonal to the basis (with zero coupling, which keeps the
-    Lanczos relation exact) and return True.
-
-    A row at index ``D`` or beyond has no direction left: rows ``[0, D)`` span the whole space,
-    which ``A`` maps into itself, so the coupling is exactly 0 whatever rounding left in the row.
-    The row is zeroed and the Ritz pairs are exact; every residual estimate is then 0, so the
-    run ends here (with ``block_size > 1`` no row goes past ``D``: see
-    :func:`curvops.algorithms.eigen.lanczos`).
-    """
-    if row >= operand.dim:
-        basis[row] = 0.0
-        scales[row] = 1.0
-        return True
-    if norm > BREAKDOWN_FACTOR * operand.eps * norm_estimate:
-        return False
-    _normalize_rows(operand, basis, scales, row)
-    basis[row] = random_orthogonal(operand, basis[:row], rng)
-    scales[row] = 1.0
-    return True
-
-
-def _normalize_rows(operand: Operand, basis: Array, scales: np.ndarray, stop: int) -> None:
-    """Apply the recorded scales to ``basis[:stop]`` in place (before a generic Gram-Schmidt)."""
-    for index in np.flatnonzero(scales[:stop] != 1.0):
-        operand.scaled_copy_(basis[index], basis[index], float(scales[index]))
-        scales[index] = 1.0
-
-
 def tridiagonal_head(
     projected: np.ndarray, first: int, start: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -503,6 +459,100 @@ def tridiagonalize_probes(operand: Operand, start: Array, steps: int) -> ProbeTr
     return ProbeTridiagonals(alphas, betas, lengths)
 
 
+@dataclass(slots=True)
+class RowStep:
+    """The working values of one single-vector step (:meth:`LanczosState._single_step`), shared
+    by its parts and the partial policy (:meth:`PartialReorthogonalization.reorthogonalize_row`).
+
+    Host floats throughout: on an accelerator a step's host time is its overhead, and each numpy
+    call on one number costs several times the arithmetic. Norms and coefficients are in the
+    stored units of row ``j`` (Lanczos vector ``i`` is ``scales[i] * basis[i]``) unless named
+    true.
+
+    Attributes
+    ----------
+    j, new : int
+        Row of the current vector ``q_j`` and of the new residual ``w`` (``j + 1``).
+    own : float
+        ``scales[j]``.
+    previous : int
+        First row with a known coupling to row ``j``: ``j - 1`` (the three-term recurrence) or,
+        at a cycle's first step, the first kept row of the restart's arrow.
+    recurrence : bool
+        ``previous == j - 1``.
+    measure_all : bool
+        Every stored row's inner products with ``u = q_{j-1}``, ``q_j`` and ``w`` come from the
+        step's one read (``table``), so each row's drift is measured, not estimated (cheap
+        passes and the three-term recurrence).
+    table, gram, products
+        The read: the stored rows' inner products with ``u, q_j, w`` (``measure_all``), the Gram
+        matrix of ``[u,] q_j, w`` (cheap passes) or None, and ``w``'s inner products with them.
+    alpha : float
+        ``T[j, j]``.
+    product_squared, squared : float
+        ``||w||^2`` and ``||w - alpha q_j - beta u||^2`` from the Gram matrix (true units).
+    known : tuple of float or None
+        The recurrence's coefficients of ``basis[j - 1]`` and ``basis[j]`` in ``w``.
+    norm_before, norm_after : float
+        The residual's norm before and after reorthogonalization.
+    first : list of float or None
+        Every row's inner product with the residual, from the read (``measure_all``).
+    predicted : list of float
+        The drift estimates of rows ``[0, j)`` (measured rows replaced).
+    reach, forced
+        Rows ``[0, reach)`` to measure, and whether they are updated whatever the measurement.
+    """
+
+    j: int
+    new: int
+    own: float
+    previous: int
+    recurrence: bool
+    measure_all: bool
+    table: Any = None
+    gram: Any = None
+    products: Any = None
+    alpha: float = 0.0
+    product_squared: float = 0.0
+    squared: float = 0.0
+    known: tuple[float, float] | None = None
+    norm_before: float = 0.0
+    norm_after: float = 0.0
+    first: list[float] | None = None
+    predicted: list[float] | None = None
+    reach: int = 0
+    forced: bool = False
+
+
+@dataclass(slots=True)
+class BlockStep:
+    """The working values of one block step (:meth:`LanczosState._block_step`), shared with the
+    full policy (:meth:`FullReorthogonalization.reorthogonalize_block`).
+
+    Attributes
+    ----------
+    block : slice
+        Rows ``[j, j + b)`` of the current block ``Q_j``.
+    new : int
+        First row of the new block, ``j + b``.
+    own : (b,) ndarray
+        The current block's scales.
+    images : (b, D) array
+        The residual block ``W``, formed in the basis rows ``[new, new + b)``.
+    diagonal_block : (b, b) ndarray
+        ``A_j = Q_j^T A Q_j`` (true units).
+    norms_before : (b,) ndarray
+        ``W``'s row norms before reorthogonalization (stored units).
+    """
+
+    block: slice
+    new: int
+    own: np.ndarray
+    images: Array
+    diagonal_block: np.ndarray
+    norms_before: np.ndarray
+
+
 class LanczosState:
     """A (block) Krylov basis and the projection of ``A`` onto it, extended step by step.
 
@@ -613,32 +663,43 @@ class LanczosState:
         projected[new : new + width, new - width : new] = coupling
         projected[new - width : new, new : new + width] = coupling.T
 
+    # -- block steps (full reorthogonalization) ---------------------------------------------------
+
     def _block_step(self, j: int, start: int) -> np.ndarray:
-        """One block Lanczos step: ``basis[j + b : j + 2b]`` <- the next block, orthonormal with
-        unit scales, ``projected[block, block]`` <- its diagonal block. Returns the ``(b, b)``
-        coupling ``B``."""
-        operand, basis, scales, projected = self.operand, self.basis, self.scales, self.projected
-        width, rng, orthogonality = self.width, self.rng, self.orthogonality
-        norm_estimate = self.norm_estimate
+        """One block Lanczos step (Golub & Underwood 1977): ``basis[j + b : j + 2b]`` <- the next
+        block, orthonormal with unit scales; ``projected[block, block]`` <- ``A_j``. Returns the
+        ``(b, b)`` coupling ``B_j``."""
+        step = self._block_residual(j, start)  # W = A Q_j - Q_j A_j - Q_{j-1} B_{j-1}^T
+        norms = self.full.reorthogonalize_block(self, step)  # W -= Q (Q^T W)
+        self._set_diagonal_block(step)
+        return self._orthonormalize_block(step, norms)  # Q_{j+1} B_j = W
+
+    def _block_residual(self, j: int, start: int) -> BlockStep:
+        """(1)-(3) of a block step: ``W = A Q_j`` written into the next basis rows (by the operator
+        itself when it takes ``out=``; no copy), ``A_j = Q_j^T W``, and ``W`` less its known
+        couplings (the block three-term recurrence, or the arrow after a restart), so that the
+        full pass only removes rounding-level components.
+
+        Works in the units of the stored rows: ``W = A basis[block] = A v[block] / scales[block]``
+        (row ``r``), and a true coefficient ``c`` of ``v_m`` in ``A v_r`` is removed from ``W`` as
+        ``c * scales[m] / scales[r]`` times ``basis[m]``."""
+        operand, basis, scales, projected, width = (
+            self.operand,
+            self.basis,
+            self.scales,
+            self.projected,
+            self.width,
+        )
         block = slice(j, j + width)
         new = j + width
-        # Work in the units of the stored rows: the product of basis[block] is
-        # ``X = A basis[block] = A v[block] / scales[block]`` (row r), and a true coefficient c
-        # of v_m in ``A v_r`` is removed from X as ``c * scales[m] / scales[r]`` times basis[m].
         own = scales[block].copy()
-        # (b, D) rows, one block product, written into the next basis rows (by the operator
-        # itself when it takes ``out=``): the residual is formed there, and no copy is made.
-        # Its NaN/Inf check is alpha's: NaN and Inf propagate into every inner product with the
-        # block, and this saves a pass over the product.
         images = basis[new : new + width]
-        # (1) W = A Q_j.
+        # No NaN/Inf check of the product: NaN and Inf propagate into every inner product with the
+        # block, so A_j's check covers it and saves a pass.
         operand.matmat_rows_into(basis[block], images, check_finite=False)
-        # (2, 3) A_j = Q_j^T W; W -= Q_j A_j + Q_{j-1} B_{j-1}^T. Subtract the couplings already
-        # known (block three-term recurrence, or the arrow after a
-        # restart) so that full reorthogonalization only removes rounding-level components.
-        # alpha from the raw product (the current block is orthogonal to the earlier ones up to
-        # rounding, which the full pass below corrects), so that one update removes both.
         previous = _first_coupled(projected, j, width, start)
+        # A_j from the raw product: the current block is orthogonal to the earlier ones up to
+        # rounding, which the full pass corrects, so one update removes both couplings.
         diagonal_block = operand.inner(basis[block].T, images.T) * (own[:, None] * own[None, :])
         if not np.isfinite(diagonal_block).all():
             operand.require_finite_product(images)
@@ -646,194 +707,286 @@ class LanczosState:
         known = np.concatenate((projected[previous:j, block].T, diagonal_block.T), axis=1)
         known *= scales[previous:new][None, :] / own[:, None]
         operand.subtract_combination_(images, known, basis[previous:new])
-        norms_before = operand.column_norms(images.T)  # in stored units: true norms are own * these
-        # (4) Reorthogonalize against the whole basis (full policy).
-        norms_after = self.full.reorthogonalize_block(
-            operand, basis, scales, images, j + width, norms_before, orthogonality, block, own, diagonal_block
-        )
-        diagonal_block = (diagonal_block + diagonal_block.T) / 2
-        projected[block, block] = diagonal_block
-        norm_estimate = max(norm_estimate, float(np.abs(diagonal_block).sum(0).max()))
-        # (5) Q_{j+1} B_j = W (a QR): orthonormalize the new block column by column (Gram-Schmidt
-        # within the block: the columns are already orthogonal to the basis). B is upper
-        # triangular; each row is normalized in place before the next one is projected on it
-        # (block rows have unit scales).
+        # In stored units: true norms are own * these.
+        norms_before = operand.column_norms(images.T)
+        return BlockStep(block, new, own, images, diagonal_block, norms_before)
+
+    def _set_diagonal_block(self, step: BlockStep) -> None:
+        """Write ``A_j`` (symmetrized: the pass may have corrected it unevenly) and raise the
+        running ``||A||`` estimate to its largest column sum."""
+        diagonal_block = (step.diagonal_block + step.diagonal_block.T) / 2
+        self.projected[step.block, step.block] = diagonal_block
+        self.norm_estimate = max(self.norm_estimate, float(np.abs(diagonal_block).sum(0).max()))
+
+    def _orthonormalize_block(self, step: BlockStep, norms_after: np.ndarray) -> np.ndarray:
+        """(5) ``Q_{j+1} B_j = W``, a QR: Gram-Schmidt within the block, column by column (the
+        columns are already orthogonal to the basis). ``B_j`` is upper triangular; each row is
+        normalized in place (unit scale) before the next one is projected on it; a column at
+        rounding level is replaced by a fresh direction (:meth:`_broke_down`). Returns ``B_j``."""
+        operand, width, new = self.operand, self.width, step.new
+        norm_estimate = self.norm_estimate
         coupling = np.zeros((width, width))
         for index in range(width):
-            vector = images[index]
+            vector = step.images[index]
             # Without in-block projections the norm is the one just computed.
             stored_norm = float(norms_after[index])
             if index and stored_norm > 0.0:
-                for _ in range(2):
-                    vector, removed = operand.project_out(basis[new : new + index], vector)
-                    coupling[:index, index] += removed
-                before, stored_norm = stored_norm, operand.norm(vector)
-                if stored_norm < DGKS_ETA * before:
-                    # Most of the column lay along the block's earlier columns: what is left carries
-                    # the rounding of that removal along the basis too. One pass against the whole
-                    # basis; if that too removes most of it, the column is in the Krylov space.
-                    vector, removed = operand.project_out(basis[: new + index], vector)
-                    coupling[:index, index] += removed[new:]
-                    before, stored_norm = stored_norm, operand.norm(vector)
-                    if stored_norm < DGKS_ETA * before:
-                        stored_norm = 0.0
-            norm = float(own[index]) * stored_norm
+                vector, stored_norm = self._project_out_block(new, index, vector, stored_norm, coupling)
+            norm = float(step.own[index]) * stored_norm
             norm_estimate = max(norm_estimate, norm)
-            if _broke_down(operand, basis, scales, new + index, norm, norm_estimate, rng):
+            if self._broke_down(new + index, norm, norm_estimate):
                 continue
             coupling[index, index] = norm
-            operand.scaled_copy_(basis[new + index], vector, 1.0 / stored_norm)
-            scales[new + index] = 1.0
+            operand.scaled_copy_(self.basis[new + index], vector, 1.0 / stored_norm)
+            self.scales[new + index] = 1.0
         self.norm_estimate = norm_estimate
         return coupling
 
+    def _project_out_block(
+        self, new: int, index: int, vector: Array, stored_norm: float, coupling: np.ndarray
+    ) -> tuple[Array, float]:
+        """Column ``index`` of the new block less its components along the columns before it
+        (two passes), accumulated into ``coupling[:index, index]``. Returns the column and its
+        norm, 0 where it lies in the Krylov space."""
+        operand, basis = self.operand, self.basis
+        for _ in range(2):
+            vector, removed = operand.project_out(basis[new : new + index], vector)
+            coupling[:index, index] += removed
+        before, stored_norm = stored_norm, operand.norm(vector)
+        if stored_norm < DGKS_ETA * before:
+            # Most of the column lay along the block's earlier columns: what is left carries the
+            # rounding of that removal along the basis too. One pass against the whole basis; if
+            # that too removes most of it (DGKS), the column is in the Krylov space.
+            vector, removed = operand.project_out(basis[: new + index], vector)
+            coupling[:index, index] += removed[new:]
+            before, stored_norm = stored_norm, operand.norm(vector)
+            if stored_norm < DGKS_ETA * before:
+                stored_norm = 0.0
+        return vector, stored_norm
+
+    # -- single-vector steps (partial reorthogonalization) ----------------------------------------
+
     def _single_step(self, j: int, start: int) -> float:
-        """One single-vector Lanczos step in host scalars.
+        """One single-vector Lanczos step (Lanczos 1950; Paige 1972), in host scalars.
 
         ``basis[j + 1]`` <- the new residual, unnormalized (its scale recorded), and ``T[j, j]``
-        <- alpha. On an accelerator the Gram matrix of the previous vector ``u``, the current one
-        ``v`` and the raw product ``w`` comes from one pass and one device-to-host read; the
-        residual's norm then follows from the three-term recurrence,
-        ``||w - alpha v - beta u||^2 = w^T w - alpha v^T w + beta^2 u^T u - 2 beta u^T w +
-        2 alpha beta u^T v`` (true units, ``alpha = v^T w / v^T v``), whenever its rounding error
-        (``~ sqrt(D) eps max(||w||^2, ||A||^2)``) is below 1% of the kept orthogonality level
-        relative to the result, and is measured otherwise: the host side of a step is its
-        overhead there. On a CPU the norm is measured. Returns ``beta_next``.
+        <- alpha. Returns ``beta_j``. Both known couplings leave ``w`` in one update (one pass
+        over the row instead of two).
         """
-        operand, views, scales, projection = self.operand, self.views, self.scales, self.projection
-        rng, orthogonality, norm_estimate = self.rng, self.orthogonality, self.norm_estimate
-        drift = self.partial
+        step = self._apply(j, start)  # w = A q_j, and its inner products with [q_{j-1},] q_j, w
+        self._alpha(step)  # alpha_j = <q_j, w>
+        self._subtract_known(step)  # w -= alpha_j q_j + beta_{j-1} q_{j-1}
+        self._residual_norm(step)  # ||w||, and each row's drift where the read measured it
+        self._reorthogonalize(step)  # the partial policy (Simon 1984)
+        return self._normalize(step)  # beta_j = ||w||; q_{j+1} = w / beta_j
+
+    def _apply(self, j: int, start: int) -> RowStep:
+        """(1) ``w = A q_j``, written into the next basis row (no copy), and the step's one read.
+
+        Where passes are cheap (an accelerator: a step's host time, not memory bandwidth, is its
+        overhead) the read is the Gram matrix of ``[u,] q_j, w`` (``u = q_{j-1}``), from which the
+        residual's norm follows exactly; with the three-term recurrence the same read also brings
+        every stored row's inner products with ``u, q_j, w``, so each row's drift is measured, not
+        estimated, and a Gram-Schmidt update needs no second pass. On a CPU, where passes cost
+        bandwidth (a ``(3, D) x (D, 3)`` product is several times slower than ``(3, D) x (D,)``),
+        the read is ``w``'s inner products with ``[u,] q_j, w``. Their NaN/Inf check is the
+        product's: NaN and Inf propagate into every inner product with it.
+        """
+        operand, views = self.operand, self.views
         new = j + 1
-        own = float(scales[j])
-        rows = views.rows[new]
-        image = views.vectors[new]
-        # (1) w = A q_j, written into the next basis row.
-        operand.matmat_rows_into(views.rows[j], rows, check_finite=False)
-        # Python floats, not numpy scalars, from here on: each numpy call costs microseconds of host
-        # time, several times the arithmetic on one number.
-        previous = j - 1 if j != start else projection.first_coupled
-        recurrence = previous == j - 1  # coupled to the previous row only (three-term recurrence)
-        # Where passes are cheap (an accelerator: a step's host time, not memory bandwidth, is its
-        # overhead) the one read is the Gram matrix of [u,] v and w (stored units; its last row w's
-        # inner products), from which the residual's norm follows exactly; with cheap passes and
-        # the three-term recurrence, the same read also brings every stored row's inner products
-        # with u, v and w, so each row's drift is measured, not estimated, and a Gram-Schmidt update
-        # needs no second pass and read. On a CPU, where passes cost bandwidth (and a (3, D) x (D, 3)
-        # product is several times slower than a (3, D) x (D,) one), the read is w's inner products with
-        # [u,] v and w, and the norm is measured after the subtraction (the new row is in cache).
-        # The NaN/Inf check of those inner products is the product's (NaN and Inf propagate into
-        # every inner product with it, and the product is still untouched here).
-        measure_all = operand.cheap_passes and recurrence
-        if measure_all:
+        own = float(self.scales[j])
+        operand.matmat_rows_into(views.rows[j], views.rows[new], check_finite=False)
+        previous = j - 1 if j != start else self.projection.first_coupled
+        recurrence = previous == j - 1
+        step = RowStep(j, new, own, previous, recurrence, operand.cheap_passes and recurrence)
+        if step.measure_all:
             table = operand.gram(views.basis[: new + 1], views.triples[j - 1])
-            gram = [table[j - 1], table[j], table[new]]
-            products = gram[-1]
+            step.table = table
+            step.gram = [table[j - 1], table[j], table[new]]
+            step.products = step.gram[-1]
         elif operand.cheap_passes:
-            gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
-            products = gram[-1]
+            step.gram = operand.gram(views.triples[j - 1] if recurrence else views.pairs[j])
+            step.products = step.gram[-1]
         else:
-            gram = None
-            products = operand.dots(views.triples[j - 1] if recurrence else views.pairs[j], image)
-        if not all(map(math.isfinite, products)):
-            operand.require_finite_product(image)
+            step.products = operand.dots(
+                views.triples[j - 1] if recurrence else views.pairs[j], views.vectors[new]
+            )
+        if not all(map(math.isfinite, step.products)):
+            operand.require_finite_product(views.vectors[new])
             raise FloatingPointError(
                 "lanczos: A v overflowed in v^T A v or ||A v||^2 (the product itself is finite)"
             )
-        # (2) alpha_j = <q_j, w>: alpha = v^T A v / v^T v (scale-free: w is A v in v's stored
-        # units; a measured norm made v^T v = 1 / own^2 to rounding), and in true units
-        # ||A v - alpha v||^2 = own^2 (w^T w - alpha v^T w).
-        alpha = products[-2] / gram[-2][-2] if gram is not None else own * own * products[-2]
-        product_squared = own * own * products[-1]
-        squared = product_squared - own * own * alpha * products[-2]
-        # Known couplings of rows [previous, j], in stored units (see LanczosState._block_step).
-        if recurrence:
+        return step
+
+    def _alpha(self, step: RowStep) -> None:
+        """(2) ``alpha_j = q_j^T A q_j / q_j^T q_j``: scale-free, as ``w`` is ``A q_j`` in row
+        ``j``'s stored units (a measured norm made ``q_j^T q_j = 1 / own^2`` to rounding); and in
+        true units ``||A q_j - alpha q_j||^2 = own^2 (w^T w - alpha q_j^T w)``."""
+        own, products, gram = step.own, step.products, step.gram
+        step.alpha = products[-2] / gram[-2][-2] if gram is not None else own * own * products[-2]
+        step.product_squared = own * own * products[-1]
+        step.squared = step.product_squared - own * own * step.alpha * products[-2]
+
+    def _subtract_known(self, step: RowStep) -> None:
+        """(3) ``w -= alpha_j q_j + beta_{j-1} q_{j-1}`` (or the arrow's couplings after a thick
+        restart, Wu & Simon 2000), in stored units (see :meth:`_block_residual`).
+
+        With the Gram matrix the residual's norm follows from the recurrence, ``||w - alpha v -
+        beta u||^2 = w^T w - alpha v^T w + beta^2 u^T u - 2 beta u^T w + 2 alpha beta u^T v``
+        (true units): exact for the vectors as they are, not as unit vectors, so earlier steps'
+        norm errors do not compound. With measured drift the subtraction waits: it joins the
+        Gram-Schmidt update (:meth:`_reorthogonalize`)."""
+        j, own, alpha = step.j, step.own, step.alpha
+        operand, views, scales, projection = self.operand, self.views, self.scales, self.projection
+        if step.recurrence:
             beta = projection.coupling(j)
             scale = float(scales[j - 1])
+            gram = step.gram
             if gram is not None:
-                # ... - 2 beta u^T A v + beta^2 u^T u + 2 alpha beta u^T v (true units): exact for
-                # the vectors as they are, not as unit vectors, so the norm errors of earlier steps
-                # do not compound through this formula.
-                squared += (
+                step.squared += (
                     beta
                     * scale
-                    * (beta * scale * gram[0][0] - 2.0 * own * products[0] + 2.0 * alpha * own * gram[0][1])
+                    * (
+                        beta * scale * gram[0][0]
+                        - 2.0 * own * step.products[0]
+                        + 2.0 * alpha * own * gram[0][1]
+                    )
                 )
-            # (3) w -= alpha_j q_j + beta_{j-1} q_{j-1}.
-            known = (beta * scale / own, alpha)
-            if not measure_all:  # (else merged into the update, or subtracted below)
-                operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
+            step.known = (beta * scale / own, alpha)
+            if not step.measure_all:
+                self._subtract_recurrence(step)
         else:
+            previous, new = step.previous, step.new
             arrow_known = np.empty((1, new - previous))
             arrow_known[0, :-1] = projection.projected[previous:j, j] * scales[previous:j] / own
             arrow_known[0, -1] = alpha
-            operand.subtract_combination_(rows, arrow_known, views.basis[previous:new])
+            operand.subtract_combination_(views.rows[new], arrow_known, views.basis[previous:new])
+
+    def _residual_norm(self, step: RowStep) -> None:
+        """The residual's norm: from the recurrence where its rounding (``~ sqrt(D) eps
+        max(||w||^2, ||A||^2)``) is below 1% of the kept level relative to the result, else
+        measured (a CPU, the arrow after a restart, or cancellation too deep). With measured
+        drift, each row's inner product with the residual comes from the read where its rounding
+        is within 1% of the level too (the accuracy a measuring pass has); else the deferred
+        subtraction is done now and the drift is estimated."""
+        operand, orthogonality, own = self.operand, self.orthogonality, step.own
+        image = self.views.vectors[step.new]
         rounding = pass_rounding(operand)
         exact = (
-            gram is not None
-            and previous >= j - 1
-            and squared * 0.01 * orthogonality >= rounding * max(product_squared, norm_estimate**2)
+            step.gram is not None
+            and step.previous >= step.j - 1
+            and step.squared * 0.01 * orthogonality
+            >= rounding * max(step.product_squared, self.norm_estimate**2)
         )
-        norm_before = math.sqrt(squared) / own if exact else 0.0  # stored units
-        if measure_all:
-            # Each row's inner product with the residual w - alpha v - c u comes from the table (true
-            # row units over own) where its rounding, relative to the inner products' operands, is
-            # within 1% of the level (the accuracy a measurement pass has); else a pass measures.
-            assert gram is not None  # measure_all: the Gram matrix was read
-            coefficient_u = known[0]
+        norm_before = math.sqrt(step.squared) / own if exact else 0.0
+        if step.measure_all:
+            gram, alpha = step.gram, step.alpha
+            assert step.known is not None  # measure_all: the three-term recurrence
+            coefficient_u = step.known[0]
             norms = (
                 math.sqrt(gram[2][2])
                 + abs(alpha) * math.sqrt(gram[1][1])
                 + abs(coefficient_u) * math.sqrt(gram[0][0])
             )
-            measure_all = exact and rounding * norms <= 0.01 * orthogonality * norm_before
-            if not measure_all:
-                operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
-        if not exact:  # a CPU, the arrow after a restart, or cancellation too deep for the level kept
+            step.measure_all = exact and rounding * norms <= 0.01 * orthogonality * norm_before
+            if not step.measure_all:
+                self._subtract_recurrence(step)
+        if not exact:
             norm_before = operand.norm(image)
-        first = None
-        if measure_all:
-            first = [
+        step.norm_before = norm_before
+        if step.measure_all:
+            assert step.known is not None
+            alpha, coefficient_u = step.alpha, step.known[0]
+            step.first = [
                 weight * (row[2] - alpha * row[1] - coefficient_u * row[0])
-                for weight, row in zip(scales[:new].tolist(), table)
+                for weight, row in zip(self.scales[: step.new].tolist(), step.table)
             ]
-        # (4) Reorthogonalize: rows [0, reach) get a Gram-Schmidt pass, only up to the last row whose
-        # drift (measured, or estimated: see PartialReorthogonalization) exceeds the tolerated
-        # level; often none.
-        if first is not None:
-            scale_down = 1.0 / max(norm_before, 1e-300)
-            predicted = [value * scale_down for value in first[:j]]
+
+    def _subtract_recurrence(self, step: RowStep) -> None:
+        """``w -= known[0] basis[j - 1] + known[1] basis[j]``: the three-term recurrence's
+        subtraction (deferred with measured drift, see :meth:`_subtract_known`)."""
+        views, j = self.views, step.j
+        assert step.known is not None
+        self.operand.subtract_rows_(
+            views.vectors[step.new], step.known, views.pairs[j - 1], views.vectors[j - 1 : step.new]
+        )
+
+    def _reorthogonalize(self, step: RowStep) -> None:
+        """(4) Rows ``[0, reach)`` get a Gram-Schmidt pass, only up to the last row whose drift
+        (measured, or estimated by Simon's recurrence: :class:`PartialReorthogonalization`)
+        exceeds the tolerated level; often none. Then ``T[j, j] = alpha`` (corrected by the pass)."""
+        drift = self.partial
+        if step.first is not None:
+            scale_down = 1.0 / max(step.norm_before, 1e-300)
+            step.predicted = [value * scale_down for value in step.first[: step.j]]
         else:
-            predicted = drift.predict(j, alpha, own * norm_before, norm_estimate)
-        reach, forced = drift.reach(j, predicted, orthogonality)
-        norm_after = norm_before
-        if reach:
-            norm_after, alpha = drift.reorthogonalize_row(
-                operand,
-                views,
-                scales,
-                new,
-                reach,
-                norm_before,
-                orthogonality,
-                j,
-                own,
-                alpha,
-                predicted,
-                forced,
-                first,
-                known if measure_all else None,
+            step.predicted = drift.predict(
+                step.j, step.alpha, step.own * step.norm_before, self.norm_estimate
             )
-        elif measure_all:
-            operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
-        projection.set_alpha(j, alpha)
-        # (5) beta_j = ||w||; q_{j+1} = w / beta_j (as a recorded scale), or a fresh direction
-        # after a breakdown.
+        step.reach, step.forced = drift.reach(step.j, step.predicted, self.orthogonality)
+        step.norm_after = step.norm_before
+        if step.reach:
+            drift.reorthogonalize_row(self, step)
+        elif step.measure_all:
+            self._subtract_recurrence(step)
+        self.projection.set_alpha(step.j, step.alpha)
+
+    def _normalize(self, step: RowStep) -> float:
+        """(5) ``beta_j = ||w||`` and ``q_{j+1} = w / beta_j`` as a recorded scale, or a
+        fresh direction with zero coupling after a breakdown; the drift row moves on."""
+        own, norm_after = step.own, step.norm_after
         norm = own * norm_after
-        norm_estimate = max(norm_estimate, abs(alpha), norm)
-        if _broke_down(operand, views.basis, scales, new, norm, norm_estimate, rng):
+        norm_estimate = max(self.norm_estimate, abs(step.alpha), norm)
+        if self._broke_down(step.new, norm, norm_estimate):
             norm = 0.0
         else:
-            _record_scale(operand, image, scales, new, norm_after)
-        drift.advance(predicted, norm, own * norm_before)
+            self._record_scale(step.new, norm_after)
+        assert step.predicted is not None
+        self.partial.advance(step.predicted, norm, own * step.norm_before)
         self.norm_estimate = norm_estimate
         return norm
+
+    # -- both widths ------------------------------------------------------------------------------
+
+    def _record_scale(self, index: int, stored_norm: float) -> None:
+        """Make ``scales[index] * basis[index]`` a unit vector: record ``1 / stored_norm`` (no pass
+        over the row), or normalize the row in place once its norm has left ``[1 / scale_limit,
+        scale_limit]``. Stored norms multiply by about ``beta`` per step, so an operator with
+        ``||A||`` far from 1 would otherwise drive them to over- or underflow within a run."""
+        limit = self.operand.scale_limit
+        if 1.0 / limit <= stored_norm <= limit:
+            self.scales[index] = 1.0 / stored_norm
+        else:
+            row = self.views.vectors[index]
+            self.operand.scaled_copy_(row, row, 1.0 / stored_norm)
+            self.scales[index] = 1.0
+
+    def _broke_down(self, row: int, norm: float, norm_estimate: float) -> bool:
+        """If the new row's true ``norm`` is at rounding level (an invariant subspace), replace it
+        by a fresh random unit direction orthogonal to the basis (with zero coupling, which keeps
+        the Lanczos relation exact) and return True.
+
+        A row at index ``D`` or beyond has no direction left: rows ``[0, D)`` span the whole
+        space, which ``A`` maps into itself, so the coupling is exactly 0 whatever rounding left
+        in the row. The row is zeroed and the Ritz pairs are exact; every residual estimate is
+        then 0, so the run ends here (with ``block_size > 1`` no row goes past ``D``: see
+        :func:`curvops.algorithms.eigen.lanczos`).
+        """
+        operand, basis, scales = self.operand, self.basis, self.scales
+        if row >= operand.dim:
+            basis[row] = 0.0
+            scales[row] = 1.0
+            return True
+        if norm > BREAKDOWN_FACTOR * operand.eps * norm_estimate:
+            return False
+        self._normalize_rows(row)
+        basis[row] = random_orthogonal(operand, basis[:row], self.rng)
+        scales[row] = 1.0
+        return True
+
+    def _normalize_rows(self, stop: int) -> None:
+        """Apply the recorded scales to ``basis[:stop]`` in place (before a generic Gram-Schmidt)."""
+        basis, scales = self.basis, self.scales
+        for index in np.flatnonzero(scales[:stop] != 1.0):
+            self.operand.scaled_copy_(basis[index], basis[index], float(scales[index]))
+            scales[index] = 1.0

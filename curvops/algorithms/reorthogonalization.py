@@ -28,7 +28,7 @@ import numpy as np
 from curvops.algorithms.vectors import Array, Operand
 
 if TYPE_CHECKING:
-    from curvops.algorithms.lanczos_core import BasisRowViews, TridiagonalProjection
+    from curvops.algorithms.lanczos_core import BlockStep, LanczosState, RowStep, TridiagonalProjection
 
 __all__ = [
     "DGKS_ETA",
@@ -144,45 +144,21 @@ class FullReorthogonalization:
     (:func:`~curvops.algorithms.lanczos_core.tridiagonalize_probes`).
     """
 
-    def reorthogonalize_block(
-        self,
-        operand: Operand,
-        basis: Array,
-        scales: np.ndarray,
-        images: Array,
-        reach: int,
-        norms_before: np.ndarray,
-        orthogonality: float,
-        block: slice,
-        own: np.ndarray,
-        diagonal_block: np.ndarray,
-    ) -> np.ndarray:
-        """Gram-Schmidt of the new block rows ``images`` against ``basis[:reach]``.
+    def reorthogonalize_block(self, state: LanczosState, step: BlockStep) -> np.ndarray:
+        """Classical Gram-Schmidt of the new block rows ``step.images`` against the basis rows
+        ``[0, step.new)``, a second pass only where the first removed more than ``1 - 1/sqrt(2)``
+        of a row (DGKS).
 
         Parameters
         ----------
-        operand
-            The vector layer.
-        basis
-            ``(n, D)`` stored rows; Lanczos vector ``i`` is ``scales[i] * basis[i]``.
-        scales
-            ``(n,)`` recorded scales of the rows.
-        images
-            ``(b, D)`` new rows (the residual block), updated in place.
-        reach
-            Rows ``[0, reach)`` of the basis to orthogonalize against.
-        norms_before
-            ``(b,)`` norms of ``images`` (stored units).
-        orthogonality
-            Relative level below which a coefficient is not removed (0: always removed): the
-            basis is then orthonormal to about that level instead of to rounding.
-        block
-            Rows of the current block, whose products ``images`` are.
-        own
-            ``(b,)`` scales of the current block's rows.
-        diagonal_block
-            ``(b, b)`` diagonal block of ``T``; the part removed along the current block (when
-            ``reach`` covers it) is added to it in place.
+        state
+            The Lanczos state: its operand, basis (Lanczos vector ``i`` is ``scales[i] *
+            basis[i]``) and orthogonality level, below which a coefficient is not removed (0:
+            always): the basis is then orthonormal to about that level instead of to rounding.
+        step
+            The block step: the residual block ``images`` (updated in place), its norms before
+            (stored units), the current block's rows and scales, and ``A_j`` (the part removed
+            along the current block is added to it in place).
 
         Returns
         -------
@@ -190,21 +166,23 @@ class FullReorthogonalization:
             ``(b,)`` norms after (stored units); 0 for a row the second pass too reduced by more
             than ``1 - 1/sqrt(2)`` (it lies in the Krylov space).
         """
-        norms_after = norms_before
+        operand, basis, scales, orthogonality = state.operand, state.basis, state.scales, state.orthogonality
+        images, block, own, reach = step.images, step.block, step.own, step.new
+        norms_before = norms_after = step.norms_before
         for repeat in range(2):
             if reach == 0:
                 break
             # coefficients[i, r] = v_i^T (A v_r) / own[r], relative to the norms in stored units.
             coefficients = operand.inner(basis[:reach].T, images.T) * scales[:reach, None]
             if (np.abs(coefficients) <= orthogonality * norms_before).all():
-                # Already orthogonal to the basis to ``orthogonality`` (relative): the update
-                # pass over the basis would change the block by less than that. Skipping it
-                # leaves the basis orthogonal to that level, far below what the Ritz values
-                # and residuals need (semi-orthogonality, sqrt(eps), suffices; Simon 1984).
+                # Already orthogonal to the basis to the level (relative): the update would change
+                # the block by less than that. Skipping it leaves the basis orthogonal to that
+                # level, far below what the Ritz values and residuals need (semi-orthogonality,
+                # sqrt(eps), suffices; Simon 1984).
                 break
             operand.subtract_combination_(images, (coefficients * scales[:reach, None]).T, basis[:reach])
             if reach > block.start:
-                diagonal_block += coefficients[block] * own[None, :]
+                step.diagonal_block += coefficients[block] * own[None, :]
             estimated = norms_after_update(operand, coefficients, norms_before, reach, orthogonality)
             norms_after = operand.column_norms(images.T) if estimated is None else estimated
             if (norms_after >= DGKS_ETA * norms_before).all():
@@ -212,7 +190,7 @@ class FullReorthogonalization:
             if repeat:
                 # A second pass that again removed most of a row: it lies in the span of the basis
                 # to rounding (an invariant subspace; ARPACK's rule), norm 0: the state then
-                # continues with a random direction (curvops.algorithms.lanczos_core._broke_down).
+                # continues with a random direction (LanczosState._broke_down).
                 norms_after = np.where(norms_after >= DGKS_ETA * norms_before, norms_after, 0.0)
             norms_before = norms_after
         return norms_after
@@ -516,106 +494,79 @@ class PartialReorthogonalization:
         row.append(1.0)
         self.previous, self.current = self.current, row
 
-    def reorthogonalize_row(
-        self,
-        operand: Operand,
-        views: BasisRowViews,
-        scales: np.ndarray,
-        new: int,
-        reach: int,
-        norm_before: float,
-        orthogonality: float,
-        j: int,
-        own: float,
-        alpha: float,
-        predicted: list[float],
-        forced: bool,
-        first: list[float] | None = None,
-        known: tuple[float, float] | None = None,
-    ) -> tuple[float, float]:
+    def reorthogonalize_row(self, state: LanczosState, step: RowStep) -> None:
         """:meth:`FullReorthogonalization.reorthogonalize_block` of the single new row
-        ``basis[new]`` (stored norm ``norm_before``) against ``basis[:reach]``, in host floats
-        (a step's host time is its overhead on a GPU).
+        ``basis[step.new]`` against ``basis[:step.reach]``, in host floats (a step's host time is
+        its overhead on a GPU).
 
-        The first pass's inner products replace the drift estimates ``predicted``; a ``forced``
-        update is applied whatever they say. ``first``: the first pass's coefficients, already
-        measured by the caller (no pass then); ``known``: the recurrence's coefficients of
-        ``basis[j - 1]`` and ``basis[j]`` (``own``: row ``j``'s scale), not yet subtracted, which
-        join the first update (or are subtracted alone if it is skipped).
+        The first pass's inner products replace the drift estimates ``step.predicted``; a
+        ``step.forced`` update is applied whatever they say. ``step.first``: the first pass's
+        coefficients, already measured by the step's read (no pass then); with measured drift the
+        recurrence's coefficients ``step.known`` are not yet subtracted and join the first update
+        (or are subtracted alone if it is skipped).
 
         Parameters
         ----------
-        operand
-            The vector layer.
-        views
-            Row views of the basis.
-        scales
-            Recorded scales of the rows.
-        new
-            Row of the new vector.
-        reach
-            Rows ``[0, reach)`` to orthogonalize against.
-        norm_before
-            The new row's norm (stored units).
-        orthogonality
-            The kept level (relative).
-        j
-            Row of the current vector.
-        own
-            Row ``j``'s scale.
-        alpha
-            ``T[j, j]`` so far.
-        predicted
-            Drift estimates (measured rows replaced in place).
-        forced
-            Update whatever the measurement says.
-        first
-            Coefficients already measured, or None.
-        known
-            Recurrence coefficients not yet subtracted, or None.
-
-        Returns
-        -------
-        tuple of float
-            The norm after (stored units; 0 if a second pass also removed most of the row) and
-            ``alpha`` corrected by the part removed along the current row ``j``.
+        state
+            The Lanczos state (operand, row views, scales, orthogonality level).
+        step
+            The single-vector step; sets ``norm_after`` (stored units; 0 if a second pass also
+            removed most of the row) and corrects ``alpha`` by the part removed along row ``j``.
         """
-        drift = self
-        image = views.vectors[new]
-        weights = scales[: max(reach, j + 1)].tolist()
+        operand, views, orthogonality = state.operand, state.views, state.orthogonality
+        j, own, reach, norm_before, alpha = step.j, step.own, step.reach, step.norm_before, step.alpha
+        known = step.known if step.measure_all else None
+        image = views.vectors[step.new]
+        weights = state.scales[: max(reach, j + 1)].tolist()
         for repeat in range(2):
             # coefficients[i] = v_i^T (A v_j) / own, relative to the norm in stored units.
-            if repeat == 0 and first is not None:
-                coefficients = first[:reach]
+            if repeat == 0 and step.first is not None:
+                coefficients = step.first[:reach]
             else:
                 coefficients = [
                     value * weight for value, weight in zip(operand.dots(views.basis[:reach], image), weights)
                 ]
                 if repeat == 0:
+                    assert step.predicted is not None
                     scale = 1.0 / max(norm_before, 1e-300)
-                    drift.measured(predicted, reach, [value * scale for value in coefficients])
-            if not (forced and repeat == 0) and max(map(abs, coefficients)) <= orthogonality * norm_before:
+                    self.measured(step.predicted, reach, [value * scale for value in coefficients])
+            if (
+                not (step.forced and repeat == 0)
+                and max(map(abs, coefficients)) <= orthogonality * norm_before
+            ):
+                # Orthogonal to the level already (Simon 1984): no update.
                 if known is not None:
-                    operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : new])
-                return norm_before, alpha  # orthogonal to the level already: see _reorthogonalize
-            update = [value * weight for value, weight in zip(coefficients, weights)]
-            if known is not None:  # one update for both, over rows [0, max(reach, j + 1))
-                update += [0.0] * (j + 1 - len(update))
-                update[j - 1] += known[0]
-                update[j] += known[1]
-                known = None
-            operand.subtract_combination_(views.rows[new], np.array([update]), views.basis[: len(update)])
+                    operand.subtract_rows_(image, known, views.pairs[j - 1], views.vectors[j - 1 : step.new])
+                step.norm_after, step.alpha = norm_before, alpha
+                return
+            update = _with_known([value * weight for value, weight in zip(coefficients, weights)], known, j)
+            known = None
+            operand.subtract_combination_(
+                views.rows[step.new], np.array([update]), views.basis[: len(update)]
+            )
             if reach > j:
                 alpha += coefficients[j] * own
-            drift.dropped(j, [own * value for value in coefficients])
-            drift.reset(reach)
+            self.dropped(j, [own * value for value in coefficients])
+            self.reset(reach)
             norm_after = norm_after_update(operand, coefficients, norm_before, reach, orthogonality)
             if norm_after is None:
                 norm_after = operand.norm(image)
             if norm_after >= DGKS_ETA * norm_before:
-                return norm_after, alpha
+                step.norm_after, step.alpha = norm_after, alpha
+                return
             norm_before = norm_after
-        # Both passes removed most of what was left: the row lies in the span of the basis to
-        # rounding (an invariant subspace; ARPACK's rule), norm 0: the state then continues with
-        # a random direction (curvops.algorithms.lanczos_core._broke_down).
-        return 0.0, alpha
+        # Both passes removed most of what was left (DGKS): the row lies in the span of the basis
+        # to rounding (an invariant subspace; ARPACK's rule), norm 0: the state then continues
+        # with a random direction (LanczosState._broke_down).
+        step.norm_after, step.alpha = 0.0, alpha
+
+
+def _with_known(update: list[float], known: tuple[float, float] | None, j: int) -> list[float]:
+    """A Gram-Schmidt update over rows ``[0, len(update))`` joined with the recurrence's
+    not-yet-subtracted coefficients of rows ``j - 1`` and ``j`` (one pass over the row for both),
+    over rows ``[0, max(len(update), j + 1))``."""
+    if known is not None:
+        update += [0.0] * (j + 1 - len(update))
+        update[j - 1] += known[0]
+        update[j] += known[1]
+    return update
