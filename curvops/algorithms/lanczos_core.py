@@ -776,7 +776,7 @@ class LanczosState:
         step = self._apply(j, start)  # w = A q_j, and its inner products with [q_{j-1},] q_j, w
         self._alpha(step)  # alpha_j = <q_j, w>
         self._subtract_known(step)  # w -= alpha_j q_j + beta_{j-1} q_{j-1}
-        self._residual_norm(step)  # ||w||, and each row's drift where the read measured it
+        self._residual_norm(step)  # ||w||, and each row's drift where the read computed it
         self._reorthogonalize(step)  # the partial policy (Simon 1984)
         return self._normalize(step)  # beta_j = ||w||; q_{j+1} = w / beta_j
 

@@ -262,7 +262,7 @@ class PartialReorthogonalization:
 
     #: A full measurement at least this often, in case rounding outgrows the model.
     FULL_EVERY = 8
-    #: Safety factor on the rounding term, and on the level a row may reach unmeasured.
+    #: Safety factor on the rounding term, and on the level a row may reach without being read.
     NOISE = 4.0
     MARGIN = 0.25
 
