@@ -283,8 +283,8 @@ def test_attention_of_every_layer_block_products_gpt2():
 
 @pytest.mark.parametrize(
     "output_tangent",
-    ["dual_forward_with_graph", "separate_tangent_pass"],
-    ids=["tangent_with_graph", "separate_forward"],
+    ["alongside_forward", "dual_forward_with_graph", "separate_tangent_pass"],
+    ids=["tangent_alongside", "tangent_with_graph", "separate_forward"],
 )
 @pytest.mark.parametrize("batched_columns", [True, False], ids=["batched", "column_by_column"])
 def test_fused_head_all_parameters_tied_embedding_gpt2(output_tangent, batched_columns):

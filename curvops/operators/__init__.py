@@ -15,6 +15,7 @@ from curvops.operators.base import (
     ModelOperator,
     TorchLinearOperator,
 )
+from curvops.operators.compiled import CompiledGGNOperator, CompiledHessianOperator
 from curvops.operators.ekfac import EKFACOperator
 from curvops.operators.fisher import FisherOperator
 from curvops.operators.ggn import GGNOperator
@@ -27,6 +28,8 @@ from curvops.operators.strategy import ProductStrategy
 
 __all__ = [
     "BatchSumOperator",
+    "CompiledGGNOperator",
+    "CompiledHessianOperator",
     "CurvatureOperator",
     "EKFACOperator",
     "FisherOperator",

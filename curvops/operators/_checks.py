@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from curvops.operators.base import CurvatureOperator
 
 
-def nonfinite_loss_error(losses: list[Tensor], batches: list[int], what: str) -> FloatingPointError | None:
+def nonfinite_loss_error(
+    losses: list[Tensor], batches: list[int], what: str, finite: list[bool] | None = None
+) -> FloatingPointError | None:
     """The error naming the first batch whose loss is NaN or Inf, or None.
 
     Parameters
@@ -35,6 +37,9 @@ def nonfinite_loss_error(losses: list[Tensor], batches: list[int], what: str) ->
         Batch index of each entry of ``losses``.
     what : str
         What the values are, for the message (``"loss"``).
+    finite : list of bool, optional
+        Whether each loss is finite, when the caller has already read it to the host (with
+        other checks, in one transfer); default None: read here.
 
     Returns
     -------
@@ -42,10 +47,14 @@ def nonfinite_loss_error(losses: list[Tensor], batches: list[int], what: str) ->
     """
     if not losses:
         return None
-    finite = torch.isfinite(torch.stack([v.reshape(()) for v in losses]))
-    if bool(finite.all()):
+    if finite is None:
+        flags = torch.isfinite(torch.stack([v.reshape(()) for v in losses]))
+        if bool(flags.all()):
+            return None
+        finite = flags.tolist()
+    if all(finite):
         return None
-    bad = batches[int((~finite).nonzero()[0])]
+    bad = batches[finite.index(False)]
     return FloatingPointError(f"the {what} of batch {bad} is NaN or Inf")
 
 
@@ -168,3 +177,46 @@ def _compare_evaluations(
                 f"(got {float(ours):.6g}, the loss gives {float(reference):.6g}); "
                 "please report it, and wrap the loss in a plain function meanwhile"
             )
+
+
+#: Why finite differences and autograd differ where a value is hidden from reverse mode
+#: (formatted with what they differentiate).
+FINITE_DIFFERENCES_SEE_VALUES = (
+    "finite differences differentiate {}'s values, and reverse mode treats that value as a constant"
+)
+USE_AUTOGRAD = "Use method='autograd', which is exact here"
+
+
+def refuse_values_hidden_from_reverse_mode(regions: Any, index: int, why: str, fix: str) -> None:
+    """Refuse a product that sees what reverse mode treats as constant (a parameter-dependent value).
+
+    Parameters
+    ----------
+    regions : ConstantRegions
+        What watched a forward pass of batch ``index``
+        (:class:`~curvops.operators._forward_ad.ConstantRegions`).
+    index : int
+        The batch's position in the data.
+    why : str
+        Why the product and autograd's matrix would differ there.
+    fix : str
+        What to use instead.
+
+    Raises
+    ------
+    ValueError
+        If the forward pass read the selected parameters without gradients, or read a
+        padding row of an embedding outside the embedding.
+    """
+    reason = f"{why}: the two differ (and the matrix is not symmetric). {fix}"
+    if regions.found is not None:
+        raise ValueError(
+            f"batch {index}: the model's forward calls {regions.found} without gradients (under "
+            f"torch.no_grad() or detach()) on a tensor that depends on the selected parameters; {reason}"
+        )
+    if regions.padding_weight_used_elsewhere:
+        raise ValueError(
+            f"batch {index}: an embedding weight with padding_idx is also read outside the "
+            f"embedding (tied to an output head?): its padding row gets a gradient from that "
+            f"use only; {reason}, or leave that weight out of params"
+        )

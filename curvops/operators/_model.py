@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -269,6 +271,31 @@ class ModelOperator(TorchLinearOperator):
             self.parallel.all_reduce_(square)
         return float(square.sqrt())
 
+    def _padding_rows(self) -> list[tuple[int, int]]:
+        """(index into ``params``, row) of the padding row of every selected embedding weight."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        return [
+            (index[id(m.weight)], m.padding_idx)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
+        ]
+
+    def _without_padding_rows(self, V: list[Tensor], padding: list[tuple[int, int]]) -> list[Tensor]:
+        """Directions ``V`` (pieces of shape ``(k, *param.shape)``) with the padding rows zeroed.
+
+        Reverse mode gives an embedding's padding row no gradient, so its rows and columns of
+        autograd's curvature are zero. Differences of values along it would see the row's
+        real effect, so finite differences leave it out of the direction (then the
+        finite-difference matrix is ``P C P`` with ``P`` zeroing those rows, which is
+        autograd's ``C`` where nothing else reads them). The affected pieces are copied.
+        """
+        if not padding:
+            return V
+        V = [v.clone() if any(i == j for j, _ in padding) else v for i, v in enumerate(V)]
+        for i, row in padding:
+            V[i][:, row] = 0
+        return V
+
     @contextlib.contextmanager
     def _shifted_parameters(self) -> Iterator[Callable[[list[Tensor], int, float], list[Tensor] | None]]:
         """Yield ``shift(V, col, amount)``, which moves the evaluation point to ``θ₀ + amount · V[col]``.
@@ -320,7 +347,9 @@ class ModelOperator(TorchLinearOperator):
 
         The model runs on copies of its buffers: what the forward pass writes into them
         (batch norm's running statistics in train mode) is discarded, and the buffers and
-        their version counters stay as they were.
+        their version counters stay as they were. (Within a pass over the data, a model
+        that provably cannot write them reads its buffers themselves, see
+        :attr:`_PassStructure.forward_leaves_buffers_alone`.)
 
         Parameters
         ----------
@@ -343,13 +372,21 @@ class ModelOperator(TorchLinearOperator):
         """
         args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
         replace = {} if replace is None else dict(replace)
-        if not isinstance(self.parallel, Sharded):
-            replace.update((name, buffer.clone()) for name, buffer in self.model.named_buffers())
-        with _attention_with_higher_derivatives():
+        structure = self.__dict__.get("_pass_structure")
+        if not isinstance(self.parallel, Sharded) and not (
+            structure is not None and structure.forward_leaves_buffers_alone
+        ):
+            buffers = list(self.model.named_buffers() if structure is None else structure.named_buffers())
+            replace.update(zip((name for name, _ in buffers), _copies([b for _, b in buffers])))
+        # Within a pass over the data the attention settings are already in place.
+        with contextlib.nullcontext() if structure is not None else _attention_with_higher_derivatives():
             if not replace:
                 output = self.model(*args, **kwargs)
             else:
-                output = torch.func.functional_call(self.model, replace, args, kwargs)
+                # Without tied tensors among the replaced names, torch's untying (a walk over
+                # every parameter and buffer of the model) changes nothing.
+                tie = structure is None or not structure.tied_names.isdisjoint(replace)
+                output = torch.func.functional_call(self.model, replace, args, kwargs, tie_weights=tie)
         if torch.is_tensor(output):
             return output
         logits = getattr(output, "logits", None)
@@ -376,10 +413,41 @@ class ModelOperator(TorchLinearOperator):
                 continue
             inputs, target = _unpack(batch, index)
             if counting:
-                shares.append(self.loss.batch_normaliser(target, inputs))
+                shares.append(self._normaliser_share(index, target, inputs))
             yield index, _to_device(inputs, self.device), _to_device(target, self.device)
         if counting:
-            self._pass_counts = (count, shares)
+            self._pass_counts = (count, self._remember_shares(shares))
+
+    def _normaliser_share(self, index: int, target: Any, inputs: Any) -> Any:
+        """Batch ``index``'s share of the normaliser: a number remembered from an earlier pass
+        if its targets are the same tensor, unmodified since, else a new count (a tensor).
+
+        Counting reads the targets (cross-entropy counts the targets that are not
+        ``ignore_index``): on a GPU kernels per batch and a transfer to the host. Unchanged
+        targets have the same count, and a tensor changed in place through torch has a new
+        version counter (what autograd checks its saved tensors by), so the count is
+        remembered per batch along with the version and the loss's settings it depends on.
+        """
+        key = _share_key(target, self.loss.fn)
+        if key is not None:
+            remembered = self.__dict__.setdefault("_remembered_shares", {}).get(index)
+            if remembered is not None and remembered[0]() is target and remembered[1] == key:
+                return remembered[2]
+        share = self.loss.batch_normaliser(target, inputs)
+        return (share, index, target, key) if key is not None else share
+
+    def _remember_shares(self, shares: list[Any]) -> list[Any]:
+        """The pass's shares as numbers (one transfer from the device for the new counts), and
+        the new ones remembered for the next pass (see :meth:`_normaliser_share`)."""
+        fresh = [s for s in shares if isinstance(s, tuple)]
+        if not fresh:
+            return shares
+        values = _to_host_numbers([s[0] for s in fresh])
+        remembered = self.__dict__.setdefault("_remembered_shares", {})
+        for (_, index, target, key), value in zip(fresh, values):
+            remembered[index] = (weakref.ref(target), key, value)
+        numbers = iter(values)
+        return [next(numbers) if isinstance(s, tuple) else s for s in shares]
 
     def _jvp(
         self, inputs: Any, tangents: list[Tensor], keep_graph: bool, tangent_graph: bool = False
@@ -436,8 +504,35 @@ class ModelOperator(TorchLinearOperator):
 
     def _detached_parameters(self) -> dict[str, Tensor]:
         """All parameters of the model, detached: a tangent pass with gradients enabled (see
-        :meth:`_jvp`) then records no graph, also through parameters outside the selection."""
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+        :meth:`_jvp`) then records no graph, also through parameters outside the selection.
+
+        A new dict each call (callers add to it); within a pass over the data its detached
+        tensors are made once.
+        """
+        structure = self.__dict__.get("_pass_structure")
+        if structure is None:
+            return {n: p.detach() for n, p in self.model.named_parameters()}
+        if structure.detached_parameters is None:
+            structure.detached_parameters = {n: p.detach() for n, p in self.model.named_parameters()}
+        return dict(structure.detached_parameters)
+
+    @contextlib.contextmanager
+    def _data_pass(self) -> Iterator[None]:
+        """Around one pass over the data: what every forward pass of it sets up, done once.
+
+        The attention settings of :func:`_attention_with_higher_derivatives` are entered once
+        and the model's structure is read once (:class:`_PassStructure`). Re-entrant: an inner
+        pass shares the outer one's.
+        """
+        if "_pass_structure" in self.__dict__:
+            yield
+            return
+        self._pass_structure = _PassStructure(self.model)
+        try:
+            with _attention_with_higher_derivatives():
+                yield
+        finally:
+            del self._pass_structure
 
     def _forward_writes_buffers(self) -> bool:
         """Whether the model has a norm layer that updates running statistics in its forward pass."""
@@ -475,6 +570,10 @@ def _stashed_gradients(model: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
+#: How many :func:`_attention_with_higher_derivatives` contexts this thread is inside.
+_ATTENTION_CONTEXTS = threading.local()
+
+
 @contextlib.contextmanager
 def _attention_with_higher_derivatives() -> Iterator[None]:
     """Route scaled-dot-product attention to the math kernel, and off the MHA fast path.
@@ -485,7 +584,26 @@ def _attention_with_higher_derivatives() -> Iterator[None]:
     Without autograd (the no-graph tangent forwards) ``nn.TransformerEncoderLayer`` and
     ``nn.MultiheadAttention`` in eval mode take a fused "fast path" that has no
     forward-mode AD either; it is switched off for the duration.
+
+    Nested entries (every forward pass of a pass over the data that entered it once) do
+    nothing: setting and restoring torch's backend flags costs more than a small model's
+    forward pass.
     """
+    depth = getattr(_ATTENTION_CONTEXTS, "depth", 0)
+    if depth:
+        yield
+        return
+    _ATTENTION_CONTEXTS.depth = 1
+    try:
+        with _attention_backends_for_higher_derivatives():
+            yield
+    finally:
+        _ATTENTION_CONTEXTS.depth = 0
+
+
+@contextlib.contextmanager
+def _attention_backends_for_higher_derivatives() -> Iterator[None]:
+    """The settings of :func:`_attention_with_higher_derivatives`, set and restored."""
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha is not None else None
     if mha is not None:
@@ -501,6 +619,156 @@ def _attention_with_higher_derivatives() -> Iterator[None]:
     finally:
         if mha is not None:
             mha.set_fastpath_enabled(fastpath)
+
+
+class _PassStructure:
+    """What a forward pass reads of the model's structure, read once per pass over the data.
+
+    Within a pass the model's modules and the ties between its tensors stay as they are
+    (what a forward pass writes into buffers is discarded, see
+    :meth:`ModelOperator.forward`), so walking the module tree for every batch (every
+    buffer, and every tensor for the ties of ``torch.func.functional_call``) repeats the
+    same answer; on a small model on a GPU those walks cost more than the batch's kernels.
+    The buffers themselves are read for every batch, from each module's own table, so a
+    buffer a forward pass registers or replaces is seen as before.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (unwrapped from DDP).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        #: (prefix, module) of every module, in ``named_modules()`` order.
+        self.modules = list(model.named_modules())
+        self.detached_parameters: dict[str, Tensor] | None = None
+        self._tied_names: frozenset[str] | None = None
+        self._leaves_buffers_alone: bool | None = None
+
+    @property
+    def forward_leaves_buffers_alone(self) -> bool:
+        """Whether no forward or backward pass of the model can write into its buffers.
+
+        Provable for a model made only of torch's own modules, without hooks, whose modules
+        with buffers are norm layers that only read their running statistics (eval mode, or
+        not tracking them) and are not lazy: their forward passes then read the buffers and
+        write nothing but their outputs, and the copies of :meth:`ModelOperator.forward`
+        would hold the same values. Any other module (a user's ``forward`` may write
+        anything) makes it False.
+        """
+        if self._leaves_buffers_alone is None:
+            self._leaves_buffers_alone = _forward_leaves_buffers_alone([m for _, m in self.modules])
+        return self._leaves_buffers_alone
+
+    @property
+    def tied_names(self) -> frozenset[str]:
+        """Names of the parameters and buffers that share their tensor with another name."""
+        if self._tied_names is None:
+            names_of: dict[int, list[str]] = {}
+            for name, tensor in (
+                *self.model.named_parameters(remove_duplicate=False),
+                *self.model.named_buffers(remove_duplicate=False),
+            ):
+                names_of.setdefault(id(tensor), []).append(name)
+            self._tied_names = frozenset(n for names in names_of.values() if len(names) > 1 for n in names)
+        return self._tied_names
+
+    def named_buffers(self) -> list[tuple[str, Tensor]]:
+        """``model.named_buffers()`` (the same names, tensors and order), without the tree walk."""
+        seen: set[int] = set()
+        found = []
+        for prefix, module in self.modules:
+            for name, buffer in module._buffers.items():
+                if buffer is None or id(buffer) in seen:
+                    continue
+                seen.add(id(buffer))
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+        return found
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _forward_leaves_buffers_alone(modules: list[nn.Module]) -> bool:
+    """See :attr:`_PassStructure.forward_leaves_buffers_alone`."""
+    registry = nn.modules.module
+    if any(getattr(registry, name, True) for name in _GLOBAL_HOOKS):
+        return False
+    for module in modules:
+        if not type(module).__module__.startswith("torch.nn.modules."):
+            return False
+        if any(getattr(module, name, True) for name in _MODULE_HOOKS):
+            return False
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            return False
+        if any(b is not None for b in module._buffers.values()):
+            if not isinstance(module, nn.modules.batchnorm._NormBase):
+                return False
+            if module.training and module.track_running_stats:
+                return False
+    return True
+
+
+def _copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` (as ``clone``: same values, dtype, device and strides).
+
+    One multi-tensor copy per device and dtype rather than one kernel per tensor: a model with
+    batch norm layers has three buffers per layer, copied for every forward pass.
+    """
+    if len(tensors) < 2 or any(t.requires_grad for t in tensors):
+        return [t.clone() for t in tensors]
+    copies = [torch.empty_like(t) for t in tensors]
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for members in groups.values():
+        torch._foreach_copy_([copies[i] for i in members], [tensors[i] for i in members])
+    return copies
+
+
+def _share_key(target: Any, loss_fn: Any) -> tuple[Any, ...] | None:
+    """What a batch's normaliser share depends on besides the target's identity (None: not a tensor).
+
+    The target's version counter, storage, shape, dtype and device, and the loss settings the
+    count reads (``ignore_index`` and the class weights, by identity and version).
+    """
+    if not torch.is_tensor(target):
+        return None
+    weight = getattr(loss_fn, "weight", None)
+    weight_key = (id(weight), weight._version) if torch.is_tensor(weight) else None
+    return (
+        target._version,
+        target.data_ptr(),
+        target.shape,
+        target.dtype,
+        target.device,
+        getattr(loss_fn, "ignore_index", None),
+        weight_key,
+    )
+
+
+def _to_host_numbers(values: list[Any]) -> list[Any]:
+    """Python numbers of 0-d tensors (and numbers), with one transfer per device and dtype.
+
+    ``float`` of each result equals ``float`` of its tensor: ``tolist`` returns the exact value.
+    """
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, v in enumerate(values):
+        if torch.is_tensor(v):
+            groups.setdefault((v.device, v.dtype), []).append(i)
+    numbers = list(values)
+    for members in groups.values():
+        stacked = torch.stack([values[i].reshape(()) for i in members]).tolist()
+        for i, number in zip(members, stacked):
+            numbers[i] = number
+    return numbers
 
 
 def _select_parameters(model: nn.Module, params: ParamSelection) -> tuple[list[str], list[nn.Parameter]]:

@@ -212,10 +212,11 @@ class CurvatureOperator(ModelOperator):
 
         def accumulate() -> None:
             nonlocal total
-            for _, inputs, target in self._batches():
-                value, grads, _ = self._loss_gradient(inputs, target, self.scale)
-                grad.add_(torch.cat([g.reshape(-1) for g in grads]))
-                total = total + value
+            with self._data_pass():
+                for _, inputs, target in self._batches():
+                    value, grads, _ = self._loss_gradient(inputs, target, self.scale)
+                    grad.add_(torch.cat([g.reshape(-1) for g in grads]))
+                    total = total + value
 
         self._run_local(accumulate)
         if self.parallel is not None:
@@ -307,10 +308,15 @@ class CurvatureOperator(ModelOperator):
     def _parameter_shapes(self) -> list[torch.Size]:
         return list(self.param_shapes)
 
-    def _pass_error(self, losses: list[Tensor], loss_batches: list[int]) -> Exception | None:
-        """The error of the last pass: the data changed since construction, or a loss is NaN/Inf."""
+    def _pass_error(
+        self, losses: list[Tensor], loss_batches: list[int], finite: list[bool] | None = None
+    ) -> Exception | None:
+        """The error of the last pass: the data changed since construction, or a loss is NaN/Inf
+        (``finite``: whether each loss is finite, if already read)."""
         counts = self.__dict__.pop("_pass_counts", None)
-        return data_change_error(self, counts) or nonfinite_loss_error(losses, loss_batches, what="loss")
+        return data_change_error(self, counts) or nonfinite_loss_error(
+            losses, loss_batches, what="loss", finite=finite
+        )
 
     def _run_local(self, work: Callable[[], Any]) -> Any:
         """Run this rank's pass over its data so that an exception reaches every rank.
@@ -336,10 +342,14 @@ class CurvatureOperator(ModelOperator):
         total = 0.0
         error: Exception | None = None
         try:
+            shares = []
             for index, batch in enumerate(self.data):
                 inputs, target = _unpack(batch, index)
-                total += float(self.loss.batch_normaliser(target, inputs))
+                shares.append(self._normaliser_share(index, target, inputs))
                 count += 1
+            # Summed in order, as every pass recounts them (data_change_error).
+            for share in self._remember_shares(shares):
+                total += float(share)
         except (TypeError, ValueError) as caught:
             error = caught
         self._agree(error)
@@ -434,7 +444,7 @@ class BatchSumOperator(CurvatureOperator):
             losses: list[Tensor] = []
             loss_batches: list[int] = []
             try:
-                with self._batch_products(V, block.parts) as product:
+                with self._data_pass(), self._batch_products(V, block.parts) as product:
                     for index, inputs, target in self._batches(only):
                         loss = product(index, inputs, target)
                         if loss is not None:
@@ -482,10 +492,13 @@ class BatchSumOperator(CurvatureOperator):
             if flat is not rows:
                 out.copy_(flat.T)
             result = out
+        losses_finite, sum_finite = _finite_flags(losses, result)
         # Two agreements, in this order: a NaN loss on one rank spreads NaN into every rank's
         # (reduced) product, and the message must name the rank whose loss caused it.
-        self._agree(self._pass_error(losses, loss_batches))
-        finite = all_finite(result)
+        self._agree(self._pass_error(losses, loss_batches, losses_finite))
+        # A finite sum proves every entry finite; an infinite one may be an overflow of finite
+        # entries, settled elementwise.
+        finite = sum_finite or all_finite(result)
         if self.parallel is not None:
             self._agree(None if finite else FloatingPointError("the curvature product is NaN or Inf"))
         elif not finite:
@@ -502,3 +515,18 @@ class BatchSumOperator(CurvatureOperator):
             if not all_finite(block.flat):
                 raise FloatingPointError(f"the curvature product is NaN or Inf on batch {index}")
         raise FloatingPointError("the curvature product is NaN or Inf")
+
+
+def _finite_flags(losses: list[Tensor], result: Tensor) -> tuple[list[bool] | None, bool]:
+    """Whether each loss is finite, and whether the sum of ``result`` is, read in one transfer.
+
+    On a GPU every read of a device value to the host waits for the queued kernels; the
+    checks after a product read them together. Losses on another device than ``result``
+    are left to :func:`~curvops.operators._checks.nonfinite_loss_error` (None).
+    """
+    total = result.sum()
+    if not losses or any(loss.device != result.device for loss in losses):
+        return None, bool(torch.isfinite(total))
+    # stack promotes to the widest dtype: finiteness is kept.
+    flags = torch.isfinite(torch.stack([*(loss.reshape(()) for loss in losses), total])).tolist()
+    return flags[:-1], flags[-1]

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvops.operators._forward_ad import tangent_rules
+from curvops.operators._forward_ad import own_storage, tangent_rules
 from curvops.operators._output_space import OutputSpaceOperator
+from curvops.operators._tangent_propagation import TangentNotCarried, TangentsAlongside
 from curvops.operators.base import BatchProduct, ParamSelection, document_shared_parameters
 from curvops.operators.strategy import ProductStrategy
 
@@ -46,6 +47,24 @@ class GGNOperator(OutputSpaceOperator):
     head_chunk_rows : int, optional
         Rows per chunk of the fused head (default: one (rows, V) tensor of at most
         256 MiB).
+    method : {"autograd", "finite_difference"}, optional
+        ``"autograd"`` (default): exact, ``J v`` by forward-mode AD as ``strategy`` says.
+        ``"finite_difference"``: ``J v ≈ (f(θ + εv) − f(θ − εv)) / (2ε)`` from two forward
+        passes without a graph, then ``Jᵀ`` by one backward pass as usual (what
+        hessian-eigenthings' GGN does by default, and this operator under FSDP). The
+        product is then approximate: central differences have a truncation error
+        ``O(ε²)`` and a rounding error ``O(u/ε)`` (``u`` the unit roundoff), so the relative
+        error is at best ``O(u^(2/3))`` times model constants (see
+        docs/benchmarks.md#finite-difference-ggn for measured errors) and the matrix is
+        symmetric only up to that error. The model is evaluated at ``θ ± εv`` out of place:
+        parameters and version counters are untouched. The padding rows of embeddings are
+        left out of the directions, and a model whose forward pass reads the selected
+        parameters under ``torch.no_grad()`` or through ``detach()`` (or a padding row
+        outside its embedding) is refused on its first product, as for the Hessian.
+    fd_eps : float, optional
+        Step of the finite differences as a perturbation norm ``‖εv‖`` (with
+        ``method="finite_difference"`` or under FSDP). Default:
+        :meth:`finite_difference_step`.
     strategy : ProductStrategy or "auto", optional
         How ``J v`` is obtained (``output_tangent``) and whether the columns of a block share
         vectorised passes (``batched_columns``); ``hessian_vector`` does not concern the GGN.
@@ -57,7 +76,9 @@ class GGNOperator(OutputSpaceOperator):
         If ``fused_head`` or ``strategy`` has the wrong type.
     ValueError
         If ``fused_head`` names no bias-free ``nn.Linear`` of the model or the loss is not a
-        cross-entropy, or for the data and model refusals of every curvature operator.
+        cross-entropy, if ``method`` or ``fd_eps`` is invalid or ``method="finite_difference"``
+        is combined with ``fused_head``, or for the data and model refusals of every
+        curvature operator.
     NotImplementedError
         If ``fused_head`` is asked of a DDP/FSDP model.
 
@@ -76,8 +97,21 @@ class GGNOperator(OutputSpaceOperator):
         fused_head: bool | str | nn.Module = False,
         head_chunk_rows: int | None = None,
         check_deterministic: bool = True,
+        method: str = "autograd",
+        fd_eps: float | None = None,
         strategy: ProductStrategy | str = "auto",
     ) -> None:
+        if method not in ("autograd", "finite_difference"):
+            raise ValueError(f"method must be 'autograd' or 'finite_difference', got {method!r}")
+        if fd_eps is not None and not fd_eps > 0:
+            raise ValueError(f"fd_eps must be a positive number, got {fd_eps!r}")
+        if method == "finite_difference" and fused_head not in (False, None):
+            raise ValueError(
+                "fused_head computes J v exactly inside the head; it has no finite-difference "
+                "variant: use method='autograd' with fused_head, or fused_head=False"
+            )
+        self.method = method
+        self.fd_eps = fd_eps
         if fused_head is not None and not isinstance(fused_head, (bool, str, nn.Module)):
             raise TypeError(
                 f"fused_head must be a bool, a module name or a module, got {type(fused_head).__name__}"
@@ -153,29 +187,41 @@ class GGNOperator(OutputSpaceOperator):
         spec = self.loss.flat if self.loss.flat is not None else self.loss
         f: Any = self.loss.fn
         ce: Any = spec.fn  # an nn.CrossEntropyLoss (or the flattened loss's)
-        keep_graph = self._tangent_with_graph()
+        method = self._first_tangent_method()
+        column = [own_storage(v[0]) for v in V] if method == "alongside_forward" else None
         batched = self._batched_columns()
 
-        def product(index: int, inputs: Any, target: Any) -> Tensor:
-            if keep_graph:
+        def forward_to_head(inputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+            """(head input, stand-in, model output, tangent of the head input, whether it is column 0's)."""
+            if column is not None and self.tangent_alongside_refusal is None:
+                try:
+                    with torch.enable_grad(), TangentsAlongside(zip(self.params, column)) as mode:
+                        hidden, stand_in, output = self._forward_to_head(inputs, None)
+                    return hidden, stand_in, output, mode.tangent_of(hidden), True
+                except TangentNotCarried as refusal:
+                    self.tangent_alongside_refusal = str(refusal)
+            if method == "dual_forward_with_graph":
                 # Column 0: one dual forward keeps the graph up to the head's input.
                 with torch.enable_grad(), fwAD.dual_level(), tangent_rules():
                     duals = {n: fwAD.make_dual(p, t[0]) for n, p, t in zip(self.param_names, self.params, V)}
                     hidden, stand_in, output = self._forward_to_head(inputs, duals)
                     hidden, first = fwAD.unpack_dual(hidden)
-            else:
-                # A plain forward keeps the graph, the tangents come from a separate no-graph
-                # forward (the graph holds no tangent work).
-                with torch.enable_grad():
-                    hidden, stand_in, output = self._forward_to_head(inputs, None)
-                first = None
+                return hidden, stand_in, output, first, True
+            # A plain forward keeps the graph, the tangents come from a separate no-graph
+            # forward (the graph holds no tangent work).
+            with torch.enable_grad():
+                hidden, stand_in, output = self._forward_to_head(inputs, None)
+            return hidden, stand_in, output, None, False
+
+        def product(index: int, inputs: Any, target: Any) -> Tensor:
+            hidden, stand_in, output, first, has_first = forward_to_head(inputs)
             if output is not stand_in:
                 raise ValueError(
                     "fused_head: the model's output is not the head's output (the model "
                     "transforms the logits after the head); use fused_head=False"
                 )
             h2d = hidden.detach().reshape(-1, hidden.shape[-1])
-            if keep_graph:
+            if has_first:
                 tangents = [torch.zeros_like(h2d) if first is None else first.detach().reshape(h2d.shape)]
                 # The tangent carries the autograd graph of its own computation (recorded because
                 # the primals require grad): drop it now, not at the end of the batch.

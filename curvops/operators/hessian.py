@@ -1,4 +1,4 @@
-"""The Hessian of the loss w.r.t. the parameters, by double backward or finite differences."""
+"""The Hessian of the loss: reverse over forward, double backward or finite differences."""
 
 from __future__ import annotations
 
@@ -7,9 +7,20 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from curvops.operators._forward_ad import ConstantRegions, first_unverified_operation, own_storage
+from curvops.operators._checks import (
+    FINITE_DIFFERENCES_SEE_VALUES,
+    USE_AUTOGRAD,
+    refuse_values_hidden_from_reverse_mode,
+)
+from curvops.operators._forward_ad import (
+    ConstantRegions,
+    first_unverified_operation,
+    own_storage,
+    tangent_rules,
+)
 from curvops.operators._parallel import Sharded
 from curvops.operators.base import (
     BatchProduct,
@@ -36,7 +47,7 @@ class _UnverifiedOperation(Exception):
 
 @document_shared_parameters
 class HessianOperator(BatchSumOperator):
-    """Hessian ``∇²_θ L`` of the whole-dataset loss as a linear operator (D, D).
+    r"""Hessian ``∇²_θ L`` of the whole-dataset loss as a linear operator (D, D).
 
     Parameters
     ----------
@@ -45,12 +56,17 @@ class HessianOperator(BatchSumOperator):
         ``"autograd"`` (default): exact products by automatic differentiation. A (D, k)
         block by double backward, one differentiable gradient per batch reused for all k
         columns; a single vector by reverse over forward (one dual forward pass
-        keeping the graph of the output and of its tangent ``J v``, one backward pass of
-        ``⟨∇_z ℓ, J v⟩``), which forms fewer matrix products; it is used only while the
-        model runs operations whose forward-mode rules are verified to be right when
-        differentiated (checked on every batch; not ``layer_norm``, ``batch_norm`` in train
-        mode or ``softmax`` on torch 2.13), and double backward replaces it for good otherwise
-        (``strategy.hessian_vector`` chooses; see :class:`~curvops.ProductStrategy`).
+        keeping the graph of the output and of its tangent ``J v``, one backward pass
+        seeded with ``∇²_z ℓ · J v`` at the output and ``∇_z ℓ`` at its tangent), which
+        forms fewer matrix products. It is used only while the model runs operations whose
+        forward-mode rules are verified to be right when differentiated: curvops' own rules
+        for layer norm, RMS norm, softmax, log-softmax and scaled-dot-product attention
+        (torch's are wrong or not differentiable), so transformers such as Hugging Face
+        GPT-2 and Llama qualify; not batch norm in train mode nor custom
+        ``autograd.Function``\ s. Each batch's graph is checked before its first product by
+        a plain forward pass (less memory than any product) and again in every product;
+        double backward replaces reverse over forward for good where an operation is not
+        verified (``strategy.hessian_vector`` chooses; see :class:`~curvops.ProductStrategy`).
         ``"finite_difference"``: central differences of gradients,
         ``Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)``; needs no double backward (the
         path for FSDP and for layers without second derivatives) and costs two
@@ -115,10 +131,13 @@ class HessianOperator(BatchSumOperator):
         self.method = method
         self.fd_eps = fd_eps
         self.strategy = ProductStrategy.from_argument(strategy)
-        #: The operation that made reverse over forward unusable for this model (None: none met).
+        #: What made reverse over forward unusable for this model: an operation, or running out
+        #: of memory (None: nothing yet).
         self._unverified_operation: str | None = None
         #: Batches whose forward pass the finite differences have read for hidden dependences.
         self._structure_checked: set[int] = set()
+        #: Batches whose graph a plain forward pass has shown to hold verified operations only.
+        self._graph_prechecked: set[int] = set()
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         if isinstance(self.parallel, Sharded) and method != "finite_difference":
             raise NotImplementedError(
@@ -135,7 +154,8 @@ class HessianOperator(BatchSumOperator):
         str
             ``"finite_difference"`` (``method="finite_difference"``), ``"double_backward"``
             (chosen by ``strategy``, or for good once reverse over forward met an operation
-            whose forward-mode rule is not verified) or ``"reverse_over_forward"``.
+            whose forward-mode rule is not verified or ran out of memory) or
+            ``"reverse_over_forward"``.
         """
         if self.method == "finite_difference":
             return "finite_difference"
@@ -195,33 +215,52 @@ class HessianOperator(BatchSumOperator):
 
         Raises :class:`RestartPass` (the pass then runs again by double backward, and so do
         all later products) where the output graph holds an operation whose forward-mode rule
-        is not verified to be right when differentiated, or one without a forward-mode rule.
+        is not verified to be right when differentiated, or one without a forward-mode rule,
+        or where the product runs out of memory.
         """
         column = [own_storage(v[0]) for v in V]
+        prechecked = self._graph_prechecked
 
-        def multiply(inputs: Any, target: Any) -> Tensor:
+        def multiply(index: int, inputs: Any, target: Any) -> Tensor:
+            if index not in prechecked:
+                self._precheck_graph(inputs)
+                prechecked.add(index)
             output, tangent = self._jvp(inputs, column, keep_graph=True, tangent_graph=True)
             unverified = first_unverified_operation(output)
             if unverified is not None:
                 raise _UnverifiedOperation(unverified)
+            # ∇_θ ⟨∇_z ℓ(z(θ)), J(θ) v⟩ = Jᵀ (∇²_z ℓ · J v) + (∂(J v)/∂θ)ᵀ ∇_z ℓ: one backward pass
+            # seeded at the output and at its tangent, with both seeds from the loss in closed
+            # form (no graph through the loss, which would hold output-sized tensors).
+            detached = output.detach().requires_grad_(True)
             with torch.enable_grad():
-                value = self.loss.batch_sum(output, target) * self.scale
-                if output.requires_grad:
-                    (output_grad,) = torch.autograd.grad(value, output, create_graph=True)
-                    directional = (output_grad * tangent).sum()  # ⟨∇_z ℓ, J v⟩ = ∇_θ L · v
-                    if directional.requires_grad:
-                        hv = torch.autograd.grad(
-                            directional, self.params, allow_unused=True, materialize_grads=True
-                        )
-                        for o, h in zip(out, hv):
-                            o[0].add_(h)
+                value = self.loss.batch_sum(detached, target) * self.scale
+                (gradient,) = torch.autograd.grad(value, detached)
+            roots, seeds = [], []
+            if output.requires_grad:
+                roots.append(output)
+                seeds.append(self.loss.output_hvp(detached.detach(), target, tangent.detach()) * self.scale)
+            if tangent.requires_grad:
+                roots.append(tangent)
+                seeds.append(gradient)
+            if roots:
+                hv = torch.autograd.grad(
+                    roots, self.params, grad_outputs=seeds, allow_unused=True, materialize_grads=True
+                )
+                for o, h in zip(out, hv):
+                    o[0].add_(h)
             return value.detach()
 
         def product(index: int, inputs: Any, target: Any) -> Tensor:
             try:
-                return multiply(inputs, target)
+                return multiply(index, inputs, target)
             except _UnverifiedOperation as unverified:
                 self._unverified_operation = str(unverified)
+            except torch.cuda.OutOfMemoryError as error:
+                # The dual forward holds the graphs of the output and of its tangent: where that
+                # does not fit, double backward (the forward's and the gradient's) may. The
+                # failed attempt's tensors are freed with the exception, before the restart.
+                self._unverified_operation = f"out of memory: {error}"
             except (NotImplementedError, RuntimeError) as error:
                 if not any(sign in str(error) for sign in _FORWARD_MODE_FAILURES):
                     raise
@@ -230,14 +269,21 @@ class HessianOperator(BatchSumOperator):
 
         return product
 
-    def _padding_rows(self) -> list[tuple[int, int]]:
-        """(index into ``params``, row) of the padding row of every selected embedding weight."""
-        index = {id(p): i for i, p in enumerate(self.params)}
-        return [
-            (index[id(m.weight)], m.padding_idx)
-            for m in self.model.modules()
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
-        ]
+    def _precheck_graph(self, inputs: Any) -> None:
+        """Raise :class:`_UnverifiedOperation` if a plain forward pass of the batch (graph kept,
+        no tangents, under the same rules) runs an operation whose rule is not verified.
+
+        Its graph is a part of what a product holds (the reverse-over-forward product keeps it
+        and the tangent's; double backward keeps it and the gradient's), so a model that
+        cannot go by reverse over forward is found without the memory of a product. The
+        product still checks its own graph: a data-dependent branch may differ.
+        """
+        with torch.enable_grad(), fwAD.dual_level(), tangent_rules(differentiated=True):
+            output = self.forward(inputs)
+        unverified = first_unverified_operation(output)
+        del output
+        if unverified is not None:
+            raise _UnverifiedOperation(unverified)
 
     @contextlib.contextmanager
     def _finite_difference_products(self, V: list[Tensor], out: list[Tensor]) -> Iterator[BatchProduct]:
@@ -252,14 +298,7 @@ class HessianOperator(BatchSumOperator):
         step = self.finite_difference_step()
         sharded = isinstance(self.parallel, Sharded)
         padding = [] if sharded else self._padding_rows()
-        if padding:
-            # Autograd gives an embedding's padding row no gradient: its rows and columns of the
-            # Hessian are zero. Differences of gradients along it would see the row's real
-            # effect on the other gradients, so the direction leaves it out (then H_fd = P H P
-            # with P zeroing those rows, which is autograd's H where nothing else reads them).
-            V = [v.clone() if any(i == j for j, _ in padding) else v for i, v in enumerate(V)]
-            for i, row in padding:
-                V[i][:, row] = 0
+        V = self._without_padding_rows(V, padding)
         # Per-column step: a perturbation of norm ``step`` along each column.
         norms = [self._global_norm([v[col] for v in V]) for col in range(k)]
         steps = [None if norm == 0.0 else step / norm for norm in norms]
@@ -281,7 +320,9 @@ class HessianOperator(BatchSumOperator):
                             value, grads, _ = self._loss_gradient(
                                 inputs, target, self.scale, at=at, regions=regions
                             )
-                            self._refuse_hidden_dependence(regions, index)
+                            refuse_values_hidden_from_reverse_mode(
+                                regions, index, FINITE_DIFFERENCES_SEE_VALUES.format("the loss"), USE_AUTOGRAD
+                            )
                             checked.add(index)
                         for o, g in zip(out, grads):
                             o[col].add_(g, alpha=sign)
@@ -294,22 +335,3 @@ class HessianOperator(BatchSumOperator):
             if eps is not None:
                 for o in out:
                     o[col].div_(2 * eps)
-
-    def _refuse_hidden_dependence(self, regions: ConstantRegions, index: int) -> None:
-        """Refuse finite differences where autograd treats a parameter-dependent value as constant."""
-        fix = (
-            "finite differences differentiate the loss's values, and autograd's Hessian treats that "
-            "value as a constant: the two differ (and the finite-difference matrix is not "
-            "symmetric). Use method='autograd', which is exact here"
-        )
-        if regions.found is not None:
-            raise ValueError(
-                f"batch {index}: the model's forward calls {regions.found} without gradients (under "
-                f"torch.no_grad() or detach()) on a tensor that depends on the selected parameters; {fix}"
-            )
-        if regions.padding_weight_used_elsewhere:
-            raise ValueError(
-                f"batch {index}: an embedding weight with padding_idx is also read outside the "
-                f"embedding (tied to an output head?): its padding row gets a gradient from that "
-                f"use only; {fix}, or leave that weight out of params"
-            )

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 HessianVectorMethod = Literal["auto", "reverse_over_forward", "double_backward"]
-OutputTangentMethod = Literal["auto", "dual_forward_with_graph", "separate_tangent_pass"]
+OutputTangentMethod = Literal["auto", "alongside_forward", "dual_forward_with_graph", "separate_tangent_pass"]
 
 _HESSIAN_VECTOR = ("auto", "reverse_over_forward", "double_backward")
-_OUTPUT_TANGENT = ("auto", "dual_forward_with_graph", "separate_tangent_pass")
+_OUTPUT_TANGENT = ("auto", "alongside_forward", "dual_forward_with_graph", "separate_tangent_pass")
 _BATCHED_COLUMNS = ("auto", True, False)
 
 
@@ -41,27 +41,40 @@ class ProductStrategy:
           backward pass (reverse over forward; Pearlmutter 1994, "Fast exact multiplication
           by the Hessian"; Griewank & Walther 2008, ch. 5). It forms fewer matrix products
           than double backward, which also forms the gradient's weight products. It
-          differentiates torch's forward-mode rules, and some of those are wrong when
-          differentiated (``layer_norm``'s, train-mode ``batch_norm``'s); so every batch's
-          output graph is checked to hold
-          only operations whose rules are verified, and on the first other operation (or an
-          operation without a forward-mode rule) the operator switches to double backward
-          for good and recomputes the product. The check is structural: no data can fool it.
+          differentiates forward-mode rules, and torch's for layer norm, softmax,
+          log-softmax and attention are wrong or not differentiable when differentiated;
+          curvops replaces them with its own (verified against double backward in float64),
+          so transformers qualify. Each batch's graph is checked by a plain forward pass
+          before its first product and again in every product; on an operation without a
+          verified rule (train-mode batch norm, a custom ``autograd.Function``), or if the
+          product runs out of memory, the operator switches to double backward for good and
+          recomputes the product. The check is structural: no data can fool it.
         - ``"double_backward"``: a differentiable gradient, then one backward pass of
           ``⟨∇L, v⟩`` per column (reverse over reverse).
         - ``"auto"`` (default): ``"reverse_over_forward"``, faster and no larger than
           double backward on the CPU and on GPUs for MLPs and CNNs.
-    output_tangent : {"auto", "dual_forward_with_graph", "separate_tangent_pass"}, optional
-        How the GGN and Fisher (``Jᵀ M J``) obtain ``J v`` of the first column.
+    output_tangent : str, optional
+        One of ``"auto"``, ``"alongside_forward"``, ``"dual_forward_with_graph"``,
+        ``"separate_tangent_pass"``: how the GGN and Fisher (``Jᵀ M J``) obtain ``J v`` of the
+        first column.
 
+        - ``"alongside_forward"``: the forward pass that keeps the graph carries ``J v``
+          alongside, computed next to each operation from its own inputs and not recorded
+          (bilinear layers by the product rule, so no primal product is computed twice;
+          Pearlmutter 1994). A model whose forward pass does what this cannot carry exactly
+          (an in-place update of a tensor that carries a tangent, a custom
+          ``autograd.Function``) is detected on the way and served by
+          ``"separate_tangent_pass"`` from then on (``tangent_alongside_refusal`` on the
+          operator says why).
         - ``"dual_forward_with_graph"``: one dual forward pass (forward-mode AD) with the
           autograd graph kept gives the output and ``J v`` together: one forward pass
           fewer, but the graph also records the tangent computations, roughly doubling the
           activations held.
         - ``"separate_tangent_pass"``: a plain forward keeps the graph and every tangent
           comes from a separate dual forward without a graph.
-        - ``"auto"`` (default): ``"dual_forward_with_graph"`` on the CPU (faster there),
-          ``"separate_tangent_pass"`` on GPUs (faster and far leaner on transformer LMs).
+        - ``"auto"`` (default): ``"dual_forward_with_graph"`` on the CPU,
+          ``"alongside_forward"`` on GPUs (``"separate_tangent_pass"`` for DDP/FSDP models);
+          see docs/benchmarks.md#product-strategy.
     batched_columns : {"auto", True, False}, optional
         Whether the columns of a ``(D, k)`` block share vectorised passes in the GGN and
         Fisher: the tangents of all columns by one ``torch.func.vmap`` of forward-mode AD

@@ -277,10 +277,18 @@ SAMPLES = {
     "CloneBackward0": lambda a, b: (a @ b).clone(),
     "CatBackward0": lambda a, b: torch.cat([a, b.t()]),
     "StackBackward0": lambda a, b: torch.stack([a, b.t()]),
+    "SplitBackward0": lambda a, b: (a @ b).split(2, dim=1)[0] * (a @ b).split(2, dim=1)[1][:, :1],
+    "SplitWithSizesBackward0": lambda a, b: torch.tanh((a @ b).split([1, 2], dim=0)[1]),
+    "UnbindBackward0": lambda a, b: (a @ b).unbind(1)[2] * a[:, 0],
+    "AliasBackward0": lambda a, b: (a @ b)[...],
+    # a cast (Llama's RMSNorm and softmax cast to float32); the same dtype keeps float64 rounding
+    "ToCopyBackward0": lambda a, b: (a @ b).to(DTYPE, copy=True),
     "AddBackward0": lambda a, b: a + b.t(),
     "SubBackward0": lambda a, b: a - b.t(),
     "RsubBackward1": lambda a, b: 1.0 - a @ b,
     "MulBackward0": lambda a, b: a * b.t(),
+    # a product by a number as aten's own kernels form it (scaled-dot-product attention's)
+    "MulBackward1": lambda a, b: torch.ops.aten.mul.Scalar(a @ b, 0.7),
     "DivBackward0": lambda a, b: a / (2.0 + b.t().exp()),
     "NegBackward0": lambda a, b: -(a @ b),
     "PowBackward0": lambda a, b: (a @ b) ** 3,
@@ -327,25 +335,27 @@ def _graph_names(output: torch.Tensor) -> set[str]:
     return names
 
 
-def _hvp_both_ways(function, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``H v`` of ``ℓ(f(a, b)) = Σ w·z + Σ z³/3`` by reverse over forward (under tangent_rules,
-    as the Hessian operator runs it) and by double backward; and ``z`` of the dual pass."""
+def _hvp_both_ways(
+    function, seed: int = 0, shapes: tuple[tuple[int, ...], ...] = ((3, 4), (4, 3))
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``H v`` of ``ℓ(f(a, b, ...)) = Σ w·z + Σ z³/3`` (one parameter per shape) by reverse over
+    forward (under tangent_rules, as the Hessian operator runs it) and by double backward; and
+    ``z`` of the dual pass."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(3, 4, generator=g, dtype=DTYPE, requires_grad=True)
-    b = torch.randn(4, 3, generator=g, dtype=DTYPE, requires_grad=True)
-    va, vb = torch.randn(3, 4, generator=g, dtype=DTYPE), torch.randn(4, 3, generator=g, dtype=DTYPE)
+    leaves = [torch.randn(shape, generator=g, dtype=DTYPE, requires_grad=True) for shape in shapes]
+    directions = [torch.randn(shape, generator=g, dtype=DTYPE) for shape in shapes]
 
     def loss(z):  # a nonzero gradient w.r.t. z, and a second derivative
         w = torch.linspace(-1.0, 1.0, z.numel(), dtype=DTYPE).view_as(z)
         return (w * z).sum() + (z**3).sum() / 3
 
     with fwAD.dual_level(), tangent_rules(differentiated=True):
-        z, z_dot = fwAD.unpack_dual(function(fwAD.make_dual(a, va), fwAD.make_dual(b, vb)))
+        z, z_dot = fwAD.unpack_dual(function(*map(fwAD.make_dual, leaves, directions)))
     (z_grad,) = torch.autograd.grad(loss(z), z, create_graph=True)
-    fast = torch.autograd.grad((z_grad * z_dot).sum(), (a, b))
+    fast = torch.autograd.grad((z_grad * z_dot).sum(), leaves)
 
-    grads = torch.autograd.grad(loss(function(a, b)), (a, b), create_graph=True)
-    exact = torch.autograd.grad(grads, (a, b), grad_outputs=(va, vb))
+    grads = torch.autograd.grad(loss(function(*leaves)), leaves, create_graph=True)
+    exact = torch.autograd.grad(grads, leaves, grad_outputs=directions)
     flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
     return flat(fast), flat(exact), z
 
@@ -370,7 +380,11 @@ def test_verified_operation_rule_matches_double_backward(name):
 @pytest.mark.parametrize(
     "name, function",
     [
-        ("NativeLayerNormBackward0", lambda a, b: F.layer_norm(a @ b, (3,))),
+        # torch's own layer norm (an aten call no rule of tangent_rules sees)
+        (
+            "NativeLayerNormBackward0",
+            lambda a, b: torch.ops.aten.native_layer_norm(a @ b, (3,), None, None, 1e-5)[0],
+        ),
         ("NativeBatchNormBackward0", lambda a, b: F.batch_norm(a @ b, None, None, training=True)),
     ],
     ids=["layer_norm", "batch_norm_train"],
@@ -380,3 +394,164 @@ def test_excluded_operation_rule_is_wrong_when_differentiated(name, function):
     fast, exact, z = _hvp_both_ways(function)
     assert first_unverified_operation(z) == name
     assert float((fast - exact).norm()) > 1e-3 * float(exact.norm())
+
+
+# ------------------------------------------------------------ rules replacing torch's when differentiated
+def _attention(**options):
+    """Scaled-dot-product attention of (query, key, value) on torch's math kernel (the one with a
+    double backward on every device), with ``options``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attend(q, k, v):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **options)
+
+    return attend
+
+
+_KEEP = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+_QKV = ((2, 2, 4, 3), (2, 2, 5, 3), (2, 2, 5, 3))
+
+#: name -> (function of the parameters, their shapes, the node torch's primal leaves in the graph).
+#: The parameters are the normalised (or attended) tensors themselves: their tangents are the
+#: ``ẋ`` of the rules, their gradients the reverse mode through the rules' primal and tangent.
+RULES = {
+    "layer_norm-1d": (
+        lambda x, w, b: F.layer_norm(x, (5,), w, b),
+        ((2, 3, 5), (5,), (5,)),
+        "NativeLayerNorm",
+    ),
+    "layer_norm-2d-eps": (
+        lambda x, w, b: F.layer_norm(x, (3, 4), w, b, eps=1e-2),
+        ((2, 3, 4), (3, 4), (3, 4)),
+        "NativeLayerNorm",
+    ),
+    "layer_norm-no-affine": (lambda x: F.layer_norm(x, (6,)), ((4, 6),), "NativeLayerNorm"),
+    "layer_norm-constant-weight": (
+        lambda x, b: F.layer_norm(x, (5,), torch.linspace(0.5, 2.0, 5, dtype=DTYPE), b),
+        ((3, 5), (5,)),
+        "NativeLayerNorm",
+    ),
+    "layer_norm-torch": (
+        lambda x, w: torch.layer_norm(x, [5], w, None, 1e-5, False),
+        ((3, 5), (5,)),
+        "NativeLayerNorm",
+    ),
+    "layer_norm-module-of-product": (
+        lambda a, b: torch.nn.LayerNorm(3, dtype=DTYPE)(a @ b),
+        ((3, 4), (4, 3)),
+        "NativeLayerNorm",
+    ),
+    # the normalised tensor, weight and bias as functions of the parameters: the tangents are
+    # differentiated too
+    "layer_norm-affine-of-product": (
+        lambda a, b: F.layer_norm(torch.tanh(a @ b), (3,), a[0, :3] + 1.0, b[:3, 0]),
+        ((3, 4), (4, 3)),
+        "NativeLayerNorm",
+    ),
+    "layer_norm-2d-of-product": (
+        lambda a, b: F.layer_norm((a @ b).expand(2, 3, 3), (3, 3), b[:3] * a[:, :3], None, eps=1e-3),
+        ((3, 4), (4, 3)),
+        "NativeLayerNorm",
+    ),
+    "softmax-of-product": (lambda a, b: torch.softmax(a @ b, 0) * a[:, :3], ((3, 4), (4, 3)), "Softmax"),
+    "log_softmax-of-product": (lambda a, b: F.log_softmax(b @ a, -1), ((3, 4), (4, 3)), "LogSoftmax"),
+    "rms_norm-of-product": (lambda a, b: F.rms_norm(a @ b, (3,), b[1, :]), ((3, 4), (4, 3)), None),
+    "attention-of-products": (
+        lambda a, b: _attention(is_causal=True)(
+            (a @ b).view(1, 1, 3, 3), torch.tanh(a @ b).view(1, 1, 3, 3), (b @ a)[:3, :3].view(1, 1, 3, 3)
+        ),
+        ((3, 4), (4, 3)),
+        "SafeSoftmax",
+    ),
+    # products with numbers and with tensors that carry no tangent (only x does)
+    "scaling-number": (lambda x: torch.tanh(x * 0.5) / 0.3, ((3, 4),), None),
+    "scaling-number-first": (lambda x: 0.5 * torch.tanh(2 * x), ((3, 4),), None),
+    "scaling-constant-tensor": (
+        lambda x: torch.mul(torch.linspace(-1.0, 2.0, 4, dtype=DTYPE), torch.tanh(x)).div(
+            torch.linspace(1.0, 2.0, 12, dtype=DTYPE).view(3, 1, 4)
+        ),
+        ((3, 4),),
+        None,
+    ),
+    "scaling-function-of-the-parameters": (
+        lambda a, b: (a @ b) * (b @ a)[:3, :3].detach() / a[0, 0],
+        ((3, 4), (4, 3)),
+        None,
+    ),
+    "softmax-F-last": (lambda x: F.softmax(x, dim=-1), ((3, 4, 5),), "Softmax"),
+    "softmax-torch-middle": (lambda x: torch.softmax(x, 1), ((3, 4, 5),), "Softmax"),
+    "softmax-Tensor-first": (lambda x: x.softmax(0), ((3, 4, 5),), "Softmax"),
+    "softmax-dtype": (lambda x: F.softmax(x, -1, dtype=DTYPE), ((4, 5),), "Softmax"),
+    "softmax-masked": (
+        lambda x: torch.softmax(x.masked_fill(~_KEEP[[0, 2, 3]], float("-inf")), -1),
+        ((3, 5),),
+        "Softmax",
+    ),
+    "log_softmax-F-last": (lambda x: F.log_softmax(x, dim=-1), ((3, 4, 5),), "LogSoftmax"),
+    "log_softmax-torch-middle": (lambda x: torch.log_softmax(x, 1), ((3, 4, 5),), "LogSoftmax"),
+    "log_softmax-Tensor-first": (lambda x: x.log_softmax(dim=0), ((3, 4, 5),), "LogSoftmax"),
+    "rms_norm-1d": (lambda x, w: F.rms_norm(x, (5,), w), ((2, 3, 5), (5,)), None),
+    "rms_norm-2d-eps": (lambda x, w: F.rms_norm(x, (3, 4), w, eps=1e-2), ((2, 3, 4), (3, 4)), None),
+    "rms_norm-no-weight": (lambda x: F.rms_norm(x, (6,)), ((4, 6),), None),
+    "attention": (_attention(), _QKV, "SafeSoftmax"),
+    "attention-causal-scale": (
+        _attention(is_causal=True, scale=0.3),
+        ((2, 2, 4, 3), (2, 2, 4, 3), (2, 2, 4, 3)),
+        "SafeSoftmax",
+    ),
+    "attention-bool-mask-empty-row": (_attention(attn_mask=_KEEP), _QKV, "SafeSoftmax"),
+    "attention-float-mask": (
+        _attention(attn_mask=torch.linspace(-2.0, 1.0, 20, dtype=DTYPE).view(4, 5)),
+        _QKV,
+        "SafeSoftmax",
+    ),
+    "attention-gqa": (
+        _attention(enable_gqa=True),
+        ((1, 4, 4, 3), (1, 2, 5, 3), (1, 2, 5, 3)),
+        "SafeSoftmax",
+    ),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rule_matches_double_backward(name, seed):
+    """The rules of tangent_rules(differentiated=True) for the operations torch differentiates
+    wrongly (layer norm) or not at all (softmax): reverse over forward through them equals
+    double backward through torch's own operations, in float64, along random directions."""
+    function, shapes, node = RULES[name]
+    fast, exact, z = _hvp_both_ways(function, seed=seed, shapes=shapes)
+    assert first_unverified_operation(z) is None
+    if node is not None:  # the rule ran: torch's fused primal, labelled
+        assert f"{node}Backward0" in _graph_names(z)
+    g = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(shape, generator=g, dtype=DTYPE) for shape in shapes]
+    with fwAD.dual_level(), tangent_rules(differentiated=True):
+        primal = function(*leaves)
+    torch.testing.assert_close(primal, function(*leaves), rtol=0, atol=0)  # the same primal
+    assert float(exact.norm()) > 0.1
+    assert float((fast - exact).norm()) <= RTOL * float(exact.norm())
+
+
+@pytest.mark.parametrize(
+    "name, function",
+    [
+        (
+            "NativeLayerNormBackward0",
+            lambda a, b: torch.ops.aten.native_layer_norm(a @ b, (3,), b[0], None, 0.0)[0],
+        ),
+        ("SoftmaxBackward0", lambda a, b: torch.ops.aten._softmax(a @ b, -1, False)),
+        ("LogSoftmaxBackward0", lambda a, b: torch.ops.aten._log_softmax(a @ b, 0, False)),
+    ],
+    ids=["layer_norm", "softmax", "log_softmax"],
+)
+def test_torch_own_node_of_a_replaced_operation_is_refused(name, function):
+    """A call no rule sees (here an aten operation; in a model, a path tangent_rules misses) leaves
+    torch's node without the rules' label: refused, though the rules accept the same name."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, generator=g, dtype=DTYPE, requires_grad=True)
+    b = torch.randn(4, 3, generator=g, dtype=DTYPE, requires_grad=True)
+    with fwAD.dual_level(), tangent_rules(differentiated=True):
+        z = fwAD.unpack_dual(function(fwAD.make_dual(a, torch.ones_like(a)), b)).primal
+    assert first_unverified_operation(z) == name

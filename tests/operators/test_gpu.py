@@ -83,3 +83,20 @@ def test_out_rows_are_written_in_place_without_a_block_buffer(cls):
     assert written is out
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()))
     assert plain_peak - out_peak >= block_bytes, (plain_peak, out_peak, block_bytes)
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_cuda_ggn_default_carries_the_tangent_alongside(case_id):
+    """CUDA's default GGN/Fisher single-vector product carries ``J v`` alongside the forward
+    pass (nothing in these models refuses it) and equals the CPU's float64 product."""
+    model, loss_fn, data = get_case(case_id).make()
+    for cls, kwargs in ((GGNOperator, {}), (FisherOperator, {"kind": "empirical"})):
+        cpu = cls(model, loss_fn, data, **kwargs)
+        v = torch.randn(cpu.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        expected = cpu @ v
+        gpu_loss = loss_fn.to("cuda") if isinstance(loss_fn, torch.nn.Module) else loss_fn
+        gpu = cls(model.to("cuda"), gpu_loss, data, **kwargs)
+        out = (gpu @ v.cuda()).cpu()
+        assert gpu.tangent_alongside_refusal is None
+        torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-13 * float(expected.abs().max()))
+        model.to("cpu")

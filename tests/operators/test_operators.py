@@ -57,10 +57,9 @@ def test_hessian_matches_dense_reference(case):
 @pytest.mark.parametrize("method", ["reverse_over_forward", "double_backward"])
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_hessian_single_vector_paths_match_dense_reference(case, method):
-    """Both single-vector Hessian products (k = 1) on every model and loss. Models whose
-    forward-mode rules cannot be differentiated (attention's softmax) or are differentiated
-    wrongly (layer_norm) are not verified operations and use double backward; all must be right,
-    and the others must really take reverse over forward."""
+    """Both single-vector Hessian products (k = 1) on every model and loss, and every model here
+    really takes reverse over forward when asked: curvops' own rules for layer norm, softmax and
+    attention (torch's are wrong or not differentiable when differentiated) are verified."""
     model, loss_fn, data = case.make()
     H = HessianOperator(model, loss_fn, data, strategy=ProductStrategy(hessian_vector=method))
     assert H.single_vector_method == method
@@ -68,10 +67,7 @@ def test_hessian_single_vector_paths_match_dense_reference(case, method):
     V = _random_block(H.shape[0], 2, seed=1)
     for col in range(2):
         _close(H @ V[:, col], ref @ V[:, col])
-    if method == "reverse_over_forward":
-        # The fast path did run where torch's rules allow it.
-        unverified = case.id.startswith(("transformer", "attn"))
-        assert H.single_vector_method == ("double_backward" if unverified else "reverse_over_forward")
+    assert H.single_vector_method == method, "the fast path ran where it was asked"
 
 
 def test_hessian_reverse_over_forward_falls_back_without_forward_mode_rule():
@@ -153,16 +149,16 @@ def test_hessian_reverse_over_forward_is_checked_against_double_backward():
     assert H.single_vector_method == "double_backward"
 
 
-def test_hessian_layer_norm_model_falls_back_to_double_backward():
-    """torch 2.13's layer_norm rule, differentiated, is 25% off: it is not a verified
-    operation, so the model goes to double backward, and the product is exact."""
+def test_hessian_layer_norm_model_goes_by_reverse_over_forward():
+    """torch 2.13's layer_norm forward-mode rule, differentiated, is 25% off; curvops' own rule
+    is right, so a layer-norm model takes reverse over forward and the product is exact."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(6, 6), torch.nn.LayerNorm(6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
     ).double()
     H, ref, v = _hessian_with_reference(model, features=6)
     _close(H @ v, ref @ v)
-    assert H.single_vector_method == "double_backward"
+    assert H.single_vector_method == "reverse_over_forward"
 
 
 CE_CASES = [c for c in CASES if "-ce" in c.id]
@@ -461,15 +457,17 @@ def test_out_rows_need_no_block_buffer(make, k):
     "case_id", ["mlp_tanh-ce_mean", "cnn_tanh_avgpool-ce_mean", "transformer_ln-ce_seq_ignore_mean"]
 )
 @pytest.mark.parametrize("batched_vjp", [True, False])
-@pytest.mark.parametrize("keep_graph", [True, False])
-def test_output_space_block_strategies_agree(case_id, batched_vjp, keep_graph):
+@pytest.mark.parametrize(
+    "first_tangent", ["alongside_forward", "dual_forward_with_graph", "separate_tangent_pass"]
+)
+def test_output_space_block_strategies_agree(case_id, batched_vjp, first_tangent):
     """A GGN/Fisher block is the same whichever way its products are organised: one vmapped
     backward or one per column, the first tangent with the graph kept or not (the defaults
     pick by model and device)."""
     model, loss_fn, data = get_case(case_id).make()
     strategy = ProductStrategy(
         batched_columns=batched_vjp,
-        output_tangent="dual_forward_with_graph" if keep_graph else "separate_tangent_pass",
+        output_tangent=first_tangent,
     )
     for cls, kw in ((GGNOperator, {}), (FisherOperator, {"kind": "empirical"})):
         op = cls(model, loss_fn, data, **kw)
@@ -605,12 +603,14 @@ def test_operator_tags():
 
 
 TANGENT_STRATEGIES = [
+    ProductStrategy(output_tangent="alongside_forward"),
     ProductStrategy(output_tangent="dual_forward_with_graph"),
     ProductStrategy(output_tangent="separate_tangent_pass"),
 ]
+TANGENT_IDS = ["tangent_alongside", "tangent_with_graph", "separate_forward"]
 
 
-@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=["tangent_with_graph", "separate_forward"])
+@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=TANGENT_IDS)
 def test_both_tangent_strategies_agree(strategy):
     model, loss_fn, data = get_case("transformer_ln-ce_seq_ignore_mean").make()
     G = GGNOperator(model, loss_fn, data, strategy=strategy)
@@ -634,7 +634,7 @@ class _EncoderClassifier(torch.nn.Module):
         return self.head(self.layer(x).mean(1))
 
 
-@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=["tangent_with_graph", "separate_forward"])
+@pytest.mark.parametrize("strategy", TANGENT_STRATEGIES, ids=TANGENT_IDS)
 def test_ggn_through_torch_transformer_layer_in_eval_mode(strategy):
     """Without autograd, eval-mode nn.TransformerEncoderLayer takes a fused fast path that has
     no forward-mode AD; the no-graph tangent forwards (blocks, and every product on CUDA) must
@@ -664,7 +664,7 @@ HESSIAN_STRATEGIES = [
 ]
 OUTPUT_SPACE_STRATEGIES = [
     ProductStrategy(output_tangent=t, batched_columns=b)
-    for t in ("auto", "dual_forward_with_graph", "separate_tangent_pass")
+    for t in ("auto", "alongside_forward", "dual_forward_with_graph", "separate_tangent_pass")
     for b in ("auto", True, False)
 ]
 STRATEGY_OPERATORS = (
@@ -707,7 +707,7 @@ def test_every_strategy_matches_dense_reference(case_id, operator, strategy):
             {"hessian_vector": "forward"},
             "hessian_vector must be one of 'auto', 'reverse_over_forward', 'double_backward'",
         ),
-        ({"output_tangent": True}, "output_tangent must be one of 'auto', 'dual_forward_with_graph'"),
+        ({"output_tangent": True}, "output_tangent must be one of 'auto', 'alongside_forward'"),
         ({"batched_columns": 1}, "batched_columns must be one of 'auto', True, False, got 1"),
         ({"batched_columns": "yes"}, "batched_columns must be one of"),
     ],
