@@ -242,7 +242,22 @@ class CurvatureOperator(ModelOperator):
         -------
         float
             The step, ``> 0``.
+
+        Raises
+        ------
+        ValueError
+            Under ``torch.autocast``: the low-precision forward passes leave no digits to the
+            differences.
         """
+        if torch.is_autocast_enabled(self.device.type):
+            low = torch.get_autocast_dtype(self.device.type)
+            raise ValueError(
+                f"finite differences under torch.autocast: the forward passes compute in {low} "
+                f"(unit roundoff {torch.finfo(low).eps / 2:.1e}), so the differences of outputs or "
+                "gradients lose every digit (relative errors of order 1; see "
+                "docs/benchmarks.md#language-models). Use method='autograd' under autocast, or "
+                "multiply outside the autocast region"
+            )
         if self.fd_eps is not None:
             return float(self.fd_eps)
         unit_roundoff = float(torch.finfo(self.torch_dtype).eps) / 2

@@ -30,6 +30,7 @@ the measurement.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -233,7 +234,18 @@ class _CompiledColumns:
             raise TypeError(f"compile_options must be a mapping, got {type(compile_options).__name__}")
         #: The ``torch.compile`` keyword arguments the per-batch product was compiled with.
         self.compile_options: dict[str, Any] = {**DEFAULT_COMPILE_OPTIONS, **(compile_options or {})}
-        self._column_product = torch.compile(column_product, **self.compile_options)
+        # dynamo caches compiled graphs per code object, at most ``recompile_limit`` (8) per
+        # object, and the product's closure (the model) is guarded: a copy of the code per
+        # operator gives each operator its own cache, so a process may build any number of
+        # operators (one per model or per training checkpoint) without hitting the limit.
+        own_code = types.FunctionType(
+            column_product.__code__.replace(),
+            column_product.__globals__,
+            column_product.__name__,
+            column_product.__defaults__,
+            column_product.__closure__,
+        )
+        self._column_product = torch.compile(own_code, **self.compile_options)
 
     def _refuse_values_hidden_from_reverse_mode(self, index: int, inputs: Any, padding: list) -> None:
         """Watch batch ``index``'s eager forward pass once for values reverse mode treats as constant.

@@ -149,3 +149,18 @@ def test_padding_rows_are_constants_as_in_reverse_mode(cls):
     )
     v = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(op @ v, reference @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_a_process_can_build_more_operators_than_dynamos_recompile_limit():
+    """Each operator compiles its own copy of the product: the eleventh operator (a new shape,
+    so no cached graph fits) compiles instead of failing with dynamo's recompile limit (8)."""
+    operators = []
+    for width in range(2, 13):
+        torch.manual_seed(width)
+        model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2)).double()
+        data = [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))]
+        op = CompiledGGNOperator(model, nn.CrossEntropyLoss(), data, compile_options=TRACE_ONLY)
+        operators.append(op)  # alive: their cached graphs stay too
+        v = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        reference = dense_ggn(model, nn.CrossEntropyLoss(), data, op.params) @ v
+        torch.testing.assert_close(op @ v, reference, rtol=1e-10, atol=1e-12)

@@ -103,3 +103,22 @@ def test_bad_arguments_are_refused(kwargs, message):
     data = [(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))]
     with pytest.raises(ValueError, match=message):
         GGNOperator(model, nn.CrossEntropyLoss(), data, **kwargs)
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+def test_finite_differences_under_autocast_are_refused(operator):
+    """bfloat16 forward passes leave no digits to central differences (relative errors of
+    order 1 on GPT-2): refused with the fix named, where a product would be silently wrong."""
+    from curvops import HessianOperator
+
+    model, loss_fn, data = get_case("mlp_tanh-ce_mean").make()
+    model, data = model.float(), [(x.float(), y) for x, y in data]
+    cls = GGNOperator if operator == "ggn" else HessianOperator
+    op = cls(model, loss_fn, data, method="finite_difference")
+    v = torch.ones(op.shape[0])
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(ValueError, match="method='autograd' under autocast"),
+    ):
+        op @ v
+    assert torch.isfinite(op @ v).all()  # outside autocast it works
