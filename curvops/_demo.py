@@ -99,7 +99,7 @@ def digits_mlp(
     Parameters
     ----------
     hidden : tuple of int, optional
-        Widths of the hidden layers (default :data:`HIDDEN`).
+        Widths of the hidden layers (default ``HIDDEN``, ``(32, 32)``).
     seed : int, optional
         Seed of torch's global generator for the initial weights (default 0).
     dtype : torch.dtype, optional

@@ -9,7 +9,9 @@ built-in digits data set (no download). It prints a summary table and writes
 
 Exit codes: 0 success, 2 bad arguments (a one-line message, no traceback), 1 an error
 inside the user's ``--model``/``--data`` code or during the computation (a one-line
-message; ``--traceback`` shows the full traceback).
+message; ``--traceback`` shows the full traceback), 130 interrupted (Ctrl-C: the steps
+already finished are written to ``spectrum.json``, marked incomplete, and ``--resume``
+continues from them).
 """
 
 from __future__ import annotations
@@ -41,6 +43,29 @@ _CURVATURE_NAMES = {
     "kfac": "KFAC (GGN)",
 }
 _CURVATURE_SYMBOLS = {"hessian": "H", "ggn": "G", "fisher": "F", "kfac": "K"}
+#: The estimation steps of ``curvops spectrum``, in the order they run; the keys of its
+#: results and of ``timings_s``, and the names ``spectrum.json`` lists under ``missing``.
+STEPS = ("eigenvalues", "trace", "density")
+#: Settings that determine the numbers of a run: ``--resume`` refuses a file whose values
+#: differ. Threads and the memory budget only change how the products are batched.
+_RESUME_SETTINGS = (
+    "curvature",
+    "k",
+    "probes",
+    "lanczos_steps",
+    "trace_method",
+    "trace_matvecs",
+    "params",
+    "seed",
+    "device",
+    "dtype",
+    "epochs",
+    "model",
+    "data",
+    "loss",
+)
+#: Eigenvalues labelled by their rank in the figure; the others are drawn fainter.
+_LABELLED_EIGENVALUES = 3
 
 
 class UsageError(Exception):
@@ -49,6 +74,10 @@ class UsageError(Exception):
 
 class UserCodeError(Exception):
     """An exception raised by the user's ``--model``/``--data`` function: exit code 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run, after writing what was finished: exit code 130, one line."""
 
 
 # ====================================================================== argument parsing
@@ -104,6 +133,20 @@ def _callable_spec(text: str) -> str:
     return text
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help, unless the help states the default itself.
+
+    Options without a value (``None``: "not given", a flag's ``False``) show no default:
+    their help says what happens when they are left out.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvops`` command.
 
@@ -136,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a tuple (model, loss_fn); make_data() returns a re-iterable of (inputs, targets) "
             "batches (a list or a non-shuffling DataLoader). FILE.py:function works too."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         # One usage line: errors print it, and the full option list is in --help.
         usage="%(prog)s [options]  (see: curvops spectrum --help)",
     )
@@ -228,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--density-scale", choices=("log", "linear"), default="log", help="density axis of the plot"
     )
     run.add_argument("--no-plot", action="store_true", help="do not write spectrum.png")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose spectrum.json is in --output (written by an interrupted run "
+        "with the same options): its finished steps are read, not recomputed",
+    )
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     run.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
     return parser
@@ -247,9 +296,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The exit code: 0 success, 2 a bad argument (one line on stderr), 1 an error in the
         user's ``--model``/``--data`` code or in the computation (one line; ``--traceback``
-        re-raises it), 130 interrupted. argparse's own syntax errors exit with code 2
-        through ``SystemExit``.
+        re-raises it), 130 interrupted (one line; what was finished is written, see
+        ``--resume``). argparse's own syntax errors exit with code 2 through ``SystemExit``.
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a sub-command started (or a second Ctrl-C): nothing to save
+        return _exit_interrupted()
+
+
+def _exit_interrupted(message: str = "interrupted", command: str | None = None) -> int:
+    """Report an interrupt in one line on stderr and return the exit code 130.
+
+    Parameters
+    ----------
+    message : str, optional
+        What was done about the interrupt (default ``"interrupted"``).
+    command : str, optional
+        The sub-command that was running, named in the line as in error messages.
+
+    Returns
+    -------
+    int
+        130, the shell's code for a process ended by Ctrl-C (128 + SIGINT).
+    """
+    print(f"{PROG} {command}: {message}" if command else f"{PROG}: {message}", file=sys.stderr)
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """``main`` without its last-resort interrupt handler."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad syntax
@@ -270,9 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {error} (rerun with --traceback for details)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as interrupt:
+        return _exit_interrupted(str(interrupt), args.command)
     except Exception as error:  # a failure in the computation: one line unless asked
         if show_traceback:
             raise
@@ -299,7 +374,7 @@ def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
     Parameters
     ----------
     args : argparse.Namespace
-        The parsed arguments of the ``spectrum`` sub-command (:func:`build_parser`).
+        The parsed arguments of the ``spectrum`` sub-command (``build_parser``).
 
     Returns
     -------
@@ -314,7 +389,17 @@ def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
         ``-k`` not below the dimension, ...).
     UserCodeError
         The user's ``--model``/``--data`` function or module raised.
+    Interrupted
+        Ctrl-C; the steps finished by then are in ``spectrum.json``, marked incomplete.
     """
+    try:
+        return _run_spectrum(args)
+    except KeyboardInterrupt:  # before any step finished (while importing, training, ...)
+        raise Interrupted("interrupted before any step finished; nothing written") from None
+
+
+def _run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_spectrum``, which interrupts stop with nothing written."""
     import torch
 
     started = time.perf_counter()
@@ -330,10 +415,17 @@ def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
     output = args.output
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {str(output)!r} exists and is not a directory")
+    json_path = output / "spectrum.json"
+    settings = _settings(args, device, dtype, threads)
+    results: dict[str, Any] = {}
+    resumed_timings: dict[str, float] = {}
+    if args.resume:  # checked before the training, which a mismatch would waste
+        results, resumed_timings = _read_resumable(json_path, settings)
     plot = not args.no_plot and _have_matplotlib()
     if not args.no_plot and not plot:
         print(
-            "note: matplotlib is not installed, so no spectrum.png (pip install 'curvops[plot]')",
+            "note: matplotlib is not installed, so no spectrum.png "
+            '(pip install matplotlib; from a clone: pip install -e ".[plot]")',
             file=sys.stderr,
         )
 
@@ -345,21 +437,61 @@ def run_spectrum(args: argparse.Namespace) -> dict[str, Any]:
     operator = _make_operator(args, problem, device)
     dim = operator.shape[0]
     _check_sizes(args, dim)
+    if args.resume:
+        _check_resumed_problem(json_path, operator)
+        timings.update(resumed_timings)
 
-    results = _estimate(args, operator, progress, timings)
-    record = _record(args, problem, operator, results, timings, device, dtype, threads)
-
-    output.mkdir(parents=True, exist_ok=True)
-    json_path = output / "spectrum.json"
-    png_path = output / "spectrum.png"
-    written = [json_path]
-    if plot:
-        _plot(record, results, png_path, log_scale=args.density_scale == "log")
-        written.append(png_path)
-    record["timings_s"]["total"] = time.perf_counter() - started
-    json_path.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
-    print(_summary(record, written))
+    try:
+        _estimate(args, operator, progress, timings, results)
+        record = _record(args, problem, operator, results, timings, settings)
+        output.mkdir(parents=True, exist_ok=True)
+        png_path = output / "spectrum.png"
+        written = [json_path]
+        if plot:
+            _plot(record, results, png_path, log_scale=args.density_scale == "log")
+            written.append(png_path)
+        record["timings_s"]["total"] = time.perf_counter() - started
+        _write_json(json_path, record)
+    except KeyboardInterrupt:
+        raise Interrupted(_save_partial(args, problem, operator, results, timings, settings)) from None
+    print(_summary(record, written, resumed=list(resumed_timings)))
     return record
+
+
+def _save_partial(
+    args: argparse.Namespace,
+    problem: _Problem,
+    operator: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    settings: dict[str, Any],
+) -> str:
+    """Write the finished steps to ``spectrum.json`` after an interrupt; say so in one line."""
+    if not results:
+        return "interrupted before any step finished; nothing written"
+    record = _partial_record(args, problem, operator, results, timings, settings)
+    json_path = args.output / "spectrum.json"
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+        _write_json(json_path, record)
+    except KeyboardInterrupt:
+        return f"interrupted again while writing; {json_path} left as it was"
+    done = ", ".join(step for step in STEPS if step in results)
+    missing = ", ".join(record["missing"]) or "the report"
+    return (
+        f"interrupted; wrote {json_path} with the finished steps ({done}; missing: {missing}): "
+        "the same command with --resume continues from them"
+    )
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` as JSON, replacing ``path`` only once the new text is complete.
+
+    An interrupt while writing then leaves the previous file, which ``--resume`` may need.
+    """
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _check_device(text: str) -> Any:
@@ -624,142 +756,161 @@ class _Counted:
 
 
 def _estimate(
-    args: argparse.Namespace, operator: Any, progress: bool, timings: dict[str, float]
-) -> dict[str, Any]:
-    """Run Lanczos, the trace estimator and SLQ; time each."""
-    from curvops import hutchpp_trace, lanczos, spectral_density, xtrace
+    args: argparse.Namespace,
+    operator: Any,
+    progress: bool,
+    timings: dict[str, float],
+    results: dict[str, Any],
+) -> None:
+    """Run Lanczos, the trace estimator and SLQ, each unless ``results`` has it; time each.
+
+    Each result enters ``results`` as soon as its step ends, so an interrupt in a later step
+    leaves the finished ones there to be written.
+    """
+    import curvops
     from curvops._demo import _bar
 
-    results: dict[str, Any] = {}
     dim = operator.shape[0]
+    # Every step draws its probes from --seed alone, so a step run after a resume gives the
+    # numbers it would have given in one uninterrupted run.
+    if "eigenvalues" not in results:
+        bar = _bar(total=None, desc=f"top-{args.k} eigenvalues (Lanczos)", unit="matvec", enabled=progress)
+        start = time.perf_counter()
+        try:
+            results["eigenvalues"] = curvops.lanczos(
+                _Counted(operator, bar), k=args.k, which="LA", seed=args.seed
+            )
+        finally:
+            bar.close()
+        timings["eigenvalues"] = time.perf_counter() - start
 
-    bar = _bar(total=None, desc=f"top-{args.k} eigenvalues (Lanczos)", unit="matvec", enabled=progress)
-    start = time.perf_counter()
-    try:
-        results["eigen"] = lanczos(_Counted(operator, bar), k=args.k, which="LA", seed=args.seed)
-    finally:
-        bar.close()
-    timings["eigenvalues"] = time.perf_counter() - start
+    if "trace" not in results:
+        budget = min(args.trace_matvecs, dim)
+        bar = _bar(total=budget, desc=f"trace ({args.trace_method})", unit="matvec", enabled=progress)
+        start = time.perf_counter()
+        try:
+            method = curvops.xtrace if args.trace_method == "xtrace" else curvops.hutchpp_trace
+            results["trace"] = method(
+                _Counted(operator, bar), args.trace_matvecs, seed=args.seed, memory_budget=args.memory_budget
+            )
+        finally:
+            bar.close()
+        timings["trace"] = time.perf_counter() - start
 
-    budget = min(args.trace_matvecs, dim)
-    bar = _bar(total=budget, desc=f"trace ({args.trace_method})", unit="matvec", enabled=progress)
-    start = time.perf_counter()
-    try:
-        method = xtrace if args.trace_method == "xtrace" else hutchpp_trace
-        results["trace"] = method(
-            _Counted(operator, bar), args.trace_matvecs, seed=args.seed, memory_budget=args.memory_budget
-        )
-    finally:
-        bar.close()
-    timings["trace"] = time.perf_counter() - start
-
-    steps = min(args.lanczos_steps, dim)
-    bar = _bar(total=args.probes * steps, desc="spectral density (SLQ)", unit="matvec", enabled=progress)
-    start = time.perf_counter()
-    try:
-        results["density"] = spectral_density(
-            _Counted(operator, bar),
-            num_probes=args.probes,
-            lanczos_steps=args.lanczos_steps,
-            seed=args.seed,
-            memory_budget=args.memory_budget,
-        )
-    finally:
-        bar.close()
-    timings["density"] = time.perf_counter() - start
-    return results
+    if "density" not in results:
+        steps = min(args.lanczos_steps, dim)
+        bar = _bar(total=args.probes * steps, desc="spectral density (SLQ)", unit="matvec", enabled=progress)
+        start = time.perf_counter()
+        try:
+            results["density"] = curvops.spectral_density(
+                _Counted(operator, bar),
+                num_probes=args.probes,
+                lanczos_steps=args.lanczos_steps,
+                seed=args.seed,
+                memory_budget=args.memory_budget,
+            )
+        finally:
+            bar.close()
+        timings["density"] = time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------- report
-def _record(
-    args: argparse.Namespace,
-    problem: _Problem,
-    operator: Any,
-    results: dict[str, Any],
-    timings: dict[str, float],
-    device: Any,
-    dtype: Any,
-    threads: int | None,
+def _settings(args: argparse.Namespace, device: Any, dtype: Any, threads: int | None) -> dict[str, Any]:
+    """The options of a run, as ``spectrum.json`` records them under ``settings``."""
+    import torch
+
+    return {
+        "curvature": args.curvature,
+        "k": args.k,
+        "probes": args.probes,
+        "lanczos_steps": args.lanczos_steps,
+        "trace_method": args.trace_method,
+        "trace_matvecs": args.trace_matvecs,
+        "params": args.params,
+        "seed": args.seed,
+        "memory_budget_bytes": args.memory_budget,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "epochs": args.epochs if args.model is None else None,
+        "model": args.model,
+        "data": args.data,
+        "loss": args.loss if args.model is not None else "cross_entropy",
+    }
+
+
+def _eigen_section(eigen: Any) -> dict[str, Any]:
+    """``spectrum.json``'s ``eigenvalues``: everything but the eigenvectors."""
+    values, residuals = _floats(eigen.eigenvalues), _floats(eigen.residual_norms)
+    return {
+        "which": "largest algebraic (LA)",
+        "values": values,
+        "residual_norms": residuals,
+        "relative_residuals": [r / max(abs(v), np.finfo(float).tiny) for v, r in zip(values, residuals)],
+        "converged": [bool(c) for c in _to_numpy(eigen.converged)],
+        "num_matvecs": int(eigen.num_matvecs),
+        "num_restarts": int(eigen.num_restarts),
+    }
+
+
+def _trace_section(args: argparse.Namespace, trace: Any) -> dict[str, Any]:
+    """``spectrum.json``'s ``trace`` as the trace step leaves it (no SLQ cross-check yet)."""
+    return {
+        "method": args.trace_method,
+        "estimate": trace.estimate,
+        "standard_error": trace.standard_error,
+        "num_matvecs": trace.num_matvecs,
+        "exact": trace.exact,
+    }
+
+
+def _density_section(density: Any) -> dict[str, Any]:
+    """``spectrum.json``'s ``density``: the plotted curve and the raw SLQ nodes and weights."""
+    curve = density.evaluate(num_points=512)
+    return {
+        "method": "stochastic Lanczos quadrature",
+        "num_probes": density.num_probes,
+        "lanczos_steps": int(density.nodes.shape[1]),
+        "num_matvecs": density.num_matvecs,
+        "spectral_range": list(density.spectral_range),
+        "sigma": curve.sigma,
+        "curve": {
+            "grid": curve.grid,
+            "density": curve.density,
+            "lower": curve.lower,
+            "upper": curve.upper,
+            "standard_error": curve.standard_error,
+        },
+        "slq": density.to_dict(),
+    }
+
+
+def _header(
+    args: argparse.Namespace, problem: _Problem, operator: Any, complete: bool, missing: list[str]
 ) -> dict[str, Any]:
-    """Everything the run produced, as a JSON-ready dict."""
+    """The first keys of ``spectrum.json``: what was computed, for what, and whether all of it."""
+    return {
+        "format": "curvops.spectrum/1",
+        # False in a file written after an interrupt: `missing` names the steps to --resume.
+        "complete": complete,
+        "missing": missing,
+        "curvature": args.curvature,
+        "curvature_name": _CURVATURE_NAMES[args.curvature],
+        "problem": problem.description,
+        "num_parameters": operator.shape[0],
+        "parameters": list(operator.param_names),
+    }
+
+
+def _footer(args: argparse.Namespace, settings: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """The last keys of ``spectrum.json``: how the numbers were made."""
     import scipy
     import torch
 
     import curvops
 
-    eigen = results["eigen"]
-    trace = results["trace"]
-    density = results["density"]
-    dim = operator.shape[0]
-    loss, gradient = operator.loss_and_gradient()
-    mean_eigenvalue, mean_eigenvalue_error = density.moment(1)
-    curve = density.evaluate(num_points=512)
-    exact_trace = float(operator.trace()) if hasattr(operator, "trace") and callable(operator.trace) else None
-    record: dict[str, Any] = {
-        "format": "curvops.spectrum/1",
-        "curvature": args.curvature,
-        "curvature_name": _CURVATURE_NAMES[args.curvature],
-        "problem": problem.description,
-        "num_parameters": dim,
-        "parameters": list(operator.param_names),
-        "loss_at_weights": float(loss),
-        "gradient_norm": float(torch.linalg.vector_norm(gradient)),
-        "eigenvalues": {
-            "which": "largest algebraic (LA)",
-            "values": _floats(eigen.eigenvalues),
-            "residual_norms": _floats(eigen.residual_norms),
-            "relative_residuals": [
-                r / max(abs(v), np.finfo(float).tiny)
-                for v, r in zip(_floats(eigen.eigenvalues), _floats(eigen.residual_norms))
-            ],
-            "converged": [bool(c) for c in _to_numpy(eigen.converged)],
-            "num_matvecs": int(eigen.num_matvecs),
-            "num_restarts": int(eigen.num_restarts),
-        },
-        "trace": {
-            "method": args.trace_method,
-            "estimate": trace.estimate,
-            "standard_error": trace.standard_error,
-            "num_matvecs": trace.num_matvecs,
-            "exact": trace.exact,
-            "closed_form": exact_trace,
-            "slq_estimate": mean_eigenvalue * dim,
-            "slq_standard_error": mean_eigenvalue_error * dim,
-        },
-        "density": {
-            "method": "stochastic Lanczos quadrature",
-            "num_probes": density.num_probes,
-            "lanczos_steps": int(density.nodes.shape[1]),
-            "num_matvecs": density.num_matvecs,
-            "spectral_range": list(density.spectral_range),
-            "sigma": curve.sigma,
-            "curve": {
-                "grid": curve.grid,
-                "density": curve.density,
-                "lower": curve.lower,
-                "upper": curve.upper,
-                "standard_error": curve.standard_error,
-            },
-            "slq": density.to_dict(),
-        },
-        "settings": {
-            "curvature": args.curvature,
-            "k": args.k,
-            "probes": args.probes,
-            "lanczos_steps": args.lanczos_steps,
-            "trace_method": args.trace_method,
-            "trace_matvecs": args.trace_matvecs,
-            "params": args.params,
-            "seed": args.seed,
-            "memory_budget_bytes": args.memory_budget,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads() if threads is None else threads,
-            "epochs": args.epochs if args.model is None else None,
-            "model": args.model,
-            "data": args.data,
-            "loss": args.loss if args.model is not None else "cross_entropy",
-        },
+    return {
+        "settings": dict(settings),
         "seed": args.seed,
         "versions": {
             "curvops": curvops.__version__,
@@ -769,10 +920,153 @@ def _record(
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "command": [PROG, *getattr(args, "argv", [])],
+        # The command that computes every number from scratch: --resume only reuses them.
+        "command": [PROG, *(arg for arg in getattr(args, "argv", []) if arg != "--resume")],
         "timings_s": dict(timings),
     }
+
+
+def _partial_record(
+    args: argparse.Namespace,
+    problem: _Problem,
+    operator: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The finished steps of an interrupted run, as ``spectrum.json`` with ``complete: false``.
+
+    No loss, gradient or cross-checks: they would take a pass over the data after the user
+    asked to stop. ``_read_resumable`` reads the steps back.
+    """
+    missing = [step for step in STEPS if step not in results]
+    record = _header(args, problem, operator, False, missing)
+    if "eigenvalues" in results:
+        record["eigenvalues"] = _eigen_section(results["eigenvalues"])
+    if "trace" in results:
+        record["trace"] = _trace_section(args, results["trace"])
+    if "density" in results:
+        record["density"] = _density_section(results["density"])
+    record.update(_footer(args, settings, timings))
     return record
+
+
+def _record(
+    args: argparse.Namespace,
+    problem: _Problem,
+    operator: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the run produced, as a JSON-ready dict."""
+    import torch
+
+    density = results["density"]
+    dim = operator.shape[0]
+    loss, gradient = operator.loss_and_gradient()
+    mean_eigenvalue, mean_eigenvalue_error = density.moment(1)
+    exact_trace = float(operator.trace()) if hasattr(operator, "trace") and callable(operator.trace) else None
+    record = _header(args, problem, operator, True, [])
+    record["loss_at_weights"] = float(loss)
+    record["gradient_norm"] = float(torch.linalg.vector_norm(gradient))
+    record["eigenvalues"] = _eigen_section(results["eigenvalues"])
+    record["trace"] = {
+        **_trace_section(args, results["trace"]),
+        "closed_form": exact_trace,
+        "slq_estimate": mean_eigenvalue * dim,
+        "slq_standard_error": mean_eigenvalue_error * dim,
+    }
+    record["density"] = _density_section(density)
+    record.update(_footer(args, settings, timings))
+    return record
+
+
+# ---------------------------------------------------------------------- resume
+class _StoredEigenvalues:
+    """The eigenvalue step's result as ``spectrum.json`` keeps it (without eigenvectors)."""
+
+    def __init__(self, section: dict[str, Any]) -> None:
+        self.eigenvalues = np.asarray(section["values"], dtype=np.float64)
+        self.residual_norms = np.asarray(section["residual_norms"], dtype=np.float64)
+        self.converged = np.asarray(section["converged"], dtype=bool)
+        self.num_matvecs = int(section["num_matvecs"])
+        self.num_restarts = int(section["num_restarts"])
+
+
+def _read_resumable(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """The finished steps in ``path`` and their timings, if it was written with ``settings``.
+
+    Raises
+    ------
+    UsageError
+        No such file, not a ``spectrum.json``, or written with other options (named).
+    """
+    from curvops import ScalarEstimate, SpectralDensity
+
+    if not path.is_file():
+        raise UsageError(f"--resume: no {path} to continue from; run without --resume to start")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--resume: cannot read {path} ({error}); run without --resume to start") from None
+    if not isinstance(record, dict) or record.get("format") != "curvops.spectrum/1":
+        raise UsageError(f"--resume: {path} is not a curvops spectrum.json; run without --resume to start")
+    previous = record.get("settings", {})
+    for key in _RESUME_SETTINGS:
+        if previous.get(key) != settings[key]:
+            option = "-k" if key == "k" else "--" + key.replace("_", "-")
+            raise UsageError(
+                f"--resume: {path} was written with {option} {_option_text(previous.get(key))}, "
+                f"this run has {option} {_option_text(settings[key])}; rerun with the same "
+                "options, or without --resume to start again (overwriting it)"
+            )
+    missing = record.get("missing", [])  # files without the key were complete
+    results: dict[str, Any] = {}
+    timings = record.get("timings_s", {})
+    try:
+        if "eigenvalues" not in missing:
+            results["eigenvalues"] = _StoredEigenvalues(record["eigenvalues"])
+        if "trace" not in missing:
+            trace = record["trace"]
+            results["trace"] = ScalarEstimate(
+                estimate=float(trace["estimate"]),
+                # JSON has no NaN: an unknown standard error was written as null.
+                standard_error=math.nan
+                if trace["standard_error"] is None
+                else float(trace["standard_error"]),
+                num_matvecs=int(trace["num_matvecs"]),
+                exact=bool(trace["exact"]),
+            )
+        if "density" not in missing:
+            results["density"] = SpectralDensity.from_dict(record["density"]["slq"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(
+            f"--resume: {path} lacks a finished step's numbers ({type(error).__name__}: {error}); "
+            "run without --resume to start again"
+        ) from None
+    return results, {step: float(timings[step]) for step in results if step in timings}
+
+
+def _check_resumed_problem(path: Path, operator: Any) -> None:
+    """Refuse to continue a file written for other parameters (a changed ``--model``)."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    names = list(operator.param_names)
+    if record.get("num_parameters") != operator.shape[0] or record.get("parameters") != names:
+        raise UsageError(
+            f"--resume: {path} was written for {record.get('num_parameters')} parameters "
+            f"({len(record.get('parameters') or [])} tensors), this model has {operator.shape[0]} "
+            f"({len(names)} tensors); rerun without --resume to start again"
+        )
+
+
+def _option_text(value: Any) -> str:
+    """An option's value as a user would type it (``None``: not given)."""
+    if value is None:
+        return "(not given)"
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
 
 
 def _to_numpy(array: Any) -> np.ndarray:
@@ -815,8 +1109,8 @@ def _format_uncertain(value: float, error: float) -> str:
     return f"{value:.{digits}f} ± {error:.{digits}f}"
 
 
-def _summary(record: dict[str, Any], written: list[Path]) -> str:
-    """The human-readable summary printed at the end of a run."""
+def _summary(record: dict[str, Any], written: list[Path], resumed: Sequence[str] = ()) -> str:
+    """The human-readable summary printed at the end of a run (``resumed``: steps read back)."""
     problem = record["problem"]
     symbol = _CURVATURE_SYMBOLS[record["curvature"]]
     lines = [
@@ -877,17 +1171,25 @@ def _summary(record: dict[str, Any], written: list[Path]) -> str:
         f"broadening sigma = {density['sigma']:.3g}",
     ]
     timings = record["timings_s"]
-    parts = [f"{key} {value:.1f} s" for key, value in timings.items() if key != "total"]
+    parts = [
+        f"{key} {value:.1f} s" + (" (earlier run)" if key in resumed else "")
+        for key, value in timings.items()
+        if key != "total"
+    ]
+    total = "total of this run" if resumed else "total"
     lines += [
         "",
-        "time: " + ", ".join(parts) + f"; total {timings.get('total', float('nan')):.1f} s",
+        "time: " + ", ".join(parts) + f"; {total} {timings.get('total', float('nan')):.1f} s",
         "wrote " + ", ".join(str(path) for path in written),
     ]
     return "\n".join(lines)
 
 
 def _plot(record: dict[str, Any], results: dict[str, Any], path: Path, *, log_scale: bool) -> None:
-    """Density with its ±2 s.e. band, the top eigenvalues marked, the trace in a corner."""
+    """Density with its ±2 s.e. band, the top eigenvalues marked, the trace in a corner.
+
+    The trace is given with the same ±1 s.e. as the printed summary.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
@@ -922,48 +1224,32 @@ def _plot(record: dict[str, Any], results: dict[str, Any], path: Path, *, log_sc
         ax.set_ylim(top * 1e-8, top * 3)
     else:
         ax.set_ylim(0, float(curve.upper.max()) * 1.05)
-    for index, value in enumerate(eigenvalues):
-        ax.axvline(
-            value,
-            color="C3",
-            linewidth=0.8,
-            alpha=0.7,
-            linestyle="--",
-            label=f"top-{len(eigenvalues)} eigenvalues" if index == 0 else None,
-        )
-    ax.plot(
-        eigenvalues,
-        np.full(len(eigenvalues), 1.0),
-        transform=ax.get_xaxis_transform(),
-        linestyle="none",
-        marker="v",
-        color="C3",
-        markersize=5,
-        clip_on=False,
-    )
+    _mark_eigenvalues(ax, eigenvalues)
     ax.set_xlabel(f"eigenvalue λ of {symbol}")
     ax.set_ylabel("spectral density" + (" (log scale)" if log_scale else ""))
     problem = record["problem"]
-    # pad: room for the eigenvalue markers drawn on the top edge
+    # pad: room for the eigenvalue markers and their labels above the top edge
     ax.set_title(
         f"{record['curvature_name']}: {problem['model']}, D = {record['num_parameters']:,}",
         fontsize=10,
-        pad=12,
+        pad=22,
     )
     trace = record["trace"]
     if trace["exact"]:
         text = f"tr({symbol}) = {trace['estimate']:.4g} (exact)"
     else:
         name = {"xtrace": "XTrace", "hutchpp": "Hutch++"}[trace["method"]]
+        # The printed summary's wording: one number, one uncertainty, wherever it is read.
         text = (
-            f"tr({symbol}) = {_format_uncertain(trace['estimate'], 2 * trace['standard_error'])}\n"
-            f"({name}, ± 2 s.e., {trace['num_matvecs']} matvecs)"
+            f"tr({symbol}) = {_format_uncertain(trace['estimate'], trace['standard_error'])}\n"
+            f"(1 s.e.; {name}, {trace['num_matvecs']} matvecs)"
         )
     text += f"\nλ_max = {eigenvalues[0]:.4g}"
     ax.text(
         0.98,
         0.96,
         text,
+        gid="trace-summary",
         transform=ax.transAxes,
         ha="right",
         va="top",
@@ -975,6 +1261,67 @@ def _plot(record: dict[str, Any], results: dict[str, Any], path: Path, *, log_sc
     ax.grid(True, which="major", alpha=0.3)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _mark_eigenvalues(ax: Any, eigenvalues: list[float]) -> None:
+    """Mark the top eigenvalues on ``ax``: the largest few labelled, the rest fainter and thinned.
+
+    The eigenvalues below the top few often sit at the edge of the bulk, closer together than
+    a marker is wide; drawn alike, they merge into one smudge that hides the labelled ones.
+    """
+    x0, x1 = ax.get_xlim()
+    width = x1 - x0 if x1 > x0 else 1.0
+    # Separations in fractions of the axis width: a label ("λ10" at 7 pt) and a marker.
+    label_gap, marker_gap = 0.06, 0.015
+    labelled: list[float] = []
+    drawn: list[float] = []
+    for rank, value in enumerate(eigenvalues, 1):
+        where = (value - x0) / width
+        if len(labelled) < _LABELLED_EIGENVALUES and all(abs(where - f) >= label_gap for f in labelled):
+            labelled.append(where)
+            drawn.append(where)
+            linewidth, alpha, linestyle, markersize = 0.8, 0.7, "--", 5.0
+            ax.annotate(
+                rf"$\lambda_{{{rank}}}$",
+                (value, 1.0),
+                xycoords=ax.get_xaxis_transform(),
+                xytext=(0, 6),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="C3",
+                gid="eigenvalue-label",
+            )
+        elif all(abs(where - f) >= marker_gap for f in drawn):
+            drawn.append(where)
+            linewidth, alpha, linestyle, markersize = 0.6, 0.4, ":", 3.5
+        else:
+            continue
+        ax.axvline(value, color="C3", linewidth=linewidth, alpha=alpha, linestyle=linestyle)
+        ax.plot(
+            [value],
+            [1.0],
+            transform=ax.get_xaxis_transform(),
+            linestyle="none",
+            marker="v",
+            color="C3",
+            markersize=markersize,
+            alpha=min(1.0, 2 * alpha),
+            clip_on=False,
+            gid="eigenvalue-marker",
+        )
+    # One legend entry for all of them (an invisible line carries its style).
+    ax.plot(
+        [],
+        [],
+        color="C3",
+        linewidth=0.8,
+        alpha=0.7,
+        linestyle="--",
+        label=f"top-{len(eigenvalues)} eigenvalues"
+        + (f" ({len(drawn)} drawn)" if len(drawn) < len(eigenvalues) else ""),
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m curvops.cli`

@@ -6,15 +6,16 @@ position ``t`` are scored against the label of position ``t + 1``, and labels eq
 not count. The pieces here make the operators compute the curvature of exactly that
 objective, averaged over **all counted tokens of all batches**:
 
-- :class:`CausalLMLoss`: the loss (an ``nn.CrossEntropyLoss`` over shifted positions);
-  every operator recognises it (the loss-Hessian products, Monte-Carlo sampling and
-  normaliser run on the shifted rows, with the fused cross-entropy kernel).
-- :func:`causal_lm_data`: turns Hugging Face style batches (dicts with ``input_ids``,
-  ``attention_mask``, ``labels``) into the operators' ``(inputs, labels)`` pairs.
-- :func:`causal_lm_operator`: builds a Hessian, GGN or Fisher operator from a model and
-  such batches in one call.
-- :func:`block_params`, :func:`attention_params`, :func:`mlp_params`: ``params=`` glob
-  patterns that select one transformer block, or the attention (MLP) of every block.
+- [`CausalLMLoss`][curvops.lm.CausalLMLoss]: the loss (an ``nn.CrossEntropyLoss`` over shifted
+  positions); every operator recognises it (the loss-Hessian products, Monte-Carlo sampling
+  and normaliser run on the shifted rows, with the fused cross-entropy kernel).
+- [`causal_lm_data`][curvops.lm.causal_lm_data]: turns Hugging Face style batches (dicts with
+  ``input_ids``, ``attention_mask``, ``labels``) into the operators' ``(inputs, labels)`` pairs.
+- [`causal_lm_operator`][curvops.lm.causal_lm_operator]: builds a Hessian, GGN or Fisher operator
+  from a model and such batches in one call.
+- [`block_params`][curvops.lm.block_params], [`attention_params`][curvops.lm.attention_params],
+  [`mlp_params`][curvops.lm.mlp_params]: ``params=`` glob patterns that select one transformer
+  block, or the attention (MLP) of every block.
 
 Works for Hugging Face causal LMs (``transformers``, the optional extra ``hf``: output a
 ``ModelOutput`` with ``logits``) and for plain ``nn.Module`` LMs whose forward returns
@@ -69,15 +70,15 @@ class CausalLMLoss(nn.CrossEntropyLoss):
         ``"mean"`` (default): over the counted tokens (for an operator: over the
         counted tokens of all its batches); ``"sum"``.
     weight, label_smoothing
-        As in :class:`torch.nn.CrossEntropyLoss` (the ``mean`` with label smoothing
+        As in ``torch.nn.CrossEntropyLoss`` (the ``mean`` with label smoothing
         and ignored tokens is torch's, which divides the smoothing term by all rows).
 
     Notes
     -----
-    The operators see this loss through two methods, :meth:`flat_output` and
-    :meth:`flat_target`, which present the logits as rows (B·T, V) (a view) and the
-    labels as the matching shifted targets (B·T,); see
-    :class:`curvops.operators._loss.LossSpec`.
+    The operators see this loss through two methods, [`flat_output`][curvops.lm.CausalLMLoss.flat_output] and
+    [`flat_target`][curvops.lm.CausalLMLoss.flat_target], which present the logits as rows (B·T, V) (a view)
+    and the labels as the matching shifted targets (B·T,); see
+    ``curvops.operators._loss.LossSpec``.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class CausalLMLoss(nn.CrossEntropyLoss):
         return x.reshape(-1, x.shape[-1])
 
     def flat_target(self, labels: Tensor) -> Tensor:
-        """Labels as the targets of the rows of :meth:`flat_output`: shifted by one position.
+        """Labels as the targets of the rows of ``flat_output``: shifted by one position.
 
         Parameters
         ----------
@@ -179,13 +180,13 @@ def _logits_of(output: Any) -> Tensor:
 
 
 class CausalLMData:
-    """Re-iterable ``(inputs, labels)`` view of causal-LM batches (made by :func:`causal_lm_data`).
+    """Re-iterable ``(inputs, labels)`` view of causal-LM batches (made by ``causal_lm_data``).
 
     Parameters
     ----------
     batches : iterable
         Re-iterable batches: dicts of tensors, tensors of token ids (B, T), or
-        ``(inputs, labels)`` pairs (see :func:`causal_lm_data`).
+        ``(inputs, labels)`` pairs (see [`causal_lm_data`][curvops.lm.causal_lm_data]).
     labels_key : str, optional
         Key of the labels in dict batches (default ``"labels"``).
     ignore_index : int, optional
@@ -284,18 +285,18 @@ def causal_lm_operator(
     Parameters
     ----------
     curvature : {"hessian", "ggn", "fisher"}
-        :class:`~curvops.HessianOperator`, :class:`~curvops.GGNOperator` or
-        :class:`~curvops.FisherOperator`.
+        [`HessianOperator`][curvops.HessianOperator], [`GGNOperator`][curvops.GGNOperator] or
+        [`FisherOperator`][curvops.FisherOperator].
     model : nn.Module
         A Hugging Face causal LM (its ``ModelOutput.logits`` are used) or any module
         returning logits (B, T, V). Put it in ``eval()`` mode (dropout off).
     batches : iterable
-        As for :func:`causal_lm_data`.
+        As for [`causal_lm_data`][curvops.lm.causal_lm_data].
     params : optional
-        As for the operators: glob patterns such as :func:`block_params` or
-        :func:`attention_params` return, a list of parameters, or None (all).
+        As for the operators: glob patterns such as [`block_params`][curvops.lm.block_params] or
+        [`attention_params`][curvops.lm.attention_params] return, a list of parameters, or None (all).
     ignore_index, reduction
-        As for :class:`CausalLMLoss`.
+        As for [`CausalLMLoss`][curvops.lm.CausalLMLoss].
     **kwargs
         Passed to the operator (``method=`` for the Hessian, ``fused_head=`` for the GGN,
         ``kind=``/``mc_samples=`` for the Fisher, ``check_deterministic=``).
@@ -375,7 +376,8 @@ def block_params(model: nn.Module, layer: int) -> list[str]:
     Parameters
     ----------
     model : nn.Module
-        A transformer language model (its blocks found by :func:`transformer_blocks`).
+        A transformer language model (its blocks found by
+        [`transformer_blocks`][curvops.lm.transformer_blocks]).
     layer : int
         Index of the block; negative counts from the end.
 
@@ -428,7 +430,8 @@ def attention_params(model: nn.Module, layers: int | Sequence[int] | None = None
     Parameters
     ----------
     model : nn.Module
-        A transformer language model (its blocks found by :func:`transformer_blocks`).
+        A transformer language model (its blocks found by
+        [`transformer_blocks`][curvops.lm.transformer_blocks]).
     layers : int or sequence of int, optional
         Block indices (negative count from the end); default every block.
 
@@ -456,7 +459,8 @@ def mlp_params(model: nn.Module, layers: int | Sequence[int] | None = None) -> l
     Parameters
     ----------
     model : nn.Module
-        A transformer language model (its blocks found by :func:`transformer_blocks`).
+        A transformer language model (its blocks found by
+        [`transformer_blocks`][curvops.lm.transformer_blocks]).
     layers : int or sequence of int, optional
         Block indices (negative count from the end); default every block.
 

@@ -3,7 +3,8 @@
 Two profiles of one suite (CONTRIBUTING.md, "Tests"):
 
 - the default run (``python -m pytest -q``) skips tests marked ``slow`` (process groups,
-  notebooks, subprocess end-to-end runs) and gives the property-based tests a few examples;
+  notebooks, subprocess end-to-end runs, compilation, searches whose property a faster test
+  also checks) and gives the property-based tests a few random examples;
 - ``CI=true`` (what ``.ci/run`` sets) or ``--run-slow`` runs the slow tests too; ``CI=true``
   also gives the property-based tests their longer hypothesis profile.
 
@@ -68,17 +69,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
 
 
-# Hypothesis profiles (tests/operators/test_properties.py): "dev" by default, a few examples
-# per property to keep the default run quick; "ci" where the CI environment variable is set,
-# several times more. Both derandomized (examples are a function of the test, so a failure
-# reproduces on every machine) and without an example database; print_blob prints the
-# @reproduce_failure line of a falsifying example. deadline=None: an example builds dense
-# references, whose run time varies with the drawn sizes and the machine's load.
+# Hypothesis profiles (tests/operators/test_properties.py): "dev" by default, a few random
+# examples per property besides the fixed @example problems (which run in every profile), so
+# the default run still checks each property on the known hard cases without the cost of a
+# search; "ci" where the CI environment variable is set, ten times more. Both derandomized
+# (examples are a function of the test, so a failure reproduces on every machine) and without
+# an example database; print_blob prints the @reproduce_failure line of a falsifying example.
+# deadline=None: an example builds dense references, whose run time varies with the drawn
+# sizes and the machine's load.
 # HYPOTHESIS_PROFILE=dev|ci|explore overrides the choice; "explore" draws new random examples
 # on every run (hypothesis prints the seed of a failure: rerun with --hypothesis-seed=N).
 settings.register_profile(
     "dev",
-    max_examples=10,
+    max_examples=4,
     deadline=None,
     derandomize=True,
     database=None,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import curvops
 from curvops.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,9 @@ USER_MODULE = textwrap.dedent(
 
     def fails():
         raise RuntimeError("kaboom")
+
+    def interrupted():
+        raise KeyboardInterrupt
     """
 )
 
@@ -268,6 +272,7 @@ def test_bad_arguments_in_a_subprocess(tmp_path: Path) -> None:
         assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_user_module_import_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
     """`--model mod:fn` puts the working directory on sys.path for that import only: a stray
     matplotlib.py there must not replace the real one when the spectrum is plotted later.
@@ -293,3 +298,305 @@ def test_user_module_import_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "stray" not in result.stderr
     assert (tmp_path / "out" / "spectrum.png").exists()
+
+
+# ---------------------------------------------------------------------- --help
+def test_help_shows_each_default_once(capsys) -> None:
+    """Options whose help states the default, or that have none, get no "(default: ...)" added."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["spectrum", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text
+    assert "default: all)" in text
+    assert "default: all) (default" not in text
+    assert "torch's default otherwise) (default" not in text
+    assert "number of top eigenvalues (default: 10)" in text  # the others still show theirs
+    assert "(default: 0)" in text  # --seed's 0 is a value, not "not given"
+
+
+# ---------------------------------------------------------------------- Ctrl-C and --resume
+USER_ARGS = [
+    "spectrum",
+    "-q",
+    "--model",
+    "usermod:make_model",
+    "--data",
+    "usermod:make_data",
+    "-k",
+    "2",
+    "--probes",
+    "2",
+    "--lanczos-steps",
+    "6",
+    "--trace-matvecs",
+    "10",
+    "--no-plot",
+    "-o",
+    "out",
+]
+# The public functions behind the three steps of `curvops spectrum`.
+STEP_FUNCTIONS = ("lanczos", "xtrace", "spectral_density")
+
+
+def _user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "usermod.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("usermod", None)
+
+
+def _count_steps(monkeypatch: pytest.MonkeyPatch, interrupt: str | None = None) -> dict[str, int]:
+    """Count the calls of each step's function; Ctrl-C (KeyboardInterrupt) in ``interrupt``."""
+    calls = dict.fromkeys(STEP_FUNCTIONS, 0)
+    for name in STEP_FUNCTIONS:
+        original = getattr(curvops, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            if _name == interrupt:
+                raise KeyboardInterrupt
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(curvops, name, counted)
+    return calls
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_interrupt_in_density_step_writes_finished_steps_and_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _user_module(tmp_path, monkeypatch)
+    _count_steps(monkeypatch, interrupt="spectral_density")
+    code = main(USER_ARGS)
+    captured = capsys.readouterr()
+    assert code == 130
+    line = _one_line(captured.err)
+    assert line.startswith("curvops spectrum: interrupted; wrote ")
+    assert "--resume" in line
+    assert "missing: density" in line
+    assert captured.out == ""
+    record = json.loads((tmp_path / "out" / "spectrum.json").read_text())
+    assert record["complete"] is False
+    assert record["missing"] == ["density"]
+    assert len(record["eigenvalues"]["values"]) == 2
+    assert math.isfinite(record["trace"]["estimate"])
+    assert record["trace"]["num_matvecs"] <= 10
+    assert "density" not in record
+    assert record["settings"]["probes"] == 2
+    assert not list((tmp_path / "out").glob("*.partial"))  # written in full, then renamed
+
+
+def test_interrupt_before_any_step_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Ctrl-C while the user's model is built: exit 130, one line, no file."""
+    _user_module(tmp_path, monkeypatch)
+    argv = [arg if arg != "usermod:make_model" else "usermod:interrupted" for arg in USER_ARGS]
+    code = main(argv)
+    assert code == 130
+    assert "nothing written" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("interrupt", ["xtrace", "spectral_density"])
+def test_resume_skips_finished_steps_and_matches_an_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, interrupt: str
+) -> None:
+    _user_module(tmp_path, monkeypatch)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "resumed").mkdir()
+
+    monkeypatch.chdir(tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        _count_steps(patch)
+        assert main(USER_ARGS) == 0
+    whole = json.loads((tmp_path / "whole" / "out" / "spectrum.json").read_text())
+    whole_out = capsys.readouterr().out
+
+    monkeypatch.chdir(tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        _count_steps(patch, interrupt=interrupt)
+        assert main(USER_ARGS) == 130
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        calls = _count_steps(patch)
+        assert main([*USER_ARGS, "--resume"]) == 0
+    resumed = json.loads((tmp_path / "resumed" / "out" / "spectrum.json").read_text())
+    resumed_out = capsys.readouterr().out
+
+    finished = STEP_FUNCTIONS[: STEP_FUNCTIONS.index(interrupt)]
+    assert calls == {name: 0 if name in finished else 1 for name in STEP_FUNCTIONS}
+    assert resumed["complete"] is True
+    assert resumed["missing"] == []
+    # Every number and setting as in one uninterrupted run; only the timings differ.
+    assert set(resumed["timings_s"]) == set(whole["timings_s"])
+    del resumed["timings_s"], whole["timings_s"]
+    assert resumed == whole
+    assert "--resume" not in resumed["command"]  # the command that recomputes it all
+    assert resumed_out.split("time:")[0] == whole_out.split("time:")[0]
+
+
+def test_resume_refuses_other_options_naming_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _user_module(tmp_path, monkeypatch)
+    with monkeypatch.context() as patch:
+        _count_steps(patch, interrupt="spectral_density")
+        assert main(USER_ARGS) == 130
+    capsys.readouterr()
+    argv = [*USER_ARGS, "--resume"]
+    argv[argv.index("--probes") + 1] = "3"
+    calls = _count_steps(monkeypatch)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--probes 2" in err
+    assert "--probes 3" in err
+    assert "without --resume" in err
+    assert calls == dict.fromkeys(STEP_FUNCTIONS, 0)
+    # The partial file is left for a rerun with the right options.
+    assert json.loads((tmp_path / "out" / "spectrum.json").read_text())["complete"] is False
+
+
+def test_resume_without_a_previous_file_says_how_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _user_module(tmp_path, monkeypatch)
+    code = main([*USER_ARGS, "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no out/spectrum.json to continue from" in err
+    assert "without --resume" in err
+
+
+SITECUSTOMIZE_INTERRUPTING_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class _CtrlCDuringTorchImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                raise KeyboardInterrupt
+            return None
+
+    sys.meta_path.insert(0, _CtrlCDuringTorchImport())
+    """
+)
+
+
+@pytest.mark.slow
+def test_interrupt_while_importing_torch_is_one_line_exit_130(tmp_path: Path) -> None:
+    """Ctrl-C in the first seconds (torch still importing): exit 130, one line, no traceback."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE_INTERRUPTING_TORCH)
+    result = subprocess.run(
+        [sys.executable, "-m", "curvops", "spectrum", "-q", "--no-plot", "-o", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": f"{site}{__import__('os').pathsep}{ROOT}"},
+    )
+    assert result.returncode == 130, result.stderr
+    assert _one_line(result.stderr).startswith("curvops spectrum: interrupted")
+
+
+# ---------------------------------------------------------------------- figure
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The matplotlib figures saved during the test with the renderer that drew them."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures: list = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        figures.append((self, self.canvas.get_renderer()))  # closing the figure drops its canvas
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def _figure_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, saved_figures: list, k: int):
+    _user_module(tmp_path, monkeypatch)
+    argv = [arg for arg in USER_ARGS if arg != "--no-plot"]
+    argv[argv.index("-k") + 1] = str(k)
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "spectrum.png").exists()
+    ((figure, renderer),) = saved_figures
+    return figure, renderer, capsys.readouterr().out
+
+
+def test_figure_states_the_trace_as_the_summary_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, saved_figures: list
+) -> None:
+    """The same value ± error, both labelled 1 s.e., in the figure's box and on stdout."""
+    figure, _, out = _figure_run(tmp_path, monkeypatch, capsys, saved_figures, k=2)
+    printed = next(line.strip() for line in out.splitlines() if "XTrace" in line)
+    (box,) = figure.findobj(lambda a: a.get_gid() == "trace-summary")
+    shown = box.get_text().splitlines()
+    value = printed.split(" (")[0]  # "tr(H) = 2.8 ± 1.3"
+    assert "±" in value
+    assert shown[0] == value
+    assert printed.startswith(value + " (1 s.e.;")
+    assert shown[1].startswith("(1 s.e.;")
+
+
+def test_figure_labels_the_top_eigenvalues_and_thins_crowded_markers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, saved_figures: list
+) -> None:
+    """Labels λ1, λ2, ... that do not overlap; markers no closer than their width; the
+    legend, labels and title inside the saved image."""
+    figure, renderer, _ = _figure_run(tmp_path, monkeypatch, capsys, saved_figures, k=8)
+    record = json.loads((tmp_path / "out" / "spectrum.json").read_text())
+    eigenvalues = record["eigenvalues"]["values"]
+    labels = figure.findobj(lambda a: a.get_gid() == "eigenvalue-label")
+    assert 1 <= len(labels) <= 3
+    assert labels[0].get_text() == r"$\lambda_{1}$"
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    for index, box in enumerate(boxes):
+        assert all(not box.overlaps(other) for other in boxes[index + 1 :])
+    markers = figure.findobj(lambda a: a.get_gid() == "eigenvalue-marker")
+    # The eigenvalues of this model crowd: some markers would overlap and are left out.
+    assert len(labels) <= len(markers) < len(eigenvalues)
+    points = sorted(
+        (marker.get_transform().transform((marker.get_xdata()[0], 1.0))[0], marker.get_markersize())
+        for marker in markers
+    )
+    pixels_per_point = figure.dpi / 72
+    for (left, left_size), (right, right_size) in zip(points, points[1:]):
+        assert right - left >= (left_size + right_size) / 2 * pixels_per_point
+    for artist in [*labels, *figure.legends, *figure.axes[0].texts]:
+        box = artist.get_window_extent(renderer)
+        assert figure.bbox.x0 <= box.x0, artist
+        assert box.x1 <= figure.bbox.x1, artist
+        assert figure.bbox.y0 <= box.y0, artist
+        assert box.y1 <= figure.bbox.y1, artist
+    ax = figure.axes[0]
+    assert ax.get_tightbbox(renderer).y1 <= figure.bbox.y1  # the title above the labels
+
+
+def test_without_matplotlib_the_hint_is_an_install_that_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """curvops is not on the package index: the hint names matplotlib, not ``curvops[plot]``."""
+    _user_module(tmp_path, monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import and find_spec see no matplotlib
+    argv = [arg for arg in USER_ARGS if arg != "--no-plot"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "pip install matplotlib" in err
+    assert "curvops[plot]" not in err
+    assert (tmp_path / "out" / "spectrum.json").exists()
+    assert not (tmp_path / "out" / "spectrum.png").exists()

@@ -36,6 +36,7 @@ def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         exec(code, namespace)
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     """The site builds with --strict: no broken link, no missing page, no docstring warning."""
     mkdocs = [sys.executable, "-m", "mkdocs"]
@@ -76,7 +77,10 @@ def _reference_parameters(page: str, identifier: str) -> dict[str, str]:
 
 def test_benchmarks_page_includes_every_result() -> None:
     page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    missing = [p.name for p in sorted((ROOT / "benchmarks" / "results").glob("*.md")) if p.name not in page]
+    included = set(re.findall(r'^--8<-- "([^"]+)"$', page, re.MULTILINE))
+    missing = [
+        p.name for p in sorted((ROOT / "benchmarks" / "results").glob("*.md")) if p.name not in included
+    ]
     assert not missing, f"docs/benchmarks.md does not include {missing}"
 
 
@@ -97,3 +101,28 @@ def test_ci_runs_the_readme_commands_verbatim() -> None:
     # Before the README's commands: the directory change and the CI environment variable.
     assert ci[: len(ci) - len(wanted)] == ['cd "$(dirname "$0")/.."', 'export CI="${CI:-true}"']
     assert ci[len(ci) - len(wanted) :] == wanted
+
+
+def test_setup_is_one_command() -> None:
+    """The README's "Set up" is one command: the set-up script, which CI runs too."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    body = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = [cmd for block in SHELL_BLOCK.findall(body) for cmd in _commands(block)]
+    assert commands == [". scripts/setup.sh"]
+    assert (ROOT / "scripts" / "setup.sh").is_file()
+
+
+def test_no_install_command_asks_the_registry_for_curvops() -> None:
+    """curvops is not on PyPI: no shell command of the docs installs ``curvops`` or
+    ``curvops[extra]`` by name; they install ``.``, a wheel file or the requirement files."""
+    offending = []
+    for page in [*PAGES, ROOT / "CONTRIBUTING.md"]:
+        for block in SHELL_BLOCK.findall(page.read_text(encoding="utf-8")):
+            for command in _commands(block):
+                for part in re.split(r"&&|;|\|", command.split("#", 1)[0]):
+                    words = part.split()
+                    if words[:2] != ["pip", "install"] and words[1:4] != ["-m", "pip", "install"]:
+                        continue
+                    if any(re.fullmatch(r"curvops(\[[\w,]*\])?", w.strip("\"'")) for w in words):
+                        offending.append(f"{page.relative_to(ROOT)}: {command}")
+    assert not offending, offending

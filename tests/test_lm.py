@@ -242,6 +242,7 @@ def test_hessian_matches_dense_reference_gpt2():
     assert torch.allclose(dense, ref, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_head"])
 def test_ggn_matches_dense_reference_gpt2(fused):
     model = tiny_gpt2()

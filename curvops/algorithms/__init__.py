@@ -7,12 +7,12 @@ Every function accepts a curvops operator (or any object with ``shape``, ``devic
 in torch on their device and dtype; everything else runs in numpy (callables in float64).
 Randomized functions take ``seed=``: the same seed gives the same result within a backend.
 
-Modules: :mod:`~curvops.algorithms.eigen` (restarted Lanczos, power iteration),
-:mod:`~curvops.algorithms.density` (SLQ), :mod:`~curvops.algorithms.trace`,
-:mod:`~curvops.algorithms.diagonal`, :mod:`~curvops.algorithms.solve` (CG, MINRES, LSMR, Neumann);
-underneath, :mod:`~curvops.algorithms.lanczos_core` (the Lanczos recurrence both eigensolver and
-SLQ run), :mod:`~curvops.algorithms.reorthogonalization` (its full and partial policies) and
-:mod:`~curvops.algorithms.vectors` (the vector layer every algorithm computes through).
+Modules: ``eigen`` (restarted Lanczos, power iteration),
+``density`` (SLQ), ``trace``,
+``diagonal``, ``solve`` (CG, MINRES, LSMR, Neumann);
+underneath, ``lanczos_core`` (the Lanczos recurrence both eigensolver and
+SLQ run), ``reorthogonalization`` (its full and partial policies) and
+``vectors`` (the vector layer every algorithm computes through).
 """
 
 from curvops.algorithms.density import DensityCurve, SpectralDensity, spectral_density

@@ -79,7 +79,7 @@ def check_seed(seed: Any) -> int | None:
     Raises
     ------
     TypeError, ValueError
-        As :func:`check_int` with minimum 0.
+        As ``check_int`` with minimum 0.
     """
     if seed is None:
         return None

@@ -29,9 +29,9 @@ def _agreed_seed(operand: ReplicatedTorchOperand | ShardedTorchOperand, seed: in
 class ReplicatedTorchOperand(TorchOperand):
     """Torch backend of an operator replicated across processes (DDP).
 
-    Vectors and arithmetic are those of :class:`TorchOperand` (every rank holds full
+    Vectors and arithmetic are those of ``TorchOperand`` (every rank holds full
     vectors and computes the same thing); only the seed is shared (see
-    :func:`_agreed_seed`), since each rank's product checks that all ranks multiply the
+    ``_agreed_seed``), since each rank's product checks that all ranks multiply the
     same vectors.
 
     Parameters
@@ -72,7 +72,7 @@ class ShardedTorchOperand(TorchOperand):
     Each process holds the rows ``layout.ranges`` of every length-``D`` vector; every
     reduction over ``D`` is a local partial result summed with one all-reduce, QR is
     TSQR (local QR, then a QR of the gathered small ``R`` factors) and probes come from
-    :class:`ProbeStream`, so results equal the single-process run's up to rounding.
+    ``ProbeStream``, so results equal the single-process run's up to rounding.
 
     Parameters
     ----------

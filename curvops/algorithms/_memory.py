@@ -2,9 +2,9 @@
 
 Each algorithm's working memory is dominated by ``(D, c)`` blocks, so its model is a count of
 columns: ``bytes = columns * D * itemsize``. A block product ``A @ X`` of ``c`` columns is
-charged :data:`PRODUCT_COLUMNS` ``* c`` columns: ``X``, the product, and parameter-sized
+charged ``PRODUCT_COLUMNS`` ``* c`` columns: ``X``, the product, and parameter-sized
 temporaries per column inside a curvature operator (the gradient-shaped tensors of a Hessian
-or GGN product). The budget defaults to :data:`DEFAULT_FRACTION` of the memory available on
+or GGN product). The budget defaults to ``DEFAULT_FRACTION`` of the memory available on
 the operator's device when the algorithm starts (the rest is left to the operator's model,
 data and autograd graph); a public ``memory_budget=`` overrides it.
 """
@@ -22,7 +22,7 @@ DEFAULT_FRACTION = 0.5
 
 
 def qr_workspace_columns(operand: Any, width: int) -> float:
-    """Columns of workspace of :meth:`~curvops.algorithms.vectors.Operand.qr_in_place` on a
+    """Columns of workspace of ``qr_in_place`` on a
     ``(D, width)`` block: three pieces (a piece's ``Q``, LAPACK's copy of it, and its product with
     the stacked ``Q``) of at most ``QR_PIECE_ELEMENTS`` entries (also what the row-pieced column
     reductions use).
@@ -84,8 +84,8 @@ def available_bytes(operand: Any) -> int | None:
 
 
 def resolve_budget(operand: Any, memory_budget: Any) -> float:
-    """The budget in bytes: ``memory_budget`` if given, else :data:`DEFAULT_FRACTION` of
-    :func:`available_bytes` (``inf`` where that is unknown).
+    """The budget in bytes: ``memory_budget`` if given, else ``DEFAULT_FRACTION`` of
+    ``available_bytes`` (``inf`` where that is unknown).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Numpy backend of the vector layer (:mod:`curvops.algorithms.vectors`): scipy operators,
+"""Numpy backend of the vector layer (``curvops.algorithms.vectors``): scipy operators,
 sparse and dense numpy matrices and callables, on host arrays."""
 
 from __future__ import annotations

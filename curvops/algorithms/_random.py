@@ -12,7 +12,7 @@ import torch
 class ProbeStream:
     """Random probe blocks defined entry by entry by their *global* index.
 
-    Draw ``t`` of a block of ``b`` columns is cut into chunks of :attr:`CHUNK` rows of the
+    Draw ``t`` of a block of ``b`` columns is cut into chunks of ``CHUNK`` rows of the
     global ``(D, b)`` block; chunk ``c`` comes from its own generator seeded with
     ``(seed, t, c)``. A process that holds only some rows (a shard) generates just the
     chunks those rows touch and gets the very numbers the single-process run gets, so

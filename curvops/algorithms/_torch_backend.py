@@ -1,8 +1,8 @@
-"""Torch backend of the vector layer (:mod:`curvops.algorithms.vectors`) and its device tuning.
+"""Torch backend of the vector layer (``curvops.algorithms.vectors``) and its device tuning.
 
 Everything stays on the operator's device in its dtype; only small reductions go to the host.
 The tuning that depends on the device lives here: products split so that no cuBLAS call sees
-more than ``2**31`` elements (:func:`wide_matmul`, :func:`tall_qr`), row layouts cuBLAS accepts
+more than ``2**31`` elements (``wide_matmul``, ``tall_qr``), row layouts cuBLAS accepts
 in place, fused in-place updates, and one kernel per row on an accelerator.
 """
 
@@ -24,7 +24,7 @@ from curvops.algorithms.vectors import Operand
 #: ``(n, D)`` operand of more than ``2**31`` elements: a 32-bit offset overflows (see
 #: ``benchmarks/results/wide_gemm_h200_2026-11-23.md``, ``benchmarks/probe_wide_gemm.py``). Lanczos
 #: bases of models with more than ~100M parameters are that large, so such products are
-#: split along ``D`` into contiguous pieces of at most :data:`CHUNK_ELEMENTS`.
+#: split along ``D`` into contiguous pieces of at most ``CHUNK_ELEMENTS``.
 WIDE_ELEMENTS = 1 << 31
 CHUNK_ELEMENTS = 1 << 28
 
@@ -87,7 +87,7 @@ def tall_qr(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     A block of ``WIDE_ELEMENTS`` or more entries is factored as TSQR: a QR of every piece of
     at most ``CHUNK_ELEMENTS`` entries, a QR of the stacked ``R`` factors, and each piece's
-    ``Q`` times its block of the second ``Q`` (see :data:`WIDE_ELEMENTS` for why).
+    ``Q`` times its block of the second ``Q`` (see ``WIDE_ELEMENTS`` for why).
     """
     rows, width = block.shape
     if block.numel() < WIDE_ELEMENTS or rows <= width:

@@ -17,7 +17,7 @@ from curvops.algorithms.vectors import as_operand
 
 _FORMAT = "curvops.spectral_density/1"
 #: Columns of working memory per probe besides its basis: the new vector, its projection's
-#: temporary and the block product (:data:`~curvops.algorithms._memory.PRODUCT_COLUMNS`).
+#: temporary and the block product (``curvops.algorithms._memory.PRODUCT_COLUMNS``).
 _WORK_COLUMNS = 2 + PRODUCT_COLUMNS
 
 
@@ -124,7 +124,8 @@ class SpectralDensity:
         num_points
             Grid size ``G``. Default 1024.
         sigma
-            Broadening width in eigenvalue units; default :meth:`default_sigma`.
+            Broadening width in eigenvalue units; default
+            [`default_sigma`][curvops.SpectralDensity.default_sigma].
 
         Returns
         -------
@@ -165,8 +166,8 @@ class SpectralDensity:
         Returns
         -------
         tuple of float
-            The mean of :meth:`probe_moments` over probes and its standard error (NaN for one
-            probe).
+            The mean of [`probe_moments`][curvops.SpectralDensity.probe_moments] over probes
+            and its standard error (NaN for one probe).
         """
         samples = self.probe_moments(order)
         error = samples.std(ddof=1) / math.sqrt(samples.size) if samples.size > 1 else math.nan
@@ -185,10 +186,12 @@ class SpectralDensity:
         Parameters
         ----------
         grid
-            Points ``(G,)``; default :meth:`default_grid` with ``num_points`` points.
+            Points ``(G,)``; default [`default_grid`][curvops.SpectralDensity.default_grid]
+            with ``num_points`` points.
         sigma
-            Broadening width in eigenvalue units; default :meth:`default_sigma` (1% of the
-            spectral range). Smaller values resolve more detail but show the discrete Ritz nodes.
+            Broadening width in eigenvalue units; default
+            [`default_sigma`][curvops.SpectralDensity.default_sigma] (1% of the spectral range).
+            Smaller values resolve more detail but show the discrete Ritz nodes.
         num_points
             Grid size when ``grid`` is not given.
         log_scale
@@ -241,9 +244,10 @@ class SpectralDensity:
         Parameters
         ----------
         ax
-            Matplotlib axes; default a new figure of size 5 x 3.5 inches.
+            Matplotlib axes; default a new figure of size 5 x 3.5 inches whose layout keeps the
+            labels and title inside it when saved (matplotlib's constrained layout).
         sigma, num_points
-            As in :meth:`evaluate`.
+            As in [`evaluate`][curvops.SpectralDensity.evaluate].
         log_scale
             Logarithmic density axis (default, as in Ghorbani et al. 2019: it shows both the bulk
             near 0 and the outliers).
@@ -259,7 +263,8 @@ class SpectralDensity:
         import matplotlib.pyplot as plt  # optional dependency: imported only when plotting
 
         if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3.5))
+            # Constrained layout: the default margins cut the x-label off a saved 5 x 3.5 figure.
+            _, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
         curve = self.evaluate(sigma=sigma, num_points=num_points)
         (line,) = ax.plot(curve.grid, curve.density, label=label, color=color, linewidth=1.5)
         if band and self.num_probes > 1:
@@ -299,7 +304,7 @@ class SpectralDensity:
         }
 
     def to_json(self, path: str | None = None) -> str:
-        """JSON string of :meth:`to_dict`; also written to ``path`` if given.
+        """JSON string of [`to_dict`][curvops.SpectralDensity.to_dict]; also written to ``path`` if given.
 
         Parameters
         ----------
@@ -319,12 +324,12 @@ class SpectralDensity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpectralDensity:
-        """Inverse of :meth:`to_dict`.
+        """Inverse of [`to_dict`][curvops.SpectralDensity.to_dict].
 
         Parameters
         ----------
         data
-            A dict made by :meth:`to_dict`.
+            A dict made by [`to_dict`][curvops.SpectralDensity.to_dict].
 
         Returns
         -------
@@ -349,7 +354,7 @@ class SpectralDensity:
 
     @classmethod
     def from_json(cls, text: str) -> SpectralDensity:
-        """Inverse of :meth:`to_json`.
+        """Inverse of [`to_json`][curvops.SpectralDensity.to_json].
 
         Parameters
         ----------
@@ -378,7 +383,7 @@ def spectral_density(
     """Spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019).
 
     For each random probe ``u`` (normalized), ``lanczos_steps`` Lanczos steps with full
-    reorthogonalization (:func:`curvops.algorithms.lanczos_core.tridiagonalize_probes`) give a
+    reorthogonalization (``curvops.algorithms.lanczos_core.tridiagonalize_probes``) give a
     tridiagonal ``T = U diag(theta) U^T``; ``(theta_j, U_{0j}^2)`` is
     the Gauss quadrature rule of the measure ``sum_i (u^T q_i)^2 delta(t - lambda_i)`` whose
     expectation is the spectral density ``(1/D) sum_i delta(t - lambda_i)``. Probes run together,
@@ -403,7 +408,7 @@ def spectral_density(
         Probes run simultaneously; default as many as fit ``memory_budget`` (at most all).
         Working memory ``(P + (m + 6) b) D itemsize`` for ``b`` probes at a time: the starting
         vectors, and per probe its Lanczos basis, the new vector and its block product (see
-        :mod:`curvops.algorithms._memory`).
+        ``curvops.algorithms._memory``).
     memory_budget
         Bytes the algorithm may use (default: half the memory available on the operator's
         device). ``MemoryError`` before any product, naming the bytes needed, if one probe (or

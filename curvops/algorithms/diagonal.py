@@ -169,6 +169,8 @@ def xdiag(
         Total matvecs, ``>= 2`` (odd budgets leave one unused); ``budget >= D`` is exact.
     probe
         ``"gaussian"`` (default) or ``"rademacher"``.
+    seed
+        Seed of the probes; the same seed gives the same result within a backend.
     symmetric
         Assert that ``A`` is symmetric (unchecked; default False): ``A Q`` then stands for
         ``A^T Q``. Otherwise the ``s`` products ``A^T Q`` are taken from the operator: the
@@ -180,12 +182,14 @@ def xdiag(
         ``Q`` (in place of ``Y``) and ``A^T Q``, and products of ``c <= s`` columns at a time,
         ``c`` chosen to fit (an ill-conditioned sketch, ``cond(R) > 6.7e5``, needs ``2 s`` more
         columns and ``O(D s^3)`` work for its jackknife).
+    dim
+        Operator dimension; required only for callables.
 
     Returns
     -------
     DiagonalEstimate
         ``standard_error`` is the per-entry jackknife standard error (the estimate recomputed
-        without each probe; see :func:`curvops.algorithms.trace.jackknife_standard_error`).
+        without each probe; see ``curvops.algorithms.trace.jackknife_standard_error``).
 
     Raises
     ------
@@ -298,7 +302,7 @@ def _row_step(size: int) -> int:
 
 def _piece_columns(operand: Any, size: int) -> float:
     """Columns of memory of the ten float64 ``(rows, s)`` temporaries of one piece of XDiag's
-    per-entry work (see :func:`_row_step`) and its two ``(D,)`` results."""
+    per-entry work (see ``_row_step``) and its two ``(D,)`` results."""
     return 10 * min(size, (1 << 20) / operand.local_dim) * 8 / operand.itemsize + 2
 
 
@@ -335,7 +339,7 @@ def _xdiag_by_qr(
 def _xdiag_samples_mean(
     operand: Any, basis: Array, transposed: Array, probes: Array, triangular: np.ndarray
 ) -> Array:
-    """``mean_i d_i`` with the leave-one-out projectors of :func:`leave_one_out_projectors`."""
+    """``mean_i d_i`` with the leave-one-out projectors of ``leave_one_out_projectors``."""
     size = triangular.shape[0]
     projectors = leave_one_out_projectors(triangular)
     total = (basis * transposed).sum(1) * size

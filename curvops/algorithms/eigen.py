@@ -42,10 +42,10 @@ class EigenResult:
     Attributes
     ----------
     eigenvalues : (k,) array
-        Ritz values, ordered by the ``which`` criterion (see :func:`lanczos`).
+        Ritz values, ordered by the ``which`` criterion (see [`lanczos`][curvops.lanczos]).
     eigenvectors : (D, k) array
         Unit-norm Ritz vectors; column ``i`` belongs to ``eigenvalues[i]``. From
-        :func:`lanczos` orthonormal to about ``min(sqrt(eps), tol / 100)`` (the basis'
+        [`lanczos`][curvops.lanczos] orthonormal to about ``min(sqrt(eps), tol / 100)`` (the basis'
         orthogonality), not to rounding.
     residual_norms : (k,) array
         ``||A v_i - lambda_i v_i||_2`` of each returned pair (same units as the eigenvalues).
@@ -150,7 +150,7 @@ def lanczos(
     allows: at tolerances above about ``1e-8``). The per-step convergence check solves the
     tridiagonal projected problem (the kept block of a restart is reduced to tridiagonal form
     once). The recurrence and both reorthogonalization policies are those of
-    :mod:`curvops.algorithms.lanczos_core`. Thick restarts
+    ``curvops.algorithms.lanczos_core``. Thick restarts
     (Wu and Simon 2000): the basis never holds more than ``max_basis_size + block_size``
     vectors of length ``D``; at a restart the wanted Ritz vectors and some of their neighbours
     are kept and the recurrence continues from the residual block. Wanted pairs converged to
@@ -218,7 +218,7 @@ def lanczos(
     Returns
     -------
     EigenResult
-        A :class:`RuntimeWarning` is issued if some pair did not converge within ``max_iter``.
+        A ``RuntimeWarning`` is issued if some pair did not converge within ``max_iter``.
     """
     operand = as_operand(A, dim)
     which = _check_which(which)
@@ -248,7 +248,7 @@ def lanczos(
 
 @dataclass(frozen=True)
 class _Problem:
-    """The checked arguments of :func:`lanczos` (see there): the operator in the vector layer,
+    """The checked arguments of [`lanczos`][curvops.lanczos] (see there): the operator in the vector layer,
     ``k``, ``which``, ``tol``, the block size, the basis size between restarts, the matvec
     budget of the steps and whether the final residuals are computed explicitly."""
 
@@ -265,7 +265,7 @@ class _Problem:
 @dataclass(frozen=True)
 class _RitzPairs:
     """The wanted Ritz pairs a run ends with, in the units of the scaled products
-    (:meth:`Operand.scale_products`): values, vectors ``(D, k)``, residual estimates, the
+    (``Operand.scale_products``): values, vectors ``(D, k)``, residual estimates, the
     ``||A||`` estimate and the restarts taken."""
 
     eigenvalues: np.ndarray
@@ -291,7 +291,7 @@ class _Cycle:
 
 
 def _check_sizes(size: int, k: Any, block_size: Any, max_basis_size: Any) -> tuple[int, int, int, int]:
-    """Checked ``k``, block size and basis size of :func:`lanczos` on a ``D = size`` operator,
+    """Checked ``k``, block size and basis size of [`lanczos`][curvops.lanczos] on a ``D = size`` operator,
     and the default basis size."""
     k = check_int(k, "k", 1)
     if k >= size:
@@ -344,7 +344,7 @@ def _restarted_lanczos(problem: _Problem, v0: Any, rng: Any) -> _RitzPairs:
 
 
 class _RestartedSearch:
-    """Thick restarts, locking and Ritz extraction of :func:`lanczos` on a :class:`LanczosState`.
+    """Thick restarts, locking and Ritz extraction of [`lanczos`][curvops.lanczos] on a ``LanczosState``.
 
     After a thick restart (Wu & Simon 2000) the state's projection is ``diag(theta)`` on the kept
     rows ``[0, start)`` plus their couplings to row ``start`` (an "arrow"), banded from
@@ -358,7 +358,7 @@ class _RestartedSearch:
     state
         The Lanczos basis and projection, its start block set.
     problem
-        ``k``, ``which``, ``tol`` and the basis size between restarts (see :func:`lanczos`).
+        ``k``, ``which``, ``tol`` and the basis size between restarts (see [`lanczos`][curvops.lanczos]).
     """
 
     def __init__(self, state: LanczosState, problem: _Problem) -> None:
@@ -455,7 +455,7 @@ class _RestartedSearch:
         return bool((residuals[_select(theta, self.which, min(k, stop))] <= threshold).all()) and stop >= k
 
     def single_converged(self, stop: int, beta: float, norm_bound: float) -> bool:
-        """:meth:`block_converged` for single-vector Lanczos, on host floats: the tridiagonal
+        """``block_converged`` for single-vector Lanczos, on host floats: the tridiagonal
         eigensolver's output is read once (values and the eigenvectors' last row), the rest is
         Python arithmetic on about 20 numbers (each numpy call costs microseconds in-run)."""
         k, locked = self.k, self.locked
@@ -507,7 +507,7 @@ class _RestartedSearch:
 
     def _restart_order(self, cycle: _Cycle) -> tuple[np.ndarray, np.ndarray]:
         """The kept columns of the cycle's Ritz vectors in their new row order (locked rows,
-        newly locked ones, the others; ARPACK's count, :func:`_num_kept`), and which columns may
+        newly locked ones, the others; ARPACK's count, ``_num_kept``), and which columns may
         be locked."""
         width, locked = self.width, self.locked
         num_kept = _num_kept(self.k, self.basis_size - width + 1, cycle.num_converged)
@@ -592,8 +592,8 @@ def _whole_space(problem: _Problem) -> _RitzPairs:
 
 
 def _finish(problem: _Problem, pairs: _RitzPairs, unconverged: str) -> EigenResult:
-    """:func:`lanczos`' result from its Ritz pairs (in the units of the scaled products, see
-    :meth:`Operand.scale_products`): residuals (explicit, or the estimates), the convergence
+    """[`lanczos`][curvops.lanczos]' result from its Ritz pairs (in the units of the scaled products, see
+    ``Operand.scale_products``): residuals (explicit, or the estimates), the convergence
     flags, a warning ending in ``unconverged`` if some pair is missing or not converged, and the
     values scaled back to ``A``'s units."""
     operand, k, tol = problem.operand, problem.k, problem.tol
@@ -642,7 +642,7 @@ def power_iteration(
 
     Eigenpairs are found one after another; each new iterate is projected onto the orthogonal
     complement of the eigenvectors already found. Convergence of pair ``i`` is linear with rate
-    ``|lambda_{i+1} / lambda_i|``, so prefer :func:`lanczos` unless parity with PyHessian-style
+    ``|lambda_{i+1} / lambda_i|``, so prefer [`lanczos`][curvops.lanczos] unless parity with PyHessian-style
     workflows is wanted.
 
     Parameters
@@ -657,7 +657,7 @@ def power_iteration(
         Relative residual tolerance per pair, in ``(0, 1)`` (``ValueError`` otherwise): stop
         when ``||A v - lambda v|| <= tol * max(|lambda_1|, |lambda|)``. Default ``sqrt(eps)``.
         Operators of any norm within the dtype's range work alike (products are scaled by a
-        power of two where needed, see :func:`lanczos`).
+        power of two where needed, see [`lanczos`][curvops.lanczos]).
     max_iter
         Maximum matvecs per eigenpair.
     v0

@@ -11,26 +11,26 @@ a block start, Golub & Underwood 1977). For a single vector, one step is::
     beta_j = ||w||;  q_{j+1} = w / beta_j
 
 In floating point the basis loses orthogonality as Ritz pairs converge (Paige 1972), so each new
-vector is reorthogonalized by a policy (:mod:`curvops.algorithms.reorthogonalization`):
+vector is reorthogonalized by a policy (``curvops.algorithms.reorthogonalization``):
 
-* :class:`FullReorthogonalization`: classical Gram-Schmidt against every stored vector, a
+* ``FullReorthogonalization``: classical Gram-Schmidt against every stored vector, a
   second pass only where the first removed much of the vector (DGKS: Daniel, Gragg, Kaufman &
   Stewart 1976). Block steps and SLQ use it.
-* :class:`PartialReorthogonalization`: Simon's (1984) recurrence estimates each stored vector's
+* ``PartialReorthogonalization``: Simon's (1984) recurrence estimates each stored vector's
   drift ``omega_i = q_{j+1}^T q_i`` and only the rows above the kept level are measured and
   removed, from two consecutive vectors; semi-orthogonality (``sqrt(eps)``) keeps the Ritz
   values accurate to rounding. Single-vector steps use it.
 
 Two drivers share the recurrence:
 
-* :class:`LanczosState` holds one (block) Krylov basis and its projection, and extends it step by
-  step (:meth:`LanczosState.extend`); :func:`curvops.algorithms.eigen.lanczos` adds thick restarts
+* ``LanczosState`` holds one (block) Krylov basis and its projection, and extends it step by
+  step (``LanczosState.extend``); [`curvops.lanczos`][curvops.lanczos] adds thick restarts
   (Wu & Simon 2000), locking and Ritz extraction on top.
-* :func:`tridiagonalize_probes` runs independent single-vector recurrences, one per probe, that
+* ``tridiagonalize_probes`` runs independent single-vector recurrences, one per probe, that
   share one block product per step, for stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017;
-  :func:`curvops.algorithms.density.spectral_density`).
+  [`curvops.spectral_density`][curvops.spectral_density]).
 
-A new vector whose norm is at most :data:`BREAKDOWN_FACTOR` ``* eps * ||A||`` is rounding: the
+A new vector whose norm is at most ``BREAKDOWN_FACTOR`` ``* eps * ||A||`` is rounding: the
 Krylov space is invariant (a "breakdown"), and both drivers treat it alike (the eigensolver
 continues with a random orthogonal direction and zero coupling; SLQ ends that probe's
 recurrence, its quadrature being exact).
@@ -234,7 +234,7 @@ class TridiagonalProjection:
     host floats these cost a fraction of numpy's per-call overhead. After a thick restart ``T``
     is ``diag(theta)`` on the kept rows ``[0, start)`` with couplings ``arrow`` to row
     ``start`` (none for locked rows), tridiagonal from ``start`` on; ``head`` is the kept block
-    reduced to tridiagonal form (:func:`tridiagonal_head`) for the per-step check.
+    reduced to tridiagonal form (``tridiagonal_head``) for the per-step check.
 
     Parameters
     ----------
@@ -254,7 +254,7 @@ class TridiagonalProjection:
         start
             Row of the cycle's first vector.
         head
-            The kept block in tridiagonal form (:func:`tridiagonal_head`).
+            The kept block in tridiagonal form (``tridiagonal_head``).
         """
         size = self.projected.shape[0]
         self.start = start
@@ -403,7 +403,7 @@ class ProbeTridiagonals:
 def tridiagonalize_probes(operand: Operand, start: Array, steps: int) -> ProbeTridiagonals:
     """Independent Lanczos recurrences for the columns of ``start``, sharing block products.
 
-    Every probe runs the three-term recurrence with :class:`FullReorthogonalization` of its new
+    Every probe runs the three-term recurrence with ``FullReorthogonalization`` of its new
     vector against its own basis; one ``(D, P)`` block product per step serves all probes that
     have not broken down (stochastic Lanczos quadrature, Ubaru, Chen & Saad 2017).
 
@@ -461,8 +461,8 @@ def tridiagonalize_probes(operand: Operand, start: Array, steps: int) -> ProbeTr
 
 @dataclass(slots=True)
 class RowStep:
-    """The working values of one single-vector step (:meth:`LanczosState._single_step`), shared
-    by its parts and the partial policy (:meth:`PartialReorthogonalization.reorthogonalize_row`).
+    """The working values of one single-vector step (``LanczosState._single_step``), shared
+    by its parts and the partial policy (``PartialReorthogonalization.reorthogonalize_row``).
 
     Host floats throughout: on an accelerator a step's host time is its overhead, and each numpy
     call on one number costs several times the arithmetic. Norms and coefficients are in the
@@ -526,8 +526,8 @@ class RowStep:
 
 @dataclass(slots=True)
 class BlockStep:
-    """The working values of one block step (:meth:`LanczosState._block_step`), shared with the
-    full policy (:meth:`FullReorthogonalization.reorthogonalize_block`).
+    """The working values of one block step (``LanczosState._block_step``), shared with the
+    full policy (``FullReorthogonalization.reorthogonalize_block``).
 
     Attributes
     ----------
@@ -561,7 +561,7 @@ class LanczosState:
     index reached, rows ``[0, n + b)`` are orthonormal to the kept level, ``projected[:n, :n] =
     V^T A V`` (block tridiagonal; after a thick restart ``diag(theta)`` on the kept rows plus
     their "arrow" couplings to the first new block) and ``A V = V H + v[n:n + b]^T B E^T`` with
-    ``B`` the coupling :meth:`extend` returns and ``E`` the last ``b`` unit columns.
+    ``B`` the coupling ``extend`` returns and ``E`` the last ``b`` unit columns.
 
     Parameters
     ----------
@@ -570,8 +570,8 @@ class LanczosState:
     basis_size
         Basis vectors between restarts ``m``; the basis holds ``m + width`` rows.
     width
-        Block size ``b >= 1``; 1 uses :class:`PartialReorthogonalization`, more
-        :class:`FullReorthogonalization`.
+        Block size ``b >= 1``; 1 uses ``PartialReorthogonalization``, more
+        ``FullReorthogonalization``.
     rng
         The operand's generator, for directions after a breakdown.
     orthogonality
@@ -722,7 +722,7 @@ class LanczosState:
         """(5) ``Q_{j+1} B_j = W``, a QR: Gram-Schmidt within the block, column by column (the
         columns are already orthogonal to the basis). ``B_j`` is upper triangular; each row is
         normalized in place (unit scale) before the next one is projected on it; a column at
-        rounding level is replaced by a fresh direction (:meth:`_broke_down`). Returns ``B_j``."""
+        rounding level is replaced by a fresh direction (``_broke_down``). Returns ``B_j``."""
         operand, width, new = self.operand, self.width, step.new
         norm_estimate = self.norm_estimate
         coupling = np.zeros((width, width))
@@ -829,13 +829,13 @@ class LanczosState:
 
     def _subtract_known(self, step: RowStep) -> None:
         """(3) ``w -= alpha_j q_j + beta_{j-1} q_{j-1}`` (or the arrow's couplings after a thick
-        restart, Wu & Simon 2000), in stored units (see :meth:`_block_residual`).
+        restart, Wu & Simon 2000), in stored units (see ``_block_residual``).
 
         With the Gram matrix the residual's norm follows from the recurrence, ``||w - alpha v -
         beta u||^2 = w^T w - alpha v^T w + beta^2 u^T u - 2 beta u^T w + 2 alpha beta u^T v``
         (true units): exact for the vectors as they are, not as unit vectors, so earlier steps'
         norm errors do not compound. With measured drift the subtraction waits: it joins the
-        Gram-Schmidt update (:meth:`_reorthogonalize`)."""
+        Gram-Schmidt update (``_reorthogonalize``)."""
         j, own, alpha = step.j, step.own, step.alpha
         operand, views, scales, projection = self.operand, self.views, self.scales, self.projection
         if step.recurrence:
@@ -904,7 +904,7 @@ class LanczosState:
 
     def _subtract_recurrence(self, step: RowStep) -> None:
         """``w -= known[0] basis[j - 1] + known[1] basis[j]``: the three-term recurrence's
-        subtraction (deferred with measured drift, see :meth:`_subtract_known`)."""
+        subtraction (deferred with measured drift, see ``_subtract_known``)."""
         views, j = self.views, step.j
         assert step.known is not None
         self.operand.subtract_rows_(
@@ -913,7 +913,7 @@ class LanczosState:
 
     def _reorthogonalize(self, step: RowStep) -> None:
         """(4) Rows ``[0, reach)`` get a Gram-Schmidt pass, only up to the last row whose drift
-        (measured, or estimated by Simon's recurrence: :class:`PartialReorthogonalization`)
+        (measured, or estimated by Simon's recurrence: ``PartialReorthogonalization``)
         exceeds the tolerated level; often none. Then ``T[j, j] = alpha`` (corrected by the pass)."""
         drift = self.partial
         if step.first is not None:
@@ -970,7 +970,7 @@ class LanczosState:
         space, which ``A`` maps into itself, so the coupling is exactly 0 whatever rounding left
         in the row. The row is zeroed and the Ritz pairs are exact; every residual estimate is
         then 0, so the run ends here (with ``block_size > 1`` no row goes past ``D``: see
-        :func:`curvops.algorithms.eigen.lanczos`).
+        [`curvops.lanczos`][curvops.lanczos]).
         """
         operand, basis, scales = self.operand, self.basis, self.scales
         if row >= operand.dim:

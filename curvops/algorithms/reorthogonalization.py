@@ -1,13 +1,13 @@
-"""Reorthogonalization policies of the Lanczos recurrence (:mod:`curvops.algorithms.lanczos_core`).
+"""Reorthogonalization policies of the Lanczos recurrence (``curvops.algorithms.lanczos_core``).
 
 In floating point the Lanczos vectors lose orthogonality as Ritz pairs converge (Paige 1972):
 copies of converged eigenvalues appear unless each new vector is reorthogonalized. Two
 policies keep the basis orthonormal to a chosen level:
 
-* :class:`FullReorthogonalization`: classical Gram-Schmidt against every stored vector, a
+* ``FullReorthogonalization``: classical Gram-Schmidt against every stored vector, a
   second pass only where the first removed much of the vector (DGKS: Daniel, Gragg, Kaufman &
   Stewart 1976). Block Lanczos steps and SLQ use it.
-* :class:`PartialReorthogonalization`: Simon's (1984) recurrence estimates each stored vector's
+* ``PartialReorthogonalization``: Simon's (1984) recurrence estimates each stored vector's
   drift and only the rows above the level are measured and removed, from two consecutive
   vectors; semi-orthogonality (``sqrt(eps)``) keeps the Ritz values accurate to rounding.
   Single-vector Lanczos uses it.
@@ -47,7 +47,7 @@ DGKS_ETA = 1.0 / math.sqrt(2.0)
 def pass_rounding(operand: Operand) -> float:
     """Relative rounding bound of a squared norm formed from one pass over ``D`` entries
     (``4 sqrt(D) eps``, a probabilistic summation bound with a safety factor); both norm
-    formulas of a step (the recurrence's and :func:`norm_after_update`) are held to it.
+    formulas of a step (the recurrence's and ``norm_after_update``) are held to it.
 
     Parameters
     ----------
@@ -107,7 +107,7 @@ def norm_after_update(
 def norms_after_update(
     operand: Operand, coefficients: np.ndarray, norms_before: np.ndarray, reach: int, orthogonality: float
 ) -> np.ndarray | None:
-    """:func:`norm_after_update` of each column of ``coefficients`` ``(reach, b)`` (norms
+    """``norm_after_update`` of each column of ``coefficients`` ``(reach, b)`` (norms
     ``norms_before`` ``(b,)``): the norms, or None if any is not accurate enough.
 
     Parameters
@@ -139,9 +139,9 @@ class FullReorthogonalization:
     """Reorthogonalization against every stored vector: classical Gram-Schmidt, a second pass
     only where the first removed a large part of a vector (DGKS).
 
-    Used by block Lanczos steps (:meth:`~curvops.algorithms.lanczos_core.LanczosState.extend`
+    Used by block Lanczos steps (``extend``
     with ``width > 1``) and by SLQ
-    (:func:`~curvops.algorithms.lanczos_core.tridiagonalize_probes`).
+    (``tridiagonalize_probes``).
     """
 
     def reorthogonalize_block(self, state: LanczosState, step: BlockStep) -> np.ndarray:
@@ -255,7 +255,7 @@ class PartialReorthogonalization:
     inner products replace the estimates; the loss concentrates on converged Ritz directions
     (Paige), mostly the first kept rows, so most passes cover a few rows instead of all.
 
-    The rows are lists of Python floats and ``T`` is read from a :class:`TridiagonalProjection`: with
+    The rows are lists of Python floats and ``T`` is read from a ``TridiagonalProjection``: with
     about 20 entries, one loop in the interpreter costs a fraction of the dozen numpy calls it
     replaces (docs/benchmarks.md#lanczos), and on a GPU a step's host time is its overhead.
     """
@@ -409,7 +409,7 @@ class PartialReorthogonalization:
         j
             Row of the current vector.
         predicted
-            Estimates from :meth:`predict`.
+            Estimates from ``predict``.
         level
             The kept orthogonality level.
 
@@ -495,7 +495,7 @@ class PartialReorthogonalization:
         self.previous, self.current = self.current, row
 
     def reorthogonalize_row(self, state: LanczosState, step: RowStep) -> None:
-        """:meth:`FullReorthogonalization.reorthogonalize_block` of the single new row
+        """``FullReorthogonalization.reorthogonalize_block`` of the single new row
         ``basis[step.new]`` against ``basis[:step.reach]``, in host floats (a step's host time is
         its overhead on a GPU).
 

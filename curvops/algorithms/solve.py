@@ -17,7 +17,7 @@ residual is computed with one extra block product. If the true residual misses t
 target (rounding drift, preconditioned norms), the solve restarts from ``x_j`` on the
 true residual (iterative refinement), as long as the previous round at least halved the
 residual and iterations remain. A column that still misses the target is reported as not
-converged with its true residual, and :class:`SolverWarning` is issued (``warn=True``).
+converged with its true residual, and [`SolverWarning`][curvops.SolverWarning] is issued (``warn=True``).
 
 Cost: ``iterations + rounds`` block products per column (LSMR: ``2·iterations +
 rounds``), plus one preconditioner application per iteration where used.
@@ -139,7 +139,7 @@ def cg(
     x0 : Tensor, optional
         Initial guess, same shape as ``B`` (default zeros).
     warn : bool, optional
-        Issue :class:`SolverWarning` for columns that did not converge (default True).
+        Issue [`SolverWarning`][curvops.SolverWarning] for columns that did not converge (default True).
 
     Returns
     -------
@@ -199,7 +199,7 @@ def minres(
     x0 : Tensor, optional
         Initial guess, same shape as ``B`` (default zeros).
     warn : bool, optional
-        Issue :class:`SolverWarning` for columns that did not converge (default True).
+        Issue [`SolverWarning`][curvops.SolverWarning] for columns that did not converge (default True).
 
     Returns
     -------
@@ -256,7 +256,7 @@ def lsmr(
     x0 : Tensor, optional
         Initial guess, same shape as ``B`` (default zeros).
     warn : bool, optional
-        Issue :class:`SolverWarning` for columns that did not converge (default True).
+        Issue [`SolverWarning`][curvops.SolverWarning] for columns that did not converge (default True).
 
     Returns
     -------
@@ -312,7 +312,7 @@ def neumann(
     x0 : Tensor, optional
         Initial guess, same shape as ``B`` (default zeros).
     warn : bool, optional
-        Issue :class:`SolverWarning` for columns that did not converge (default True).
+        Issue [`SolverWarning`][curvops.SolverWarning] for columns that did not converge (default True).
 
     Returns
     -------

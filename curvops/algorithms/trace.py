@@ -269,7 +269,7 @@ def hutchinson_trace(
     block_size
         Probes per block product ``A @ Z``; working memory ``4 D block_size itemsize`` (the
         probes, their product and the operator's per-column temporaries, see
-        :mod:`curvops.algorithms._memory`). Default 32, or as many as fit ``memory_budget``.
+        ``curvops.algorithms._memory``). Default 32, or as many as fit ``memory_budget``.
     memory_budget
         Bytes the algorithm may use (default: half the memory available on the operator's
         device); ``MemoryError`` before any product, naming the bytes needed, if one probe (or
@@ -549,7 +549,7 @@ def _xtrace_leave_one_out_by_qr(
     triangular: np.ndarray,
     quadratic: np.ndarray,
 ) -> np.ndarray:
-    """As :func:`_xtrace_leave_one_out`, each ``j`` from a QR ``R_{-j} = U T`` (``O(s^4)``):
+    """As ``_xtrace_leave_one_out``, each ``j`` from a QR ``R_{-j} = U T`` (``O(s^4)``):
     in the basis ``Q U`` of ``range(Y_{-j})`` the data are ``U^T H U``, ``V_{-j} U``,
     ``U^T W_{-j}`` and ``T``."""
     size = triangular.shape[1]
@@ -635,13 +635,13 @@ def xtrace(
         Bytes the algorithm may use (default: half the memory available on the operator's
         device). Its working memory is ``(2 s + 4 c) D itemsize`` and the QR's pieces: the
         probes and ``Y`` (overwritten by ``Q``), and products with ``A`` of ``c <= s`` columns
-        at a time, ``c`` chosen to fit (see :mod:`curvops.algorithms._memory`).
+        at a time, ``c`` chosen to fit (see ``curvops.algorithms._memory``).
 
     Returns
     -------
     ScalarEstimate
         ``standard_error`` is the jackknife standard error (the estimate recomputed without
-        each probe ``j``; see :func:`jackknife_standard_error`), so ``estimate +- 2
+        each probe ``j``; see ``jackknife_standard_error``), so ``estimate +- 2
         standard_error`` covers the trace at least about 95% of the time. It errs on the safe
         side: the interval is wider than needed (covering nearly always) where the error falls
         fast with the number of probes, as on decaying spectra. The paper's ``std(t_i) /
@@ -737,7 +737,7 @@ def xnystrace(
     Returns
     -------
     ScalarEstimate
-        ``standard_error`` is the jackknife standard error (see :func:`xtrace`; the paper's
+        ``standard_error`` is the jackknife standard error (see [`xtrace`][curvops.xtrace]; the paper's
         ``std(t_i) / sqrt(m)`` is too small). Exact to rounding, with ``standard_error ~ 0``,
         when ``rank(A) < m - 1``.
 

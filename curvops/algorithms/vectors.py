@@ -1,7 +1,7 @@
 """The vector layer: the one place the algorithms touch length-``D`` vectors.
 
-Every algorithm in :mod:`curvops.algorithms` (and :mod:`curvops.operators.inverse`) turns its
-input into an :class:`Operand` with :func:`as_operand` and does all arithmetic on length-``D``
+Every algorithm in ``curvops.algorithms`` (and ``curvops.operators.inverse``) turns its
+input into an ``Operand`` with ``as_operand`` and does all arithmetic on length-``D``
 vectors through the operand's methods. Every reduction over ``D`` (inner products, norms, Gram
 matrices, QR) and every random draw lives behind this interface, so that a sharded backend
 (vectors split across processes, reductions all-reduced, probes drawn per shard from the seed)
@@ -9,24 +9,24 @@ is another backend and no algorithm changes.
 
 The operations the algorithms use, each written once here on top of a backend's primitives:
 
-1. apply the operator to a block: :meth:`Operand.matmat`, :meth:`Operand.matmat_rows_into`
+1. apply the operator to a block: ``Operand.matmat``, ``Operand.matmat_rows_into``
    (counted, scaled by a power of two, checked for NaN/Inf);
-2. inner products to the host: :meth:`Operand.inner`, :meth:`Operand.dots`, :meth:`Operand.gram`;
-3. norms: :meth:`Operand.column_norms`, :meth:`Operand.norm`;
-4. in-place linear combinations: :meth:`Operand.subtract_combination_`,
-   :meth:`Operand.subtract_rows_`, :meth:`Operand.combine_rows_`, :meth:`Operand.scaled_copy_`;
-5. QR of a tall block: :meth:`Operand.qr`, :meth:`Operand.qr_in_place`;
-6. random probes: :meth:`Operand.rng`, :meth:`Operand.probes`
-   (the torch stream is :class:`curvops.algorithms._random.ProbeStream`);
-7. host <-> device transfer of small arrays: :meth:`Operand.from_host`, :meth:`Operand.to_host`.
+2. inner products to the host: ``Operand.inner``, ``Operand.dots``, ``Operand.gram``;
+3. norms: ``Operand.column_norms``, ``Operand.norm``;
+4. in-place linear combinations: ``Operand.subtract_combination_``,
+   ``Operand.subtract_rows_``, ``Operand.combine_rows_``, ``Operand.scaled_copy_``;
+5. QR of a tall block: ``Operand.qr``, ``Operand.qr_in_place``;
+6. random probes: ``Operand.rng``, ``Operand.probes``
+   (the torch stream is ``curvops.algorithms._random.ProbeStream``);
+7. host <-> device transfer of small arrays: ``Operand.from_host``, ``Operand.to_host``.
 
 A backend provides the primitives (applying the operator, allocation, conversion, ``matmul``,
 a local QR, random draws, the finiteness test); device tuning (pieces that keep cuBLAS
 within 32-bit offsets, contiguous layouts, fused in-place kernels) lives in the backend:
 
-* :class:`curvops.algorithms._numpy_backend.NumpyOperand` (scipy/numpy inputs, callables),
-* :class:`curvops.algorithms._torch_backend.TorchOperand` (curvops operators, torch tensors),
-* :mod:`curvops.algorithms._distributed_backend` (replicated and sharded torch operators).
+* ``curvops.algorithms._numpy_backend.NumpyOperand`` (scipy/numpy inputs, callables),
+* ``curvops.algorithms._torch_backend.TorchOperand`` (curvops operators, torch tensors),
+* ``curvops.algorithms._distributed_backend`` (replicated and sharded torch operators).
 
 Conventions
 -----------
@@ -56,7 +56,7 @@ __all__ = ["Array", "Operand", "as_operand", "QR_PIECE_ELEMENTS"]
 
 Array = Any  # np.ndarray or torch.Tensor, depending on the backend
 
-#: Entries per piece of :meth:`Operand.qr_in_place` (32 MiB in float64): pieces small next to
+#: Entries per piece of ``Operand.qr_in_place`` (32 MiB in float64): pieces small next to
 #: a block of many parameters, large enough that the stacked ``R`` factors stay few.
 QR_PIECE_ELEMENTS = 1 << 22
 
@@ -64,11 +64,11 @@ QR_PIECE_ELEMENTS = 1 << 22
 class Operand:
     """A square ``(D, D)`` operator together with its backend's vector arithmetic.
 
-    Lanczos and SLQ take it to be symmetric; :meth:`rmatmat` gives ``A^T`` products to the
+    Lanczos and SLQ take it to be symmetric; ``rmatmat`` gives ``A^T`` products to the
     estimators that need them for a non-symmetric ``A`` (XDiag).
 
-    Backends: :class:`~curvops.algorithms._numpy_backend.NumpyOperand`,
-    :class:`~curvops.algorithms._torch_backend.TorchOperand` and the distributed ones.
+    Backends: ``NumpyOperand``,
+    ``TorchOperand`` and the distributed ones.
 
     Attributes
     ----------
@@ -104,7 +104,7 @@ class Operand:
         self.scale_limit = 2.0 ** (max_exponent // 8)
         self.cheap_passes = False
         self.num_matvecs = 0
-        #: Products are ``A x / 2**product_exponent`` (0 unless :meth:`scale_products` chose one).
+        #: Products are ``A x / 2**product_exponent`` (0 unless ``scale_products`` chose one).
         self.product_exponent = 0
         self._choose_exponent = False
         self._max_exponent = max_exponent
@@ -124,7 +124,7 @@ class Operand:
         """Return ``A @ block`` for a ``(D, b)`` block, as one block product where possible.
 
         With ``check_finite=False`` the NaN/Inf check (one pass over the product) is left to
-        the caller, who must then call :meth:`require_finite_product` when a reduction of the
+        the caller, who must then call ``require_finite_product`` when a reduction of the
         product comes out non-finite (NaN and Inf propagate into every inner product).
 
         Parameters
@@ -158,7 +158,7 @@ class Operand:
         """Return ``A^T @ block`` for a ``(D, b)`` block (counted as ``b`` matvecs).
 
         ``A @ block`` if the operator is tagged symmetric; ``ValueError`` if the input offers
-        no transposed product (see :attr:`transpose_product`).
+        no transposed product (see ``transpose_product``).
 
         Parameters
         ----------
@@ -183,8 +183,8 @@ class Operand:
 
     def matmat_rows(self, rows: Array, check_finite: bool = True) -> Array:
         """Return ``(A @ rows.T).T`` for a ``(b, D)`` row stack, as a row stack that the
-        algorithms may update in place (see :meth:`_row_layout`; ``check_finite`` as in
-        :meth:`matmat`).
+        algorithms may update in place (see ``_row_layout``; ``check_finite`` as in
+        ``matmat``).
 
         Parameters
         ----------
@@ -236,8 +236,8 @@ class Operand:
         return self._scaled(self._checked(result, (self.local_dim,)), owned=False)
 
     def _counted(self, result: Array, shape: tuple[int, int], check_finite: bool) -> Array:
-        """A fresh ``(D, b)`` block product: counted as ``b`` matvecs, then :meth:`_checked`
-        and :meth:`_scaled`."""
+        """A fresh ``(D, b)`` block product: counted as ``b`` matvecs, then ``_checked``
+        and ``_scaled``."""
         self.num_matvecs += shape[1]
         return self._scaled(self._checked(result, shape, check_finite), owned=False)
 
@@ -249,12 +249,12 @@ class Operand:
         scale_limit]``, else about that entry: an operator of any norm then gives products of
         order 1, whose squared norms and inner products neither overflow (``1e200**2`` does in
         float64) nor underflow, at the cost of one pass per product only where it is needed.
-        Powers of two scale without rounding. :meth:`unscale` converts results back.
+        Powers of two scale without rounding. ``unscale`` converts results back.
         """
         self._choose_exponent = True
 
     def unscale(self, value: Any) -> Any:
-        """``value * s`` for a host float or float64 numpy array (see :meth:`scale_products`);
+        """``value * s`` for a host float or float64 numpy array (see ``scale_products``);
         ``FloatingPointError`` if a finite value leaves the working dtype's range.
 
         Parameters
@@ -283,7 +283,7 @@ class Operand:
         return result if isinstance(value, np.ndarray) else float(result)
 
     def _scaled(self, result: Array, owned: bool) -> Array:
-        """A product divided by the scale (see :meth:`scale_products`): in place if the caller
+        """A product divided by the scale (see ``scale_products``): in place if the caller
         ``owned`` the array, else as a new one (an operator may return an array it keeps)."""
         if self._choose_exponent:
             self._choose_exponent = False
@@ -475,7 +475,7 @@ class Operand:
         """``left @ right`` for 1-D/2-D operands, or batched over a leading axis of both (3-D).
 
         The one place products with a length-``D`` axis are formed (the torch backend splits
-        very large ones, see :func:`curvops.algorithms._torch_backend.wide_matmul`).
+        very large ones, see ``curvops.algorithms._torch_backend.wide_matmul``).
 
         Parameters
         ----------
@@ -661,7 +661,7 @@ class Operand:
         TSQR by pieces of rows (Demmel, Grigori, Hoemmen, Langou 2012): a QR of each piece
         written back in place, a QR of the stacked ``R`` factors, and each piece times its block
         of that ``Q``. Extra memory is one piece, not the second ``(D, b)`` block that
-        :meth:`qr` returns.
+        ``qr`` returns.
 
         Parameters
         ----------
@@ -865,7 +865,7 @@ class Operand:
         Returns
         -------
         object
-            The generator :meth:`probes` draws from.
+            The generator ``probes`` draws from.
         """
         raise NotImplementedError
 
@@ -879,7 +879,7 @@ class Operand:
         kind
             ``"rademacher"`` or ``"gaussian"``.
         rng
-            Generator from :meth:`rng`.
+            Generator from ``rng``.
 
         Returns
         -------
@@ -964,7 +964,7 @@ def _real_numpy_dtype(dtype: Any) -> np.dtype:
 
 
 def as_operand(operator: Any, dim: int | None = None) -> Operand:
-    """Adapt any supported operator to an :class:`Operand`.
+    """Adapt any supported operator to an ``Operand``.
 
     Parameters
     ----------
@@ -979,7 +979,7 @@ def as_operand(operator: Any, dim: int | None = None) -> Operand:
           numpy array -> numpy path;
         * a callable ``v -> A @ v`` on length-``D`` numpy vectors, with ``dim=D``
           -> numpy path in float64;
-        * an :class:`Operand`, used as it is (its matvec count and product scale carry on):
+        * an ``Operand``, used as it is (its matvec count and product scale carry on):
           how a caller that adapted an operator once (``curvops.operators.inverse``), or set one
           of its documented attributes (``cheap_passes``), hands it to the algorithms.
     dim

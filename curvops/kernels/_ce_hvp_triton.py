@@ -1,6 +1,6 @@
 """Triton kernel for the cross-entropy loss-Hessian-vector product (split-V).
 
-Imported lazily by :func:`curvops.kernels.cross_entropy_hvp`; never import it
+Imported lazily by [`curvops.kernels.cross_entropy_hvp`][curvops.kernels.cross_entropy_hvp]; never import it
 from package ``__init__`` files (``import curvops`` must not import triton).
 
 Design
@@ -378,8 +378,8 @@ def ce_hvp_triton(
     coeff : Tensor, shape (N,)
         Row coefficients in the accumulation dtype (float32, float64 for float64 inputs).
     config : KernelConfig, optional
-        Default: autotuned over :data:`CONFIGS` for large CUDA calls (cached per V,
-        dtypes, N bucket and device), :data:`DEFAULT_CONFIG` otherwise.
+        Default: autotuned over ``CONFIGS`` for large CUDA calls (cached per V,
+        dtypes, N bucket and device), ``DEFAULT_CONFIG`` otherwise.
     out : Tensor, shape (N, V), optional
         Contiguous, dtype of ``u``; may be ``u`` (in place). Default a new tensor.
     lse : Tensor, shape (N,), optional

@@ -12,7 +12,7 @@ class weights, how much it counts (pass ``weight=class_weight[target]``).
 
 Three backends compute the same function:
 
-* ``"triton"``: a fused split-V kernel (see :mod:`curvops.kernels._ce_hvp_triton`):
+* ``"triton"``: a fused split-V kernel (see ``curvops.kernels._ce_hvp_triton``):
   one read of ``z`` and ``u`` from device memory, one write of ``out``, no
   (N, V) intermediate beyond the output.
 * ``"compile"``: the eager formula under ``torch.compile`` (Inductor fuses it into

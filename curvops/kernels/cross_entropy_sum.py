@@ -1,16 +1,16 @@
-"""Batch-sum softmax cross-entropy whose double backward runs through :func:`cross_entropy_hvp`.
+"""Batch-sum softmax cross-entropy whose double backward runs through ``cross_entropy_hvp``.
 
 ``cross_entropy_sum(logits, target, ...)`` equals
 ``F.cross_entropy(logits, target, ..., reduction="sum")`` (hard or probability targets,
 ``ignore_index``, class weights, label smoothing, class dimension 1), and is twice
 differentiable w.r.t. the logits:
 
-- the loss is a custom :class:`torch.autograd.Function` whose backward returns
+- the loss is a custom ``torch.autograd.Function`` whose backward returns
   ``g · (a p − b)`` through a second Function (``p = softmax(z)`` per row, ``b`` the
   per-row target weights, ``a = Σ_k b_k``; see below);
 - the backward of that second Function w.r.t. the logits is the loss-Hessian product
   ``g · a (diag p − p pᵀ) U``, computed by the fused kernel
-  :func:`curvops.kernels.cross_entropy_hvp` (Triton on CUDA).
+  [`curvops.kernels.cross_entropy_hvp`][curvops.kernels.cross_entropy_hvp] (Triton on CUDA).
 
 So in a Hessian-vector product by double backward (``autograd.grad`` of the gradient
 with ``create_graph=True``) the loss-Hessian term is one kernel call, and the only
@@ -99,7 +99,7 @@ class CERowWeights:
         return out
 
     def _hard(self) -> tuple[Tensor, Tensor]:
-        """``(alpha, target)`` of hard targets (set together by :func:`ce_row_weights`)."""
+        """``(alpha, target)`` of hard targets (set together by ``ce_row_weights``)."""
         if self.alpha is None or self.target is None:
             raise ValueError("CERowWeights holds neither dense nor hard targets")
         return self.alpha, self.target
@@ -170,7 +170,7 @@ def ce_row_weights(
     target : Tensor
         Class indices (R,) (integer) or probabilities (R, C) (floating).
     weight, ignore_index, label_smoothing
-        As in :func:`torch.nn.functional.cross_entropy`.
+        As in ``torch.nn.functional.cross_entropy``.
 
     Returns
     -------
@@ -259,7 +259,7 @@ def _gradient_dot(z: Tensor, u: Tensor, rw: CERowWeights) -> Tensor:
 
 
 class _CrossEntropySum(torch.autograd.Function):
-    """``Σ_r (a_r lse(z_r) − Σ_k b_rk z_rk)``; backward through :class:`_CrossEntropyGrad`."""
+    """``Σ_r (a_r lse(z_r) − Σ_k b_rk z_rk)``; backward through ``_CrossEntropyGrad``."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, rw: CERowWeights) -> Tensor:
@@ -337,7 +337,7 @@ def cross_entropy_sum(
         Class indices (integer, the shape of ``logits`` without dimension 1) or class
         probabilities (floating, the shape of ``logits``).
     weight, ignore_index, label_smoothing
-        As in :func:`torch.nn.functional.cross_entropy`.
+        As in ``torch.nn.functional.cross_entropy``.
 
     Returns
     -------

@@ -8,14 +8,14 @@ product ``Jᵀ H J v`` is
     u = c ⊙ p ⊙ (ż − ⟨p, ż⟩)                  (H ż, p = softmax(z) per row)
     ∂h = u W,   ∂W = uᵀ h                     (Jᵀ u at the head's input and weight)
 
-:func:`linear_cross_entropy_ggn` returns ``(∂h, ∂W)`` (and the rows' log-sum-exp, from
+``linear_cross_entropy_ggn`` returns ``(∂h, ∂W)`` (and the rows' log-sum-exp, from
 which the loss value follows) without ever holding ``z``, ``ż`` or ``u`` for all N rows:
 
 ``strategy="rows"`` (default)
     Rows in chunks of ``chunk_rows``: per chunk, the chunk's logits and tangent over the
     whole vocabulary, the fused loss-Hessian kernel
-    (:func:`curvops.kernels.cross_entropy_hvp`, Triton on CUDA; it overwrites the tangent
-    with the product and yields the log-sum-exp) and two matrix products. The same
+    ([`curvops.kernels.cross_entropy_hvp`][curvops.kernels.cross_entropy_hvp], Triton on CUDA; it overwrites
+    the tangent with the product and yields the log-sum-exp) and two matrix products. The same
     arithmetic as the materialised path (five (N, V, d) matrix products), no
     recomputation; memory ``O(N d + V d + chunk_rows · V)``: two (chunk_rows, V) tensors.
 ``strategy="vocab"``
@@ -47,7 +47,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
 class LinearCrossEntropyGGN(NamedTuple):
-    """Result of :func:`linear_cross_entropy_ggn`.
+    """Result of ``linear_cross_entropy_ggn``.
 
     Attributes
     ----------
@@ -75,7 +75,7 @@ def default_chunk_rows(vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAU
     dtype : torch.dtype
         Its element type.
     budget_bytes : int, optional
-        The budget (default :data:`DEFAULT_CHUNK_BYTES`, 256 MiB).
+        The budget (default ``DEFAULT_CHUNK_BYTES``, 256 MiB).
 
     Returns
     -------
@@ -142,7 +142,7 @@ def linear_cross_entropy_ggn(
         Row chunks over the full vocabulary (default) or two passes over vocabulary
         tiles; see the module docstring.
     chunk_rows : int, optional
-        Rows per chunk of ``"rows"``; default :func:`default_chunk_rows` (one (rows, V)
+        Rows per chunk of ``"rows"``; default ``default_chunk_rows`` (one (rows, V)
         tensor of at most 256 MiB).
     vocab_tile : int, optional
         Columns per tile of ``"vocab"`` (default 8192).

@@ -3,7 +3,7 @@
 Shared machinery: ``base`` (the objective, and the data loop of the exact products),
 ``_interface`` (scipy/torch dispatch), ``_model`` (model, data, parameters),
 ``_output_space`` (``Jᵀ M J`` of GGN and Fisher), ``_checks`` (checks and their messages),
-``strategy`` (:class:`ProductStrategy`), ``kfac_factors`` (KFAC's factor collection),
+``strategy`` ([`ProductStrategy`][curvops.ProductStrategy]), ``kfac_factors`` (KFAC's factor collection),
 ``kronecker`` (Kronecker-structured operators).
 """
 

@@ -1,22 +1,27 @@
 """The checks of a curvature operator's data and results, and their messages.
 
-- :func:`check_deterministic`: at construction, the data yields the same first batch
+- `check_deterministic`: at construction, the data yields the same first batch
   twice and two evaluations of the loss and gradient on it agree (and the loss is the one
-  curvops reproduces);
-- :func:`data_change_error`: a whole pass over the data found the batches and the
+  curvops reproduces, a custom loss does not broadcast its targets); then
+  `warn_batch_statistics` warns of batch norm layers that normalise by batch statistics;
+- `data_change_error`: a whole pass over the data found the batches and the
   normaliser counted at construction (the operator's normalisation is that of its data);
-- :func:`nonfinite_loss_error`: the first batch whose loss is NaN or Inf.
+- `nonfinite_loss_error`: the first batch whose loss is NaN or Inf.
 
 Each returns or raises the error; the operator agrees on it over the ranks
-(:meth:`~curvops.operators._interface.TorchLinearOperator._agree`).
+(`TorchLinearOperator._agree` in `curvops.operators._interface`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvops.operators._model import _first_batch, _same, _to_device
 
@@ -139,12 +144,122 @@ def check_deterministic(op: CurvatureOperator) -> None:
             grads.append(torch.cat([x.reshape(-1) for x in g]))
         return values, grads, output
 
-    values, grads, output = op._run_local(evaluate_twice)
+    with _broadcast_warnings(op) as broadcasts:
+        values, grads, output = op._run_local(evaluate_twice)
     try:
+        if broadcasts:
+            raise _broadcast_error(broadcasts[0], output, target)
         _compare_evaluations(op, values, grads, output, inputs, target)
     except (ValueError, FloatingPointError) as caught:
         error = caught
     op._agree(error)
+    warn_batch_statistics(op.model, type(op).__name__)
+
+
+#: The start of torch's warning that a loss broadcasts its targets against the output
+#: (``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``, ``F.huber_loss``).
+_TORCH_BROADCAST_WARNING = "Using a target size"
+
+
+@contextlib.contextmanager
+def _broadcast_warnings(op: CurvatureOperator) -> Iterator[list[str]]:
+    """Collect torch's target-broadcasting warnings of a custom loss; pass every other warning on.
+
+    The built-in losses are checked by shape on every batch (`LossSpec.check_shapes`); a
+    custom loss has no known target shape, but torch says when it broadcasts. Every warning
+    is recorded (a warning already shown once would otherwise be filtered out before it
+    could be seen here), and the others are issued again, once each, under the caller's
+    filters.
+    """
+    found: list[str] = []
+    if op.loss.kind != "custom":
+        yield found
+        return
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            caught = recorded
+            yield found
+    finally:  # also when the loss raises: its warnings may explain why
+        passed: set[tuple[Any, ...]] = set()
+        for w in caught:
+            text = str(w.message)
+            if issubclass(w.category, UserWarning) and text.startswith(_TORCH_BROADCAST_WARNING):
+                found.append(text)
+                continue
+            key = (w.category, text, w.filename, w.lineno)
+            if key not in passed:
+                passed.add(key)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _broadcast_error(warning: str, output: Tensor, target: Any) -> ValueError:
+    shape = tuple(output.shape)
+    got = tuple(target.shape) if torch.is_tensor(target) else None
+    return ValueError(
+        f"loss_fn broadcasts the targets{f' of shape {got}' if got else ''} against the model output "
+        f"of shape {shape} (torch warns: {warning!r}), which pairs outputs with other samples' "
+        f"targets: a different loss. Give targets of the output's shape {shape} (for one output "
+        "per sample, targets.unsqueeze(1)), or pass nn.MSELoss(), whose target shapes curvops "
+        "checks on every batch"
+    )
+
+
+def warn_batch_statistics(
+    model: nn.Module, operator: str, what: str = "the curvature of the training-mode loss"
+) -> None:
+    """Warn that batch norm layers normalise by batch statistics, if any do (at construction).
+
+    Such a layer (in training mode, or built without running statistics) makes every
+    sample's output depend on the other samples of its batch; the operator is the curvature
+    of that objective, with the batch statistics differentiated as functions of the
+    parameters, so it depends on how the data are batched and differs from the curvature of
+    the model as it predicts (eval mode). Refusing would take away a well-defined matrix
+    (the curvature of the training-mode loss, as autograd differentiates it), hence a warning
+    and not an error, unlike dropout, which makes the operator random.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The operator's model, in the mode it will be evaluated in.
+    operator : str
+        The operator's class name, for the message.
+    what : str, optional
+        What the operator is then, for the message (a Jacobian: of the training-mode model).
+    """
+    layers = [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and (module.training or module.running_mean is None or module.running_var is None)
+    ]
+    if not layers:
+        return
+    shown = ", ".join(repr(n) for n in layers[:4])
+    if len(layers) > 4:
+        shown += f" and {len(layers) - 4} more"
+    warnings.warn(
+        f"{operator}: batch norm layer{'s' if len(layers) > 1 else ''} {shown} "
+        f"normalise{'' if len(layers) > 1 else 's'} by the "
+        "statistics of each batch (training mode, or track_running_stats=False): the operator is "
+        f"{what}, with those statistics differentiated as "
+        "functions of the parameters, so it depends on how the data are batched; running "
+        "statistics are not updated. For the model as it predicts (eval mode), call "
+        "model.eval() before building the operator",
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside curvops."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "curvops":
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _compare_evaluations(
@@ -194,7 +309,7 @@ def refuse_values_hidden_from_reverse_mode(regions: Any, index: int, why: str, f
     ----------
     regions : ConstantRegions
         What watched a forward pass of batch ``index``
-        (:class:`~curvops.operators._forward_ad.ConstantRegions`).
+        (`ConstantRegions` in `curvops.operators._forward_ad`).
     index : int
         The batch's position in the data.
     why : str

@@ -4,7 +4,7 @@ torch's forward-AD rules for ``linear`` and the convolutions materialise the mis
 tangent of an input that carries none (the data entering the first layer) as an expanded
 zero tensor and multiply it with the weight: one full matrix product per such layer, plus,
 when the graph is kept, its backward (see benchmarks/results/flop_bounds_*).
-:func:`tangent_rules` routes these layers to the two products that are needed: ``f(x, W)``
+``tangent_rules`` routes these layers to the two products that are needed: ``f(x, W)``
 for the primal and ``f(x, Ẇ) (+ ḃ)`` for the tangent.
 
 With ``differentiated=True`` (the tangent is differentiated afterwards: the
@@ -37,14 +37,14 @@ statistics as constants (Hessian products silently wrong; PyTorch issues 196699 
 ``softmax``, ``log_softmax`` and ``scaled_dot_product_attention`` (its math kernel, with the
 softmax rule): the primal is torch's operation (reverse over forward differentiates it once,
 where torch is right), the tangent is written so that its reverse mode is right, and the
-primal's autograd node is labelled as the rule's (:func:`_mark`). Every transformer built
+primal's autograd node is labelled as the rule's (``_mark``). Every transformer built
 from these (Hugging Face GPT-2 and Llama, eager or SDPA attention) then runs reverse over
 forward.
 
-That product runs only through operations on :data:`DIFFERENTIABLE_TANGENT_RULES`, whose rules
+That product runs only through operations on ``DIFFERENTIABLE_TANGENT_RULES``, whose rules
 are verified against double backward in float64 (``tests/operators/test_forward_ad.py``), and
 through nodes labelled by a rule here; the Hessian operator checks every batch's graph with
-:func:`first_unverified_operation`. A structural check, not a comparison of numbers: no data
+``first_unverified_operation``. A structural check, not a comparison of numbers: no data
 can fool it (a first batch whose loss gradient is zero made any comparison of the two products
 agree); torch's own ``NativeLayerNormBackward0`` (a call no rule sees) is refused.
 """
@@ -145,7 +145,7 @@ def _embedding(func, args, kwargs):
     return torch.where(padded, output.detach(), output)
 
 
-#: Key under which :func:`_mark` labels an autograd node (``Node.metadata``) made by a rule of
+#: Key under which ``_mark`` labels an autograd node (``Node.metadata``) made by a rule of
 #: this module: the node's tangent was computed by that rule, not by torch's forward-mode rule.
 _RULE_MARK = "curvops_tangent_rule"
 
@@ -155,7 +155,7 @@ def _mark(t: Tensor) -> Tensor:
 
     The primal of a normalization or softmax is torch's own fused operation (its reverse mode is
     right: reverse over forward differentiates the primal once), so its node carries torch's
-    name; the label tells :func:`first_unverified_operation` that the tangent beside it came
+    name; the label tells ``first_unverified_operation`` that the tangent beside it came
     from a rule below, and a node of the same name without it (torch's rule) is still refused.
     """
     node: Any = t.grad_fn
@@ -296,7 +296,7 @@ def _layer_norm(func, args, kwargs):
 
     ``x̂ = (x − μ) · r`` with ``r = (σ² + ε)^(-1/2)``, so ``ẋ̂ = r · (ẋ − mean(ẋ) − x̂ · mean(ẋ · x̂))``
     (the derivative of ``r`` through ``σ²`` included: torch's rule holds ``μ`` and ``r``
-    constant when differentiated), and ``ẏ = ẋ̂ · w + x̂ · ẇ + ḃ`` (:class:`_LayerNormTangent`).
+    constant when differentiated), and ``ẏ = ẋ̂ · w + x̂ · ẇ + ḃ`` (``_LayerNormTangent``).
     The primal is torch's fused operation.
     """
     x_primal, x_tangent = _split(args[0])
@@ -413,7 +413,7 @@ def _log_softmax(func, args, kwargs):
 
 def _safe_softmax(x: Tensor, dim: int) -> Tensor:
     """Softmax whose rows of ``-inf`` only are zero (as scaled-dot-product attention's math kernel),
-    with the tangent of :func:`_softmax` (zero on such rows: ``s = 0`` there)."""
+    with the tangent of ``_softmax`` (zero on such rows: ``s = 0`` there)."""
     x_primal, x_tangent = _split(x)
     primal = _mark(getattr(torch, "_safe_softmax", torch.softmax)(x_primal, dim))
     return _dual_or_primal(primal, _softmax_tangent(primal, x_tangent, dim))
@@ -421,7 +421,7 @@ def _safe_softmax(x: Tensor, dim: int) -> Tensor:
 
 def _scaled_dot_product_attention(func, args, kwargs):
     """``F.scaled_dot_product_attention`` as its math kernel (Vaswani et al. 2017), with the
-    softmax of :func:`_safe_softmax`: torch's math kernel calls its own softmax inside, whose
+    softmax of ``_safe_softmax``: torch's math kernel calls its own softmax inside, whose
     rule cannot be differentiated. Dropout (training) is left to torch."""
     query, key, value = args[0], _argument(args, kwargs, 1, "key"), _argument(args, kwargs, 2, "value")
     attn_mask = _argument(args, kwargs, 3, "attn_mask")
@@ -488,13 +488,13 @@ class _TangentRules(TorchFunctionMode):
 
 
 #: Autograd nodes (``grad_fn.name()``) of the operations whose forward-mode rule, as
-#: computed under :func:`tangent_rules`, is right when differentiated: reverse over forward
+#: computed under ``tangent_rules``, is right when differentiated: reverse over forward
 #: gives exactly double backward's Hessian product through them. Each is checked against
 #: double backward in float64 (``tests/operators/test_forward_ad.py``); an
 #: operation is added here only with such a check. Not here, on purpose: ``layer_norm``,
 #: ``batch_norm``, ``group_norm``, ``instance_norm`` (torch's rules wrong when
 #: differentiated), ``softmax``/``log_softmax`` (torch's rules not differentiable): the first
-#: and the last two pass only with the label of this module's rules (:func:`_mark`); in-place
+#: and the last two pass only with the label of this module's rules (``_mark``); in-place
 #: updates of views (``CopySlices``: the operation inside is not known) and custom
 #: ``autograd.Function``\ s.
 DIFFERENTIABLE_TANGENT_RULES = frozenset(
@@ -572,8 +572,8 @@ CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES: dict[str, Callable[[Any], bool]] = {
 def first_unverified_operation(output: Tensor) -> str | None:
     """The first operation in the autograd graph of ``output`` whose forward-mode rule is not verified.
 
-    Verified: the operations of :data:`DIFFERENTIABLE_TANGENT_RULES`, those of
-    :data:`CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES` whose predicate holds, and the nodes
+    Verified: the operations of ``DIFFERENTIABLE_TANGENT_RULES``, those of
+    ``CONDITIONALLY_DIFFERENTIABLE_TANGENT_RULES`` whose predicate holds, and the nodes
     of the primals of this module's own rules (labelled by them: layer norm, softmax,
     log-softmax, attention).
 
@@ -587,7 +587,7 @@ def first_unverified_operation(output: Tensor) -> str | None:
     str or None
         The autograd node's name (e.g. ``"NativeLayerNormBackward0"``), or None when every
         operation between the parameters and ``output`` has a verified rule. A region run
-        without gradients adds no nodes: :func:`tangent_rules` gives it no tangent either.
+        without gradients adds no nodes: ``tangent_rules`` gives it no tangent either.
     """
     stack: list[Any] = [output.grad_fn]
     seen: set[Any] = set()
@@ -653,16 +653,16 @@ class ConstantRegions(TorchFunctionMode):
     parameters. Derivatives of values (finite differences) then see what autograd's do not:
     a finite-difference Hessian of such a model is not autograd's Hessian (nor symmetric).
 
-    After the pass, :attr:`found` names the first call without gradients or ``detach()`` that
+    After the pass, ``found`` names the first call without gradients or ``detach()`` that
     took a tensor carrying a graph and returned a tensor (None if there was none), and
-    :attr:`padding_weight_used_elsewhere` whether a watched embedding weight was also read by
+    ``padding_weight_used_elsewhere`` whether a watched embedding weight was also read by
     another call (a weight tied to an output head: its padding row then does get a gradient,
     from the head).
 
     Parameters
     ----------
     padding_params : sequence of int
-        Positions, in the evaluation point passed to :meth:`watch`, of the embedding weights
+        Positions, in the evaluation point passed to ``watch``, of the embedding weights
         with a ``padding_idx``.
     """
 

@@ -1,9 +1,9 @@
-"""The scipy/torch interface of every operator: :class:`TorchLinearOperator`.
+"""The scipy/torch interface of every operator: ``TorchLinearOperator``.
 
-A :class:`scipy.sparse.linalg.LinearOperator` that also multiplies torch tensors on its
+A ``scipy.sparse.linalg.LinearOperator`` that also multiplies torch tensors on its
 device without a host copy: numpy/torch dispatch, the checks of the vectors it is given,
 ``out=`` destinations, and the operator algebra (``+``, ``*``, ``@``, ``**``) whose
-results live in :mod:`curvops.operators.algebra`.
+results live in ``curvops.operators.algebra``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from torch import Tensor
 from curvops._finite import all_finite
 from curvops.operators._parallel import Parallel, ShardLayout
 
-#: Largest dimension :meth:`TorchLinearOperator.to_dense` builds without ``max_dim``.
+#: Largest dimension ``TorchLinearOperator.to_dense`` builds without ``max_dim``.
 MAX_DENSE_DIM = 10_000
 
 
 class TorchLinearOperator(LinearOperator):
-    """A :class:`scipy.sparse.linalg.LinearOperator` that also multiplies torch tensors.
+    """A ``scipy.sparse.linalg.LinearOperator`` that also multiplies torch tensors.
 
     numpy input follows scipy's semantics (host arrays in and out); torch input stays on
     the operator's device and dtype (``op @ tensor``, ``op.matvec``, ``op.matmat``,
-    :meth:`matmat_torch`). Subclasses implement :meth:`_apply` on a checked torch block
-    of shape ``(shape[1], k)``. An empty block ``(shape[1], 0)`` gives an empty
+    [`matmat_torch`][curvops.CurvatureOperator.matmat_torch]). Subclasses implement ``_apply`` on a checked
+    torch block of shape ``(shape[1], k)``. An empty block ``(shape[1], 0)`` gives an empty
     ``(shape[0], 0)`` result, as numpy's ``@`` does.
 
     numpy has no bfloat16: an operator on bfloat16 parameters has numpy ``dtype``
@@ -60,7 +60,7 @@ class TorchLinearOperator(LinearOperator):
         shape : (int, int)
             ``(rows, columns)`` of the operator.
         torch_dtype : torch.dtype
-            dtype of the torch vectors it multiplies (numpy: :func:`_numpy_dtype` of it).
+            dtype of the torch vectors it multiplies (numpy: ``_numpy_dtype`` of it).
         device : torch.device
             Where products run.
         """
@@ -128,7 +128,7 @@ class TorchLinearOperator(LinearOperator):
         Parameters
         ----------
         max_dim : int, optional
-            Largest dimension built (default :data:`MAX_DENSE_DIM`).
+            Largest dimension built (default ``MAX_DENSE_DIM``).
 
         Returns
         -------
@@ -139,7 +139,7 @@ class TorchLinearOperator(LinearOperator):
         Raises
         ------
         ValueError
-            If a dimension exceeds ``max_dim`` (default :data:`MAX_DENSE_DIM` = 10,000).
+            If a dimension exceeds ``max_dim`` (default ``MAX_DENSE_DIM`` = 10,000).
         """
         rows, dim = self.shape
         if self.sharding is not None:
@@ -163,7 +163,7 @@ class TorchLinearOperator(LinearOperator):
         each, or ``[*p.shape, k]`` for k vectors) for operators whose input and output are
         parameter-space vectors: the result is such a list (as in curvlinops). A curvops
         operator gives the product operator, a real scalar the scaled operator
-        (:mod:`curvops.operators.algebra`, torch path kept); a plain scipy
+        (``curvops.operators.algebra``, torch path kept); a plain scipy
         ``LinearOperator`` gives scipy's product (numpy only).
 
         Parameters
@@ -402,7 +402,7 @@ class TorchLinearOperator(LinearOperator):
         """Raise ``error``; in a distributed operator, raise on all ranks if any rank has one.
 
         ``doing`` describes what the rank is about to do; ranks whose descriptions differ
-        raise too (see :meth:`Parallel.agree`).
+        raise too (see ``Parallel.agree``).
         """
         if self.parallel is not None:
             self.parallel.agree(error, self.device, doing)

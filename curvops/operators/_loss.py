@@ -5,7 +5,7 @@ Every operator represents the curvature of the *whole-dataset* objective
     L(θ) = c · Σ_b Σ_{t ∈ batch b} ℓ_t(f_θ(x_t), y_t),
 
 with ``c = 1 / (total normaliser)`` for ``reduction="mean"`` and ``c = 1`` for
-``reduction="sum"``. A :class:`LossSpec` turns the user's loss into the pieces needed
+``reduction="sum"``. A `LossSpec` turns the user's loss into the pieces needed
 for that: the unnormalised batch sum, the batch's share of the normaliser (counted
 from the targets alone, so no forward pass is needed to count), and the loss Hessian
 with respect to the model output in closed form (cross-entropy, MSE, BCE-with-logits)
@@ -19,6 +19,7 @@ one sample (index of the first dimension).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import secrets
@@ -31,12 +32,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Cross-entropy with at least this many classes goes through the fused functions of
-#: :mod:`curvops.kernels.cross_entropy_sum` (double backward without (N, C) temporaries: the
+#: `curvops.kernels.cross_entropy_sum` (double backward without (N, C) temporaries: the
 #: large-vocabulary case); below it ``F.cross_entropy``, whose double backward is cheaper
 #: when rows are short (see benchmarks/results/ce_hvp_*).
 FUSED_CE_MIN_CLASSES = 1024
 
 _KINDS = ("cross_entropy", "mse", "bce", "custom")
+
+#: First-argument names that mark a loss of the model and the batch (hessian-eigenthings'
+#: ``loss_fn(model, batch)``), which curvops would call with the output in the model's place.
+_MODEL_NAMES = frozenset({"model", "net", "network", "module"})
+
+#: How to turn a loss of the model and the batch into one of the output and the targets.
+_OUTPUT_LOSS_FIX = (
+    "A loss of the model and the batch (hessian-eigenthings' loss_fn(model, batch)) becomes a "
+    "loss of the output: pass nn.CrossEntropyLoss() (or lambda output, target: "
+    "F.cross_entropy(output, target)) and the model separately, "
+    "HessianOperator(model, loss_fn, data), with data yielding (inputs, targets) batches"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ class LossSpec:
     flat : LossSpec or None
         For a cross-entropy loss that defines ``flat_output(x)`` (an output-shaped
         tensor as (rows, C) rows) and ``flat_target(target)`` (the matching (rows,)
-        targets), such as :class:`curvops.lm.CausalLMLoss` (shifted labels): the plain
+        targets), such as [`CausalLMLoss`][curvops.lm.CausalLMLoss] (shifted labels): the plain
         cross-entropy spec every method delegates to on those rows. None otherwise.
     """
 
@@ -83,14 +96,24 @@ class LossSpec:
         Raises
         ------
         TypeError
-            If ``loss_fn`` is not callable.
+            If ``loss_fn`` is not callable, or its first parameter is named like a model
+            (``model``, ``net``, ...: a loss of the model and the batch).
         ValueError
             If its ``reduction`` is neither ``"mean"`` nor ``"sum"``.
         """
         if not callable(loss_fn):
             raise TypeError(
                 "loss_fn must be a loss module or a callable (output, target) -> scalar, "
-                f"got {type(loss_fn).__name__}"
+                f"got {type(loss_fn).__name__}; the arguments are (model, loss_fn, data), "
+                "e.g. HessianOperator(model, nn.CrossEntropyLoss(), data) (hessian-eigenthings "
+                "takes the data second)"
+            )
+        first = _first_parameter_name(loss_fn)
+        if first in _MODEL_NAMES:
+            raise TypeError(
+                f"loss_fn takes {first!r} as its first argument, but curvops calls "
+                f"loss_fn(output, target) with the model's output and the batch's targets. "
+                f"{_OUTPUT_LOSS_FIX}"
             )
         if isinstance(loss_fn, nn.CrossEntropyLoss):
             kind = "cross_entropy"
@@ -140,14 +163,20 @@ class LossSpec:
         if self.kind == "cross_entropy":
             num_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
             if num_classes < FUSED_CE_MIN_CLASSES:
-                return F.cross_entropy(
-                    output,
-                    target,
-                    weight=f.weight,
-                    ignore_index=f.ignore_index,
-                    reduction="sum",
-                    label_smoothing=f.label_smoothing,
-                )
+                try:
+                    return F.cross_entropy(
+                        output,
+                        target,
+                        weight=f.weight,
+                        ignore_index=f.ignore_index,
+                        reduction="sum",
+                        label_smoothing=f.label_smoothing,
+                    )
+                except IndexError as error:  # torch's "Target 2 is out of bounds."
+                    named = self._class_range_error(output, target)
+                    if named is None:
+                        raise
+                    raise named from error
             # Same value as F.cross_entropy(reduction="sum"); its double backward (the
             # Hessian path) applies the loss Hessian through the fused kernel.
             from curvops.kernels.cross_entropy_sum import cross_entropy_sum
@@ -165,7 +194,16 @@ class LossSpec:
             return F.binary_cross_entropy_with_logits(
                 output, target, weight=f.weight, pos_weight=f.pos_weight, reduction="sum"
             )
-        value = f(output, target)
+        try:
+            value = f(output, target)
+        except TypeError as error:
+            # A loss written for (model, batch) calls the output tensor as if it were the model.
+            if "'Tensor' object is not callable" not in str(error):
+                raise
+            raise TypeError(
+                f"loss_fn failed with {error} when called as loss_fn(output, target): curvops "
+                f"passes the model's output and the batch's targets, not the model. {_OUTPUT_LOSS_FIX}"
+            ) from error
         if value.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(value.shape)}")
         if self.reduction == "mean":
@@ -181,7 +219,9 @@ class LossSpec:
 
         torch broadcasts MSE targets of another shape (with a warning) and so computes a
         different loss; cross-entropy needs class indices of the output's shape without
-        the class dimension 1, or class probabilities of the output's shape.
+        the class dimension 1, or class probabilities of the output's shape, and more than
+        one class (over one class the softmax is constant: a model with one output under
+        cross-entropy is a mistake, not a curvature).
 
         Parameters
         ----------
@@ -207,6 +247,14 @@ class LossSpec:
                     "them explicitly if broadcasting is what you mean)"
                 )
             return
+        if (shape[1] if len(shape) > 1 else shape[0] if shape else 0) == 1:
+            raise ValueError(
+                f"{name}: the model output {shape} has 1 class along dimension "
+                f"{1 if len(shape) > 1 else 0}, where the softmax is the constant 1 (loss and curvature "
+                "0). Give the model one output per class (a last layer nn.Linear(..., C) for C "
+                "classes), or for a binary target with one output use nn.BCEWithLogitsLoss() with "
+                f"float targets of shape {shape}"
+            )
         if target.is_floating_point():
             if got != shape:
                 raise ValueError(
@@ -404,7 +452,7 @@ class LossSpec:
         cross-entropy a row is one position (the class dimension 1), for MSE and
         BCE-with-logits the entries sharing all indices but the last (a 0-d or 1-d
         output is one row per entry). On every row, ``Σ_k s_k s_kᵀ`` restricted to the
-        row equals the row's Hessian block of :meth:`batch_sum`:
+        row equals the row's Hessian block of `batch_sum`:
 
         - cross-entropy ``a (diag p − p pᵀ)``: ``C`` columns ``sqrt(a p_c) (e_c − p)``;
         - MSE ``2 I``: one column ``sqrt(2) e_c`` per entry ``c`` of the last dimension;
@@ -490,6 +538,25 @@ class LossSpec:
         return (s * inner).sum(dim=0)
 
     # ------------------------------------------------------------------- helpers
+    def _class_range_error(self, output: Tensor, target: Tensor) -> ValueError | None:
+        """The error naming the class-index targets outside the output's classes (None: all inside)."""
+        shape = tuple(output.shape)
+        num_classes = shape[1] if len(shape) > 1 else shape[0]
+        ignore = self.fn.ignore_index
+        outside = target[(target != ignore) & ((target < 0) | (target >= num_classes))]
+        if outside.numel() == 0:
+            return None
+        values = sorted(int(v) for v in outside.unique().tolist())
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        largest = max(int(target[target != ignore].max()), num_classes - 1)
+        return ValueError(
+            f"{type(self.fn).__name__}: the targets hold class indices {shown}, outside the "
+            f"{num_classes} classes of the model output {shape} (class indices 0..{num_classes - 1}, "
+            f"or ignore_index={ignore}). Give the model one output per class (a last layer "
+            f"nn.Linear(..., {largest + 1}) for classes 0..{largest}), or map the labels to "
+            f"0..{num_classes - 1}"
+        )
+
     def _ce_coefficients(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-position scalar ``a`` with Hessian ``a (diag p − p pᵀ)``; shape (N, 1, d1, ...)."""
         f = self.fn
@@ -580,6 +647,17 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
+def _first_parameter_name(fn: Any) -> str | None:
+    """The name of the first parameter ``fn`` is called with (a module's ``forward``), or None."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # builtins and C extensions may have no signature
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return parameters[0].name if parameters and parameters[0].kind in positional else None
+
+
 def _batch_size(x: Any) -> int:
     """Number of samples of a batch: the first dimension of a tensor or of a dict's first tensor."""
     if torch.is_tensor(x):
@@ -601,7 +679,7 @@ def _classes_last(x: Tensor) -> tuple[Tensor, bool]:
 
 
 def _classes_back(x2d: Tensor, shape: torch.Size, moved: bool) -> Tensor:
-    """Inverse of :func:`_classes_last`."""
+    """Inverse of `_classes_last`."""
     if not moved:
         return x2d.reshape(shape)
     n, c, *rest = shape

@@ -1,9 +1,9 @@
-"""A model, its data and a parameter selection: :class:`ModelOperator`.
+"""A model, its data and a parameter selection: ``ModelOperator``.
 
 What every model-based operator shares: the model (DDP/FSDP unwrapped), the re-iterable
 batches, the selected parameters and the layout of a parameter-space vector, the forward
 pass, and the forward-mode (``J v``) and reverse-mode (``Jᵀ u``) products of the model
-output. :class:`ParameterBlock` is a ``(k, D)`` block of parameter-space vectors seen per
+output. ``ParameterBlock`` is a ``(k, D)`` block of parameter-space vectors seen per
 parameter, the accumulator every product adds into.
 
 Parameter order
@@ -96,13 +96,13 @@ class ParameterBlock:
 
 
 class ModelOperator(TorchLinearOperator):
-    """A :class:`TorchLinearOperator` defined by a model, its data and a parameter selection.
+    """A ``TorchLinearOperator`` defined by a model, its data and a parameter selection.
 
     Holds what every model-based operator shares: the model, the re-iterable data, the
     selected parameters (names, shapes, order), the forward pass, the batch iterator,
     and the forward-mode (``J v``) and reverse-mode (``Jᵀ u``) products of the model
-    output w.r.t. the selected parameters. Subclasses call :meth:`_set_model` and
-    :meth:`_set_data_and_params`, then ``TorchLinearOperator.__init__`` with their shape.
+    output w.r.t. the selected parameters. Subclasses call ``_set_model`` and
+    ``_set_data_and_params``, then ``TorchLinearOperator.__init__`` with their shape.
     """
 
     def _set_model(self, model: nn.Module) -> None:
@@ -349,7 +349,7 @@ class ModelOperator(TorchLinearOperator):
         (batch norm's running statistics in train mode) is discarded, and the buffers and
         their version counters stay as they were. (Within a pass over the data, a model
         that provably cannot write them reads its buffers themselves, see
-        :attr:`_PassStructure.forward_leaves_buffers_alone`.)
+        ``_PassStructure.forward_leaves_buffers_alone``.)
 
         Parameters
         ----------
@@ -402,7 +402,7 @@ class ModelOperator(TorchLinearOperator):
         """Yield (index, inputs, targets) with tensors moved to the model's device.
 
         A whole pass of a curvature operator also counts the batches and their normaliser
-        on the way (from the targets, as at construction), for :meth:`_data_change_error`.
+        on the way (from the targets, as at construction), for ``_data_change_error``.
         """
         counting = only is None and hasattr(self, "_local_normaliser")
         shares: list[Any] = []
@@ -438,7 +438,7 @@ class ModelOperator(TorchLinearOperator):
 
     def _remember_shares(self, shares: list[Any]) -> list[Any]:
         """The pass's shares as numbers (one transfer from the device for the new counts), and
-        the new ones remembered for the next pass (see :meth:`_normaliser_share`)."""
+        the new ones remembered for the next pass (see ``_normaliser_share``)."""
         fresh = [s for s in shares if isinstance(s, tuple)]
         if not fresh:
             return shares
@@ -458,7 +458,7 @@ class ModelOperator(TorchLinearOperator):
         with ``tangent_graph`` too the tangent (``J v`` as a function of the parameters:
         the reverse-over-forward Hessian product differentiates it). Without ``keep_graph``
         all parameters are detached (no graph is recorded) but gradients stay enabled:
-        :func:`~curvops.operators._forward_ad.tangent_rules` recognises the model's own
+        ``tangent_rules`` recognises the model's own
         no-grad regions by the grad mode.
         """
         import torch.autograd.forward_ad as fwAD
@@ -504,7 +504,7 @@ class ModelOperator(TorchLinearOperator):
 
     def _detached_parameters(self) -> dict[str, Tensor]:
         """All parameters of the model, detached: a tangent pass with gradients enabled (see
-        :meth:`_jvp`) then records no graph, also through parameters outside the selection.
+        ``_jvp``) then records no graph, also through parameters outside the selection.
 
         A new dict each call (callers add to it); within a pass over the data its detached
         tensors are made once.
@@ -520,8 +520,8 @@ class ModelOperator(TorchLinearOperator):
     def _data_pass(self) -> Iterator[None]:
         """Around one pass over the data: what every forward pass of it sets up, done once.
 
-        The attention settings of :func:`_attention_with_higher_derivatives` are entered once
-        and the model's structure is read once (:class:`_PassStructure`). Re-entrant: an inner
+        The attention settings of ``_attention_with_higher_derivatives`` are entered once
+        and the model's structure is read once (``_PassStructure``). Re-entrant: an inner
         pass shares the outer one's.
         """
         if "_pass_structure" in self.__dict__:
@@ -570,7 +570,7 @@ def _stashed_gradients(model: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
-#: How many :func:`_attention_with_higher_derivatives` contexts this thread is inside.
+#: How many ``_attention_with_higher_derivatives`` contexts this thread is inside.
 _ATTENTION_CONTEXTS = threading.local()
 
 
@@ -603,7 +603,7 @@ def _attention_with_higher_derivatives() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _attention_backends_for_higher_derivatives() -> Iterator[None]:
-    """The settings of :func:`_attention_with_higher_derivatives`, set and restored."""
+    """The settings of ``_attention_with_higher_derivatives``, set and restored."""
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha is not None else None
     if mha is not None:
@@ -626,8 +626,8 @@ class _PassStructure:
 
     Within a pass the model's modules and the ties between its tensors stay as they are
     (what a forward pass writes into buffers is discarded, see
-    :meth:`ModelOperator.forward`), so walking the module tree for every batch (every
-    buffer, and every tensor for the ties of ``torch.func.functional_call``) repeats the
+    [`ModelOperator.forward`][curvops.CurvatureOperator.forward]), so walking the module tree for every batch
+    (every buffer, and every tensor for the ties of ``torch.func.functional_call``) repeats the
     same answer; on a small model on a GPU those walks cost more than the batch's kernels.
     The buffers themselves are read for every batch, from each module's own table, so a
     buffer a forward pass registers or replaces is seen as before.
@@ -653,9 +653,9 @@ class _PassStructure:
         Provable for a model made only of torch's own modules, without hooks, whose modules
         with buffers are norm layers that only read their running statistics (eval mode, or
         not tracking them) and are not lazy: their forward passes then read the buffers and
-        write nothing but their outputs, and the copies of :meth:`ModelOperator.forward`
-        would hold the same values. Any other module (a user's ``forward`` may write
-        anything) makes it False.
+        write nothing but their outputs, and the copies of
+        [`ModelOperator.forward`][curvops.CurvatureOperator.forward] would hold the same values. Any other
+        module (a user's ``forward`` may write anything) makes it False.
         """
         if self._leaves_buffers_alone is None:
             self._leaves_buffers_alone = _forward_leaves_buffers_alone([m for _, m in self.modules])
@@ -697,7 +697,7 @@ _GLOBAL_HOOKS = (
 
 
 def _forward_leaves_buffers_alone(modules: list[nn.Module]) -> bool:
-    """See :attr:`_PassStructure.forward_leaves_buffers_alone`."""
+    """See ``_PassStructure.forward_leaves_buffers_alone``."""
     registry = nn.modules.module
     if any(getattr(registry, name, True) for name in _GLOBAL_HOOKS):
         return False

@@ -1,4 +1,4 @@
-"""The ``Σ_batches Jᵀ M J`` products shared by the GGN and the Fisher: :class:`OutputSpaceOperator`.
+"""The ``Σ_batches Jᵀ M J`` products shared by the GGN and the Fisher: ``OutputSpaceOperator``.
 
 ``J`` is the Jacobian of the model output w.r.t. the selected parameters and ``M`` a
 symmetric matrix in output space (the loss Hessian for the GGN, a second moment of
@@ -6,7 +6,7 @@ output gradients for the Fisher; Schraudolph 2002, "Fast curvature matrix-vector
 for second-order gradient descent"). Per batch: ``J v`` by forward-mode AD (dual tensors),
 ``M (J v)`` by the subclass, ``Jᵀ (M J v)`` by a backward pass through the kept graph of
 one forward pass. How the passes are organised is the operator's
-:class:`~curvops.operators.strategy.ProductStrategy`.
+[`ProductStrategy`][curvops.ProductStrategy].
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from curvops.operators.strategy import ProductStrategy
 class OutputSpaceOperator(BatchSumOperator):
     """Base of the operators of the form ``Σ_batches Jᵀ M J`` (GGN and Fisher).
 
-    Subclasses give ``M`` through :meth:`_middle` (and per-batch data for it through
-    :meth:`_middle_context`, computed once for all columns of a block). A ``(D, k)`` block
+    Subclasses give ``M`` through ``_middle`` (and per-batch data for it through
+    ``_middle_context``, computed once for all columns of a block). A ``(D, k)`` block
     shares each batch's forward pass and middle preparation among its columns.
     """
 
@@ -47,7 +47,7 @@ class OutputSpaceOperator(BatchSumOperator):
     method: str = "autograd"
 
     def _middle_context(self, output: Tensor, target: Any, index: int) -> Any:
-        """Per-batch data for :meth:`_middle`, computed once for all columns of a block."""
+        """Per-batch data for ``_middle``, computed once for all columns of a block."""
         return None
 
     def _middle(self, output: Tensor, target: Any, jv: Tensor, context: Any) -> Tensor:
@@ -72,10 +72,10 @@ class OutputSpaceOperator(BatchSumOperator):
     def _forward_with_tangent_alongside(
         self, inputs: Any, column: list[Tensor]
     ) -> tuple[Tensor, Tensor] | None:
-        """The output, with its graph kept, and ``J v`` carried alongside (see :class:`TangentsAlongside`).
+        """The output, with its graph kept, and ``J v`` carried alongside (see ``TangentsAlongside``).
 
         None when the forward pass does something the tangent cannot be carried through
-        exactly: :attr:`tangent_alongside_refusal` then says what, and later products use a
+        exactly: ``tangent_alongside_refusal`` then says what, and later products use a
         separate tangent pass.
         """
         try:
@@ -193,11 +193,11 @@ class OutputSpaceOperator(BatchSumOperator):
         """Products with ``J v`` by central differences of the output, ``Jᵀ u`` by backward.
 
         ``J v ≈ (f(θ + εv) − f(θ − εv)) / 2ε``: two forward passes without a graph (step
-        :meth:`finite_difference_step` as a perturbation norm); ``Jᵀ (M J v)`` is a backward
-        pass through the graph of one forward pass at ``θ``, shared by the columns. On one
-        process the model is evaluated at ``θ ± εv`` out of place; under FSDP (where
+        [`finite_difference_step`][curvops.CurvatureOperator.finite_difference_step] as a perturbation norm);
+        ``Jᵀ (M J v)`` is a backward pass through the graph of one forward pass at ``θ``, shared by the
+        columns. On one process the model is evaluated at ``θ ± εv`` out of place; under FSDP (where
         forward-mode AD does not pass the parameter all-gather) each rank shifts its own
-        shards in place (see :meth:`_shifted_parameters`), and the gradient FSDP
+        shards in place (see ``_shifted_parameters``), and the gradient FSDP
         reduce-scatters is the rank's shard of ``Jᵀ u``.
 
         Differences of values see what reverse mode treats as constant: the padding rows of

@@ -1,12 +1,12 @@
 """How an operator runs when its model is spread over processes (DDP, FSDP2).
 
-An operator finds out from its model (:func:`detect_parallel`):
+An operator finds out from its model (``detect_parallel``):
 
-- a model wrapped in :class:`torch.nn.parallel.DistributedDataParallel` is *replicated*
-  (:class:`Replicated`): every rank holds all parameters and full-size vectors; each rank
+- a model wrapped in ``torch.nn.parallel.DistributedDataParallel`` is *replicated*
+  (``Replicated``): every rank holds all parameters and full-size vectors; each rank
   multiplies over its own batches and the product is all-reduced once per product.
 - a model whose parameters are FSDP2 ``DTensor`` shards (``fully_shard``) is *sharded*
-  (:class:`Sharded`): vectors are laid out like the parameters' local shards, products
+  (``Sharded``): vectors are laid out like the parameters' local shards, products
   come from gradients (FSDP's reduce-scatter) and forward passes only, and no rank ever
   holds a full-size vector.
 - anything else runs in one process (``None``).
@@ -88,7 +88,7 @@ class Parallel:
 
         Every rank must pass the same number of values (a collective of mismatched sizes
         aborts the process in gloo): callers gather a fixed-size fingerprint first
-        (:meth:`agree`) when the length depends on the rank's input.
+        (``agree``) when the length depends on the rank's input.
         """
         local = torch.tensor(list(values), dtype=torch.float64, device=device)
         table = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -99,7 +99,7 @@ class Parallel:
     def agree(self, error: BaseException | None, device: torch.device, doing: str = "") -> None:
         """Raise on every rank if ``error`` is set on any rank, or if the ranks do different things.
 
-        One all-gather of two numbers per rank: a failure flag and the :func:`fingerprint`
+        One all-gather of two numbers per rank: a failure flag and the ``fingerprint``
         of ``doing`` (a description of the call the rank is in, e.g.
         ``"lanczos(k=5, block_size=1)"``; the empty string where only errors matter). Every
         call of ``agree`` gathers the same two numbers, so ranks that reached different
@@ -107,8 +107,8 @@ class Parallel:
 
         The raised exception has the failing rank's type (ValueError, TypeError,
         FloatingPointError, NotImplementedError) if all failing ranks agree on it, else
-        :class:`ParallelError`; its message names the rank(s). Ranks whose descriptions
-        differ raise a :class:`ValueError` that lists each rank's call.
+        [`ParallelError`][curvops.operators.ParallelError]; its message names the rank(s). Ranks whose
+        descriptions differ raise a ``ValueError`` that lists each rank's call.
         """
         table = self.all_gather_numbers([0.0 if error is None else 1.0, fingerprint(doing)], device)
         failed_any = bool((table[:, 0] != 0).any())
@@ -143,7 +143,7 @@ class Parallel:
     def shared_seed(
         self, seed: int | None, doing: str, device: torch.device, fresh: Callable[[], int]
     ) -> int:
-        """Agree on the call ``doing`` (see :meth:`agree`) and on its seed: rank 0's ``fresh()``
+        """Agree on the call ``doing`` (see ``agree``) and on its seed: rank 0's ``fresh()``
         if ``seed`` is None.
 
         Every rank must draw the same random vectors (replicated under DDP; one global
@@ -162,10 +162,10 @@ class Parallel:
         """Run ``work`` (this rank's share of a product) so that a failure reaches every rank.
 
         ``collective=False``: ``work`` makes no collective call (DDP: each rank multiplies
-        over its own batches), and its error is agreed on (:meth:`agree`): every rank raises
+        over its own batches), and its error is agreed on (``agree``): every rank raises
         it, naming the rank, and the process group stays usable. ``collective=True``:
         ``work`` itself runs collectives (FSDP's forward and backward passes), so the other
-        ranks may wait in one of them when this rank fails; see :meth:`fail_out_of_step`.
+        ranks may wait in one of them when this rank fails; see ``fail_out_of_step``.
         """
         error: Exception | None = None
         result: Any = None
@@ -190,7 +190,7 @@ class Parallel:
         error is its consequence (its collective broke or timed out): the message names
         the other rank. Otherwise this rank is the cause: it posts its message for the
         others, shortens its group's timeout (no collective of the group can succeed any
-        more: see :data:`BROKEN_GROUP_TIMEOUT_S`) and raises.
+        more: see ``BROKEN_GROUP_TIMEOUT_S``) and raises.
         """
         reports = self._reports()
         if reports:
@@ -247,7 +247,7 @@ class Parallel:
     # The rendezvous store carries what the collectives cannot: each rank's host and process
     # id (to name a rank that died) and the message of a rank that failed out of step.
     def _store(self) -> Any:
-        """A new client of the default group's store that gives up after :data:`REPORT_WAIT_S`
+        """A new client of the default group's store that gives up after ``REPORT_WAIT_S``
         (its host may be the rank that is gone)."""
         try:
             store: Any = dist.distributed_c10d._get_default_store().clone()  # type: ignore[attr-defined]
@@ -385,7 +385,7 @@ class Replicated(Parallel):
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         super().__init__(group)
-        #: Gaussian weights of :meth:`check_same_block`'s projection, per (rows, dtype, device).
+        #: Gaussian weights of ``check_same_block``'s projection, per (rows, dtype, device).
         self._weights: Tensor | None = None
 
     def check_same_block(self, X: Tensor, device: torch.device) -> None:
@@ -401,7 +401,7 @@ class Replicated(Parallel):
         far beyond ``p``'s rounding). Cost: one matrix-vector product over the block and
         one small all-gather, against a checksum's two passes; memory: the one vector ``w``.
 
-        If the ``p`` differ at all, :meth:`replication_error` decides, deterministically,
+        If the ``p`` differ at all, ``replication_error`` decides, deterministically,
         whether the blocks differ by more than rounding (then every rank raises) or are the
         same vectors computed in another order (then the product goes on).
         """
@@ -581,7 +581,7 @@ def _is_dtensor(tensor: Tensor) -> bool:
 
 
 def shard_layout(params: Sequence[Tensor], parallel: Sharded) -> ShardLayout:
-    """The :class:`ShardLayout` of the selected FSDP2 parameters (one all-gather)."""
+    """The ``ShardLayout`` of the selected FSDP2 parameters (one all-gather)."""
     for p in params:
         placements = p.placements  # type: ignore[attr-defined]
         if len(placements) != 1 or not placements[0].is_shard() or placements[0].dim != 0:

@@ -1,4 +1,4 @@
-"""``J v`` carried alongside the forward pass that keeps the graph: :class:`TangentsAlongside`.
+"""``J v`` carried alongside the forward pass that keeps the graph: ``TangentsAlongside``.
 
 The GGN and Fisher products ``Jᵀ M J v`` need the model output ``z`` with its autograd graph
 (for ``Jᵀ``) and the tangent ``J v``. Forward-mode AD through dual tensors gives both in one
@@ -21,9 +21,9 @@ A tangent lives as long as the Python object of its primal: the saved tensors of
 are packed as detached aliases, so the graph does not keep the objects (and their tangents)
 alive.
 
-The mode follows the semantics of :func:`~curvops.operators._forward_ad.tangent_rules` (and
+The mode follows the semantics of ``tangent_rules`` (and
 of reverse mode): results computed with gradients disabled or by ``detach`` carry no tangent,
-and an embedding's padding rows carry none. It refuses, by raising :class:`TangentNotCarried`
+and an embedding's padding rows carry none. It refuses, by raising ``TangentNotCarried``
 so that the caller falls back to a separate tangent pass, what it cannot carry exactly: an
 in-place operation on a tensor that carries a tangent (views of it would keep stale tangents)
 and any tensor entering an operation whose autograd node the mode did not see created (a
@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 
 class TangentNotCarried(RuntimeError):
-    """The forward pass did something :class:`TangentsAlongside` cannot carry a tangent through."""
+    """The forward pass did something ``TangentsAlongside`` cannot carry a tangent through."""
 
 
 _DETACHES = frozenset({torch.Tensor.detach, torch.detach})
@@ -127,7 +127,7 @@ def _tensor_arguments(args: tuple, kwargs: dict) -> list[Tensor] | None:
 
 
 def _map_arguments(f: Callable[[Tensor], Any], args: tuple, kwargs: dict, flat: bool) -> tuple[tuple, dict]:
-    """``f`` applied to every tensor argument (``flat``: as found by :func:`_tensor_arguments`)."""
+    """``f`` applied to every tensor argument (``flat``: as found by ``_tensor_arguments``)."""
     if not flat:
         return tree_map(lambda t: f(t) if isinstance(t, Tensor) else t, (args, kwargs))
 
@@ -153,7 +153,7 @@ class TangentsAlongside(TorchFunctionMode):
     """A forward pass that keeps the autograd graph and carries tangents alongside, unrecorded.
 
     Use as a context manager around one forward pass run with gradients enabled; afterwards
-    :meth:`tangent_of` gives the tangent of any tensor the pass returned. The tangents are
+    ``tangent_of`` gives the tangent of any tensor the pass returned. The tangents are
     computed without a graph (they are not differentiated).
 
     Parameters

@@ -1,7 +1,7 @@
 """Sums, scalar multiples, products and powers of curvops operators, on the torch path.
 
 ``H + G``, ``H - G``, ``-H``, ``2.0 * H``, ``H / 2``, ``H @ G`` (and ``H * G``), ``H ** 3``
-and the transposes of these are :class:`~curvops.operators.base.TorchLinearOperator`\\ s:
+and the transposes of these are ``TorchLinearOperator``\\ s:
 torch input stays torch on the operands' device and dtype, numpy input follows scipy's
 semantics, and the curvops algorithms (``lanczos``, ``xtrace``, ``inverse``, ...) and
 scipy's solvers (``eigsh``, ``cg``) accept them like any curvops operator. scipy's own

@@ -1,28 +1,28 @@
 """The curvature of a loss over a data set, and the data loop of its exact products.
 
-:class:`CurvatureOperator` holds the objective: model, loss, data, parameter selection,
-the whole-dataset normalisation, :meth:`~CurvatureOperator.loss_and_gradient` and the
+[`CurvatureOperator`][curvops.CurvatureOperator] holds the objective: model, loss, data, parameter selection,
+the whole-dataset normalisation, [`loss_and_gradient`][curvops.CurvatureOperator.loss_and_gradient] and the
 checks. Its products come from one of two kinds of subclass:
 
-* :class:`BatchSumOperator` (Hessian, GGN, Fisher): the curvature is a sum over batches,
+* ``BatchSumOperator`` (Hessian, GGN, Fisher): the curvature is a sum over batches,
   and every product runs the batches once. This class owns that loop and everything
   around it: the accumulators (the caller's ``out`` rows when they can be written in
   place), the losses computed on the way, the checks (data changed since construction,
   NaN/Inf loss or product localised to its batch, ranks agreeing) and the reduction over
   ranks. A subclass supplies the curvature of one batch,
-  :meth:`BatchSumOperator._batch_products`: a context manager for the per-product setup
+  ``BatchSumOperator._batch_products``: a context manager for the per-product setup
   (finite-difference steps, a choice of method) that yields
   ``product(index, inputs, target) -> loss``, which adds the batch's share of ``A V`` into
   the accumulators.
-* structured approximations (KFAC, EKFAC in :mod:`~curvops.operators.kfac`), whose factors
+* structured approximations (KFAC, EKFAC in ``kfac``), whose factors
   are collected in one pass at construction and whose products touch no data.
 
 The rest of the operator lives in modules named for what they hold:
-:mod:`~curvops.operators._interface` (scipy/torch dispatch, ``out=``, operator algebra),
-:mod:`~curvops.operators._model` (model, data, parameter selection, ``J v`` and ``Jᵀ u``),
-:mod:`~curvops.operators._checks` (the checks' logic and messages),
-:mod:`~curvops.operators._output_space` (the ``Jᵀ M J`` products of GGN and Fisher) and
-:mod:`~curvops.operators.strategy` (the public choice of differentiation strategy).
+``_interface`` (scipy/torch dispatch, ``out=``, operator algebra),
+``_model`` (model, data, parameter selection, ``J v`` and ``Jᵀ u``),
+``_checks`` (the checks' logic and messages),
+``_output_space`` (the ``Jᵀ M J`` products of GGN and Fisher) and
+``strategy`` (the public choice of differentiation strategy).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ BatchProduct = Callable[[int, Any, Any], "Tensor | None"]
 class RestartPass(Exception):
     """A per-batch product must change its method mid-pass (reverse over forward meeting an
     unverified operation): the data loop zeroes the accumulators and runs the pass again,
-    asking :meth:`BatchSumOperator._batch_products` anew."""
+    asking ``BatchSumOperator._batch_products`` anew."""
 
 
 #: Parameters every curvature operator takes, documented once and substituted into each
@@ -109,7 +109,7 @@ SHARED_NOTES = """The operator is the curvature of the whole-dataset objective: 
     its own batches and the operator is the curvature of the *global* objective (all
     batches of all ranks). Under DDP vectors are replicated (every rank passes the same
     vector) and each product is all-reduced once; under FSDP vectors are sharded like the
-    parameters (each rank passes its local rows, see :attr:`sharding`) and every rank
+    parameters (each rank passes its local rows, see ``sharding``) and every rank
     must hold the same number of batches.
 
     Forward passes run on copies of the buffers. A batch norm layer in train mode
@@ -122,7 +122,7 @@ SHARED_NOTES = """The operator is the curvature of the whole-dataset objective: 
 
 
 def document_shared_parameters(cls: type) -> type:
-    """Class decorator: substitute :data:`SHARED_PARAMETERS` and :data:`SHARED_NOTES` into the docstring.
+    """Class decorator: substitute ``SHARED_PARAMETERS`` and ``SHARED_NOTES`` into the docstring.
 
     Parameters
     ----------
@@ -146,9 +146,10 @@ def document_shared_parameters(cls: type) -> type:
 class CurvatureOperator(ModelOperator):
     """Base class: a curvature matrix of a loss over a data set, as a linear operator (D, D).
 
-    It holds the objective (model, loss, data, normalisation, :meth:`loss_and_gradient`,
-    checks); subclasses supply the product: :class:`BatchSumOperator` by one pass over the
-    data per product, KFAC/EKFAC from factors collected at construction.
+    It holds the objective (model, loss, data, normalisation,
+    [`loss_and_gradient`][curvops.CurvatureOperator.loss_and_gradient], checks); subclasses supply the
+    product: ``BatchSumOperator`` by one pass over the data per product, KFAC/EKFAC from factors collected at
+    construction.
 
     Parameters
     ----------
@@ -159,7 +160,7 @@ class CurvatureOperator(ModelOperator):
     {shared_notes}
     """
 
-    #: Step ``‖εv‖`` of the central differences; None: :meth:`finite_difference_step`'s rule.
+    #: Step ``‖εv‖`` of the central differences; None: ``finite_difference_step``'s rule.
     fd_eps: float | None = None
     #: Whether products sum over this rank's batches (so a DDP product needs one
     #: all-reduce); False for operators whose products use already-global statistics.
@@ -277,8 +278,8 @@ class CurvatureOperator(ModelOperator):
         Under FSDP the gradient comes from ``backward()`` and FSDP's reduce-scatter (the sum
         over the ranks' batches); elsewhere from ``torch.autograd.grad`` (this batch only).
         ``at``: values of the selected parameters to evaluate at instead of their own (one
-        process; see :meth:`_shifted_parameters`). ``regions``: with ``at``, a
-        :class:`~curvops.operators._forward_ad.ConstantRegions` that watches the forward pass.
+        process; see ``_shifted_parameters``). ``regions``: with ``at``, a
+        ``ConstantRegions`` that watches the forward pass.
         """
         if at is not None:
             with torch.enable_grad():
@@ -337,7 +338,7 @@ class CurvatureOperator(ModelOperator):
         """Run this rank's pass over its data so that an exception reaches every rank.
 
         Under DDP the pass makes no collective call and its error is agreed on; under FSDP
-        the pass is collective and a failure is reported as in :meth:`Parallel.fail_out_of_step`.
+        the pass is collective and a failure is reported as in ``Parallel.fail_out_of_step``.
         """
         if self.parallel is None:
             return work()
@@ -413,7 +414,7 @@ class BatchSumOperator(CurvatureOperator):
     when they can be written in place), the losses computed on the way, the checks (data
     changed since construction, NaN/Inf loss or product localised to its batch, ranks
     agreeing) and the reduction over ranks. A subclass supplies the curvature of one
-    batch, :meth:`_batch_products`.
+    batch, ``_batch_products``.
 
     Parameters
     ----------
@@ -442,7 +443,7 @@ class BatchSumOperator(CurvatureOperator):
         context manager
             Entered once per pass, around the loop over the batches (per-product setup and
             teardown: step sizes, shifted parameters, a finishing scale); it yields the
-            :data:`BatchProduct` the loop calls for every batch. Raising :class:`RestartPass`
+            ``BatchProduct`` the loop calls for every batch. Raising ``RestartPass``
             from it restarts the pass with zeroed accumulators.
         """
         raise NotImplementedError
@@ -453,7 +454,7 @@ class BatchSumOperator(CurvatureOperator):
         """Run one pass over the batches (those in ``only``, or all), adding ``A V`` into ``block``.
 
         Returns the losses computed on the way and their batch indices. A whole pass also
-        leaves the batch count and normaliser it saw for :func:`data_change_error`.
+        leaves the batch count and normaliser it saw for ``data_change_error``.
         """
         for attempt in range(2):
             losses: list[Tensor] = []
@@ -537,7 +538,7 @@ def _finite_flags(losses: list[Tensor], result: Tensor) -> tuple[list[bool] | No
 
     On a GPU every read of a device value to the host waits for the queued kernels; the
     checks after a product read them together. Losses on another device than ``result``
-    are left to :func:`~curvops.operators._checks.nonfinite_loss_error` (None).
+    are left to ``nonfinite_loss_error`` (None).
     """
     total = result.sum()
     if not losses or any(loss.device != result.device for loss in losses):

@@ -65,10 +65,10 @@ ColumnProduct = Callable[
 def _plain_batch_sum(spec: LossSpec, output: Tensor, target: Any) -> Tensor:
     """The batch's loss sum from differentiable torch functions only (what ``torch.func`` traces).
 
-    :meth:`LossSpec.batch_sum` computes large-vocabulary cross-entropy through a custom
+    ``LossSpec.batch_sum`` computes large-vocabulary cross-entropy through a custom
     autograd Function (its double backward uses a fused kernel), which has no forward-mode
     rule; here cross-entropy is ``F.cross_entropy``, whose loss Hessian the compiled graph
-    fuses itself. Every other loss is :meth:`LossSpec.batch_sum` unchanged.
+    fuses itself. Every other loss is ``LossSpec.batch_sum`` unchanged.
     """
     if spec.flat is not None:
         flat_loss: Any = spec.fn
@@ -109,7 +109,7 @@ def hessian_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Co
     model : nn.Module
         The (uncompiled) network, evaluated with ``torch.func.functional_call``.
     loss : LossSpec
-        The loss, summed over the batch (see :func:`_plain_batch_sum`).
+        The loss, summed over the batch (see ``_plain_batch_sum``).
     scale : float
         Factor of the batch sum in the whole-dataset objective (``1 / normaliser`` for a mean).
 
@@ -154,7 +154,7 @@ def ggn_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Column
     model : nn.Module
         The (uncompiled) network, evaluated with ``torch.func.functional_call``.
     loss : LossSpec
-        The loss, summed over the batch (see :func:`_plain_batch_sum`).
+        The loss, summed over the batch (see ``_plain_batch_sum``).
     scale : float
         Factor of the batch sum in the whole-dataset objective (``1 / normaliser`` for a mean).
 
@@ -162,7 +162,7 @@ def ggn_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Column
     -------
     callable
         ``(primals, tangent, constants, inputs, target) -> (G v per selected parameter, loss)``,
-        arguments as in :func:`hessian_column_product`.
+        arguments as in ``hessian_column_product``.
     """
 
     def product(
@@ -196,8 +196,19 @@ def ggn_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Column
     return product
 
 
+def _refuse_compiled_module(model: nn.Module) -> None:
+    """Refuse a ``torch.compile``'d module before anything runs it (its first call compiles)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        raise ValueError(
+            "pass the uncompiled module (model._orig_mod): the operator compiles each batch's "
+            "product itself, and a compiled module has no forward-mode AD"
+        )
+
+
 class _CompiledColumns:
-    """The per-batch products of a :class:`BatchSumOperator` from a compiled :data:`ColumnProduct`."""
+    """The per-batch products of a ``BatchSumOperator`` from a compiled ``ColumnProduct``."""
 
     # Provided by the BatchSumOperator this class is mixed into.
     model: nn.Module
@@ -216,13 +227,6 @@ class _CompiledColumns:
             raise NotImplementedError(
                 "compiled products run on one process: a DDP/FSDP model is not supported; use the "
                 "uncompiled operator"
-            )
-        from torch._dynamo.eval_frame import OptimizedModule
-
-        if isinstance(self.model, OptimizedModule):
-            raise ValueError(
-                "pass the uncompiled module (model._orig_mod): the operator compiles each batch's "
-                "product itself, and a compiled module has no forward-mode AD"
             )
         if self._forward_writes_buffers():
             raise ValueError(
@@ -299,9 +303,9 @@ class _CompiledColumns:
 class CompiledHessianOperator(_CompiledColumns, HessianOperator):
     """Hessian ``∇²_θ L`` with compiled products: forward over reverse under ``torch.compile``.
 
-    The same matrix as :class:`~curvops.HessianOperator` (``method="autograd"``), each batch's
+    The same matrix as [`HessianOperator`][curvops.HessianOperator] (``method="autograd"``), each batch's
     product ``H v = jvp(grad(L))(θ; v)`` one ``torch.func`` function compiled once and reused
-    (see :mod:`curvops.operators.compiled`). Pass the uncompiled model: the operator
+    (see ``curvops.operators.compiled``). Pass the uncompiled model: the operator
     compiles the product, not the module. The first product pays the compilation (seconds to
     minutes); see ``docs/howto/compile.md`` for when that pays off.
 
@@ -310,7 +314,7 @@ class CompiledHessianOperator(_CompiledColumns, HessianOperator):
     {shared_parameters}
     compile_options : mapping, optional
         Keyword arguments of ``torch.compile`` for the per-batch product, over
-        :data:`DEFAULT_COMPILE_OPTIONS` (``dynamic=False``, ``fullgraph=True``; backend
+        ``DEFAULT_COMPILE_OPTIONS`` (``dynamic=False``, ``fullgraph=True``; backend
         inductor), e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` or
         ``{"backend": "aot_eager"}`` (traces without generating kernels: quick to build, for
         checking a model). Every batch shape compiles its own graph, once (dynamo's
@@ -349,6 +353,7 @@ class CompiledHessianOperator(_CompiledColumns, HessianOperator):
         check_deterministic: bool = True,
         compile_options: Mapping[str, Any] | None = None,
     ) -> None:
+        _refuse_compiled_module(model)
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         self._compile_columns(hessian_column_product(self.model, self.loss, self.scale), compile_options)
 
@@ -368,9 +373,9 @@ class CompiledHessianOperator(_CompiledColumns, HessianOperator):
 class CompiledGGNOperator(_CompiledColumns, GGNOperator):
     """Generalized Gauss-Newton ``G = c Σ_b J_bᵀ (∇²_f ℓ_b) J_b`` with compiled products.
 
-    The same matrix as :class:`~curvops.GGNOperator`, each batch's product (``jvp`` of the
+    The same matrix as [`GGNOperator`][curvops.GGNOperator], each batch's product (``jvp`` of the
     model, ``jvp(grad(ℓ))`` of the loss at the output, ``vjp`` of the model) one
-    ``torch.func`` function compiled once and reused (see :mod:`curvops.operators.compiled`).
+    ``torch.func`` function compiled once and reused (see ``curvops.operators.compiled``).
     Pass the uncompiled model: the operator compiles the product, not the module.
 
     Parameters
@@ -378,7 +383,7 @@ class CompiledGGNOperator(_CompiledColumns, GGNOperator):
     {shared_parameters}
     compile_options : mapping, optional
         Keyword arguments of ``torch.compile`` for the per-batch product, over
-        :data:`DEFAULT_COMPILE_OPTIONS` (``dynamic=False``, ``fullgraph=True``; backend
+        ``DEFAULT_COMPILE_OPTIONS`` (``dynamic=False``, ``fullgraph=True``; backend
         inductor), e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` or
         ``{"backend": "aot_eager"}`` (traces without generating kernels: quick to build, for
         checking a model). Every batch shape compiles its own graph, once (dynamo's
@@ -414,5 +419,6 @@ class CompiledGGNOperator(_CompiledColumns, GGNOperator):
         check_deterministic: bool = True,
         compile_options: Mapping[str, Any] | None = None,
     ) -> None:
+        _refuse_compiled_module(model)
         super().__init__(model, loss_fn, data, params=params, check_deterministic=check_deterministic)
         self._compile_columns(ggn_column_product(self.model, self.loss, self.scale), compile_options)

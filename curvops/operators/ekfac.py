@@ -16,7 +16,7 @@ block ``B`` in the Kronecker eigenbasis, exactly when the per-sample gradients f
 ``B``:
 
 - ``"type-2"``: ``B`` the GGN block. The columns ``s_k`` factorise each *loss row*'s Hessian
-  (:meth:`LossSpec.hessian_sqrt_columns`), so the per-sample gradients factorise the GGN
+  (``LossSpec.hessian_sqrt_columns``), so the per-sample gradients factorise the GGN
   only if every sample has one loss row. With several (outputs ``(N, T, C)``, maps
   ``(N, C, H, W)``) the per-sample gradient of column ``k`` sums the rows' columns, and its
   square adds products between different rows of one sample that the GGN does not have
@@ -27,7 +27,7 @@ block ``B`` in the Kronecker eigenbasis, exactly when the per-sample gradients f
   have mean zero, so the cross-row products vanish in expectation: given the eigenbasis,
   ``E[S] = diag((Q_G ⊗ Q_A)ᵀ GGN (Q_G ⊗ Q_A))`` for any number of rows per sample.
 - ``"empirical"``: ``B`` the empirical Fisher of
-  :class:`~curvops.operators.fisher.FisherOperator`, whose terms are the samples (MSE,
+  [`FisherOperator`][curvops.FisherOperator], whose terms are the samples (MSE,
   BCE, custom losses: exact) or, for cross-entropy, the positions: cross-entropy with
   several positions per sample is refused like type-2.
 
@@ -35,9 +35,9 @@ The samples are the first dimension of every layer's output, which must be that 
 model output (a model that folds positions into the batch before a layer would make one
 layer "sample" a part of a loss row; refused).
 
-The eigenvalues are collected by :class:`~curvops.operators.kfac_factors.EKFACComputer`
+The eigenvalues are collected by ``EKFACComputer``
 in a second pass over the data; products and closed forms use the eigen-form blocks of a
-:class:`~curvops.operators.kronecker.KroneckerOperator`.
+``KroneckerOperator``.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class EKFACOperator(_KroneckerCurvature):
     """Eigenvalue-corrected KFAC as a linear operator (D, D).
 
     Same parameters, layout, block structure and supported layers/losses as
-    :class:`~curvops.operators.kfac.KFACOperator`; ``kfac_approx`` only affects the
+    [`KFACOperator`][curvops.KFACOperator]; ``kfac_approx`` only affects the
     eigenbasis (KFAC's factors). Two passes over the data at construction
-    (:class:`~curvops.operators.kfac_factors.EKFACComputer`): the Kronecker factors, then
+    (``EKFACComputer``): the Kronecker factors, then
     the corrected eigenvalues: the diagonal of the exact curvature block in KFAC's
     eigenbasis (module docstring), exactly for ``"type-2"`` and ``"empirical"``, in
     expectation for ``"mc"``.
@@ -71,9 +71,13 @@ class EKFACOperator(_KroneckerCurvature):
     Parameters
     ----------
     model : torch.nn.Module
-        The network; as for :class:`~curvops.operators.kfac.KFACOperator` (DDP models give
-        the global data set's factors and eigenvalues; FSDP is refused). Every supported
-        layer's output must have the samples as its first dimension, like the model output.
+        The network. Its forward takes a batch's ``inputs`` (a tensor, or a dict of
+        tensors passed as keyword arguments) and returns a tensor or an object with a
+        ``logits`` attribute (Hugging Face ``ModelOutput``). It is evaluated as it is, in
+        its current train/eval mode, and left as it was. A model wrapped in
+        ``DistributedDataParallel`` gives the global data set's factors and eigenvalues;
+        an FSDP-sharded model is refused. Every supported layer's output must have the
+        samples as its first dimension, like the model output.
     loss_fn : callable
         ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (mean or sum); a
         custom callable ``(output, target) -> scalar`` only with ``fisher_type="empirical"``.
@@ -97,10 +101,11 @@ class EKFACOperator(_KroneckerCurvature):
         Unsupported selected parameters raise (default) or are left out (``"exclude"``,
         listed in ``op.excluded_params``).
     seed : int or None, optional
-        Seed of the label draws for ``"mc"`` (default 0; None: fresh, stored in :attr:`seed`).
+        Seed of the label draws for ``"mc"`` (default 0; None: fresh, stored in ``seed``).
     check_deterministic : bool, optional
-        If True (default), the first-batch checks of KFACOperator (determinism, same first
-        batch twice, every parameter's gradient that of its layer).
+        If True (default), check once on the first batch that two evaluations of the
+        loss and gradient agree, that ``data`` yields the same first batch twice and that
+        every selected parameter's gradient is that of its layer.
 
     Raises
     ------
@@ -109,7 +114,7 @@ class EKFACOperator(_KroneckerCurvature):
         (outputs ``(N, T, C)``, ``(N, C, H, W)``, ...), and ``"empirical"`` with
         cross-entropy over several positions per sample, whose exact corrected eigenvalues
         would need a backward pass per row (use ``fisher_type="mc"`` or
-        :class:`~curvops.operators.kfac.KFACOperator`); a layer whose first dimension is
+        [`KFACOperator`][curvops.KFACOperator]); a layer whose first dimension is
         not the model output's sample dimension.
     NotImplementedError
         For an FSDP-sharded model.
@@ -121,7 +126,8 @@ class EKFACOperator(_KroneckerCurvature):
     blocks : list of KroneckerBlock
         KFAC's factors, whose eigenbases EKFAC uses.
     corrected_eigenvalues : list of Tensor
-        Per block ``S`` of shape (out, q), in the eigenbasis of :meth:`eigendecomposition`.
+        Per block ``S`` of shape (out, q), in the eigenbasis of
+        [`eigendecomposition`][curvops.EKFACOperator.eigendecomposition].
     """
 
     _computer_class = EKFACComputer
@@ -146,7 +152,7 @@ class EKFACOperator(_KroneckerCurvature):
         Returns
         -------
         list of KroneckerEigen
-            One per block, in the order of :attr:`blocks`.
+            One per block, in the order of ``blocks``.
         """
         return list(self._eigen)
 

@@ -49,11 +49,11 @@ class FisherOperator(OutputSpaceOperator):
     seed : int or None, optional
         Seed of the label draws, a non-negative integer (default 0). ``None``: a fresh seed
         from the operating system's entropy, drawn once at construction and stored in
-        :attr:`seed` (the operator is still one fixed matrix; pass that seed to reproduce it).
+        ``seed`` (the operator is still one fixed matrix; pass that seed to reproduce it).
     strategy : ProductStrategy or "auto", optional
         How ``J v`` is obtained (``output_tangent``) and whether the columns of a block share
         vectorised passes (``batched_columns``); ``hessian_vector`` does not concern the
-        Fisher. Default ``"auto"``: by device and model. See :class:`~curvops.ProductStrategy`.
+        Fisher. Default ``"auto"``: by device and model. See [`ProductStrategy`][curvops.ProductStrategy].
 
     Raises
     ------
@@ -61,7 +61,7 @@ class FisherOperator(OutputSpaceOperator):
         If ``kind``, ``mc_samples`` or ``seed`` is invalid, ``kind="mc"`` is asked of a custom
         loss, or for the data and model refusals of every curvature operator.
     TypeError
-        If ``strategy`` is neither a :class:`~curvops.ProductStrategy` nor ``"auto"``.
+        If ``strategy`` is neither a [`ProductStrategy`][curvops.ProductStrategy] nor ``"auto"``.
 
     Notes
     -----

@@ -36,9 +36,9 @@ class GGNOperator(OutputSpaceOperator):
         Fuse the output head into the product (default False). For models whose output
         is ``h Wᵀ`` — an ``nn.Linear`` without bias, possibly tied to the input
         embedding, as in GPT-2 and Llama — under cross-entropy with class-index targets
-        (``nn.CrossEntropyLoss``, :class:`curvops.lm.CausalLMLoss`): the logits, their
+        (``nn.CrossEntropyLoss``, [`curvops.lm.CausalLMLoss`][curvops.lm.CausalLMLoss]): the logits, their
         tangent and the loss-Hessian product are computed in row chunks by
-        :func:`curvops.kernels.linear_cross_entropy_ggn` and never exist for the whole
+        ``curvops.kernels.linear_cross_entropy_ggn`` and never exist for the whole
         batch (an (N, V) tensor is 0.4 GB for 2,048 tokens of GPT-2 in float32). Same
         arithmetic as the plain path. ``True`` finds the head (``get_output_embeddings()``
         if the model has it, else its last ``nn.Linear``); a string names the head
@@ -64,11 +64,11 @@ class GGNOperator(OutputSpaceOperator):
     fd_eps : float, optional
         Step of the finite differences as a perturbation norm ``‖εv‖`` (with
         ``method="finite_difference"`` or under FSDP). Default:
-        :meth:`finite_difference_step`.
+        [`finite_difference_step`][curvops.GGNOperator.finite_difference_step].
     strategy : ProductStrategy or "auto", optional
         How ``J v`` is obtained (``output_tangent``) and whether the columns of a block share
         vectorised passes (``batched_columns``); ``hessian_vector`` does not concern the GGN.
-        Default ``"auto"``: by device and model. See :class:`~curvops.ProductStrategy`.
+        Default ``"auto"``: by device and model. See [`ProductStrategy`][curvops.ProductStrategy].
 
     Raises
     ------

@@ -63,10 +63,10 @@ class HessianOperator(BatchSumOperator):
         for layer norm, RMS norm, softmax, log-softmax and scaled-dot-product attention
         (torch's are wrong or not differentiable), so transformers such as Hugging Face
         GPT-2 and Llama qualify; not batch norm in train mode nor custom
-        ``autograd.Function``\ s. Each batch's graph is checked before its first product by
+        ``autograd.Function`` classes. Each batch's graph is checked before its first product by
         a plain forward pass (less memory than any product) and again in every product;
         double backward replaces reverse over forward for good where an operation is not
-        verified (``strategy.hessian_vector`` chooses; see :class:`~curvops.ProductStrategy`).
+        verified (``strategy.hessian_vector`` chooses; see [`ProductStrategy`][curvops.ProductStrategy]).
         ``"finite_difference"``: central differences of gradients,
         ``Hv ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε)``; needs no double backward (the
         path for FSDP and for layers without second derivatives) and costs two
@@ -82,15 +82,16 @@ class HessianOperator(BatchSumOperator):
         (checked once per batch; not under FSDP).
     fd_eps : float, optional
         Step of the finite differences as a perturbation *norm*, ``‖εv‖``. Default:
-        :meth:`finite_difference_step`, ``10 · u^(1/3) · (1 + ‖θ‖/√D)``. Central
-        differences have a truncation error ``O(ε²)`` and a rounding error ``O(u/ε)``;
+        [`finite_difference_step`][curvops.HessianOperator.finite_difference_step],
+        ``10 · u^(1/3) · (1 + ‖θ‖/√D)``. Central differences have a truncation error ``O(ε²)`` and a
+        rounding error ``O(u/ε)``;
         their relative error is at best ``O(u^(2/3))`` times model constants — in
         float64 about 1e-10 to 1e-8, in float32 1e-4 to 1e-2 (measured on transformer
         LMs: ``benchmarks/results/fd_step_*``; use float64 where accuracy matters).
     strategy : ProductStrategy or "auto", optional
         How ``method="autograd"`` multiplies a single vector (its ``hessian_vector`` field;
         the other fields concern the GGN and Fisher). Default ``"auto"``: reverse over
-        forward where verified, else double backward. See :class:`~curvops.ProductStrategy`.
+        forward where verified, else double backward. See [`ProductStrategy`][curvops.ProductStrategy].
 
     Raises
     ------
@@ -98,7 +99,7 @@ class HessianOperator(BatchSumOperator):
         If ``method`` or ``fd_eps`` is invalid, or for the data and model refusals of
         every curvature operator.
     TypeError
-        If ``strategy`` is neither a :class:`~curvops.ProductStrategy` nor ``"auto"``.
+        If ``strategy`` is neither a [`ProductStrategy`][curvops.ProductStrategy] nor ``"auto"``.
     NotImplementedError
         If the model is FSDP-sharded and ``method`` is not ``"finite_difference"``.
 
@@ -163,7 +164,7 @@ class HessianOperator(BatchSumOperator):
 
     # ------------------------------------------------------------ per-batch products
     def _uses_reverse_over_forward(self, k: int) -> bool:
-        """Whether a product of k columns goes by reverse over forward (see :class:`ProductStrategy`)."""
+        """Whether a product of k columns goes by reverse over forward (see ``ProductStrategy``)."""
         return (
             k == 1
             and self.strategy.hessian_vector != "double_backward"
@@ -213,7 +214,7 @@ class HessianOperator(BatchSumOperator):
         """``H v`` of one batch for one column: ``∇_θ ⟨∇_z ℓ(z), J v⟩`` from a dual forward pass
         that keeps the graph of ``z`` and of ``J v``.
 
-        Raises :class:`RestartPass` (the pass then runs again by double backward, and so do
+        Raises ``RestartPass`` (the pass then runs again by double backward, and so do
         all later products) where the output graph holds an operation whose forward-mode rule
         is not verified to be right when differentiated, or one without a forward-mode rule,
         or where the product runs out of memory.
@@ -270,7 +271,7 @@ class HessianOperator(BatchSumOperator):
         return product
 
     def _precheck_graph(self, inputs: Any) -> None:
-        """Raise :class:`_UnverifiedOperation` if a plain forward pass of the batch (graph kept,
+        """Raise ``_UnverifiedOperation`` if a plain forward pass of the batch (graph kept,
         no tangents, under the same rules) runs an operation whose rule is not verified.
 
         Its graph is a part of what a product holds (the reverse-over-forward product keeps it

@@ -1,15 +1,15 @@
 """Inverse-curvature products ``(A + δI)⁻¹ B`` as a linear operator, and operator tags.
 
-:func:`inverse` wraps any symmetric operator — a curvops operator (Hessian, GGN, Fisher,
+``inverse`` wraps any symmetric operator — a curvops operator (Hessian, GGN, Fisher,
 KFAC, ...), an object with ``matmat_torch``/``shape``/``device``/``torch_dtype``, a dense
 torch tensor, a numpy array or a scipy ``LinearOperator`` — into an
-:class:`InverseOperator`, itself a scipy ``LinearOperator`` that also multiplies torch
-tensors on the operator's device. Each product is a solve (:mod:`curvops.algorithms.solve`)
-whose report is kept in :attr:`InverseOperator.last_info`.
+[`InverseOperator`][curvops.InverseOperator], itself a scipy ``LinearOperator`` that also multiplies torch
+tensors on the operator's device. Each product is a solve (``curvops.algorithms.solve``)
+whose report is kept in ``InverseOperator.last_info``.
 
-Tags: :attr:`is_symmetric` and :attr:`is_positive_semidefinite` say what an operator is
+Tags: ``is_symmetric`` and ``is_positive_semidefinite`` say what an operator is
 known to be. CG and the Neumann series need a positive semi-definite ``A``; they refuse
-an operator not tagged so. :func:`tag` / :func:`assume_psd` (or ``inverse(...,
+an operator not tagged so. [`tag`][curvops.tag] / [`assume_psd`][curvops.assume_psd] (or ``inverse(...,
 assume_psd=True)``) assert a tag for an operator the library cannot know about.
 """
 
@@ -151,12 +151,42 @@ class TaggedOperator(TorchLinearOperator):
 def tag(
     A: Any, *, symmetric: bool | None = None, positive_semidefinite: bool | None = None
 ) -> TaggedOperator:
-    """Wrap ``A`` with asserted tags (see :class:`TaggedOperator`). The assertion is not checked."""
+    """Wrap ``A`` with asserted tags (see ``TaggedOperator``). The assertion is not checked.
+
+    Parameters
+    ----------
+    A : operator
+        A square operator: a curvops operator, a torch tensor, a numpy array or a scipy
+        ``LinearOperator``.
+    symmetric : bool, optional
+        Assert that ``A`` is symmetric (``is_symmetric``); None (default) keeps what ``A``
+        says of itself.
+    positive_semidefinite : bool, optional
+        Assert that ``A`` is positive semi-definite (``is_positive_semidefinite``); None
+        (default) keeps what ``A`` says of itself.
+
+    Returns
+    -------
+    TaggedOperator
+        ``A`` with the tags, multiplying as ``A`` does; accepted wherever ``A`` is.
+    """
     return TaggedOperator(A, symmetric=symmetric, positive_semidefinite=positive_semidefinite)
 
 
 def assume_psd(A: Any) -> TaggedOperator:
-    """Assert that ``A`` is symmetric positive semi-definite (unchecked), e.g. to allow CG on it."""
+    """Assert that ``A`` is symmetric positive semi-definite (unchecked), e.g. to allow CG on it.
+
+    Parameters
+    ----------
+    A : operator
+        A square operator: a curvops operator, a torch tensor, a numpy array or a scipy
+        ``LinearOperator``.
+
+    Returns
+    -------
+    TaggedOperator
+        ``A`` tagged symmetric and positive semi-definite, multiplying as ``A`` does.
+    """
     return TaggedOperator(A, symmetric=True, positive_semidefinite=True)
 
 
@@ -164,10 +194,10 @@ def assume_psd(A: Any) -> TaggedOperator:
 class InverseOperator(TorchLinearOperator):
     """``(A + δI)⁻¹`` as a linear operator; every product is a solve.
 
-    Build it with :func:`inverse`. Multiplies numpy arrays (scipy semantics) and torch
+    Build it with [`inverse`][curvops.inverse]. Multiplies numpy arrays (scipy semantics) and torch
     tensors on ``A``'s device (``inv @ b``, ``inv.matmat_torch(B)``); a block (D, k) is
     solved as k independent recurrences advanced together, one block product of ``A``
-    per iteration. :meth:`solve` also returns the report; :attr:`last_info` keeps the
+    per iteration. [`solve`][curvops.InverseOperator.solve] also returns the report; ``last_info`` keeps the
     report of the latest product.
 
     Tags: symmetric (``A`` must be); positive semi-definite when ``A`` is known (or
@@ -186,7 +216,31 @@ class InverseOperator(TorchLinearOperator):
     last_info : SolveInfo or None
         Report of the latest solve.
     num_solves : int
-        Products (solves) so far; :attr:`total_matvecs` the products of ``A`` they used.
+        Products (solves) so far; ``total_matvecs`` the products of ``A`` they used.
+
+    Parameters
+    ----------
+    A : operator
+        Symmetric (D, D) operator, as for [`inverse`][curvops.inverse].
+    damping : float
+        δ >= 0.
+    method : str
+        ``"cg"``, ``"minres"``, ``"lsmr"``, ``"neumann"``, ``"eigh"`` or ``"cholesky"``
+        (what each does: [`inverse`][curvops.inverse]).
+    rtol, atol : float
+        Stop at ``‖b − (A + δI) x‖ ≤ rtol·‖b‖ + atol`` per column.
+    maxiter : int or None
+        Iterations per column; None for ``min(10·D, 1000)``.
+    preconditioner : operator, callable or None
+        ``M ≈ (A + δI)⁻¹``, symmetric positive definite; cg, minres, lsmr only.
+    assume_psd : bool
+        Assert that ``A`` is positive semi-definite (unchecked).
+    scale : float or None
+        Neumann ``α``; None for ``1/λ_max(A + δI)`` estimated by Lanczos.
+    warn : bool
+        Warn ([`SolverWarning`][curvops.SolverWarning]) when a solve misses its tolerance.
+    max_dim : int
+        Largest D that ``"eigh"`` and ``"cholesky"`` materialise.
     """
 
     def __init__(
@@ -293,7 +347,18 @@ class InverseOperator(TorchLinearOperator):
         return X, info
 
     def with_damping(self, damping: float) -> InverseOperator:
-        """The same inverse for another δ; ``eigh`` reuses the eigendecomposition."""
+        """The same inverse for another δ; ``eigh`` reuses the eigendecomposition.
+
+        Parameters
+        ----------
+        damping : float
+            The new δ >= 0.
+
+        Returns
+        -------
+        InverseOperator
+            ``(A + δI)⁻¹`` with this operator's method and settings.
+        """
         return InverseOperator(
             self._given,
             damping,
@@ -490,8 +555,8 @@ def inverse(
         via bidiagonalisation, two products per iteration; robust for singular systems.
         ``"neumann"``: truncated Neumann series (PSD ``A``; slow, ~κ terms). ``"eigh"``:
         materialise ``A`` once (D <= ``max_dim``), eigendecompose, exact to rounding; the
-        decomposition is reused by :meth:`InverseOperator.with_damping`. ``"cholesky"``:
-        materialise ``A`` (D <= ``max_dim``) and factor ``A + δI = L Lᵀ`` once; for positive
+        decomposition is reused by [`InverseOperator.with_damping`][curvops.InverseOperator.with_damping].
+        ``"cholesky"``: materialise ``A`` (D <= ``max_dim``) and factor ``A + δI = L Lᵀ`` once; for positive
         semi-definite ``A`` only (refused otherwise), about 3x cheaper than eigh to set up;
         a ``ValueError`` says so if ``A + δI`` is not positive definite in working precision.
     rtol, atol : float, optional
@@ -506,7 +571,7 @@ def inverse(
     scale : float, optional
         Neumann ``α`` (default ``1/λ_max(A + δI)`` estimated by Lanczos).
     warn : bool, optional
-        Warn (:class:`SolverWarning`) when a solve misses its tolerance (default True).
+        Warn ([`SolverWarning`][curvops.SolverWarning]) when a solve misses its tolerance (default True).
     max_dim : int, optional
         Largest D that ``"eigh"`` and ``"cholesky"`` materialise (default 10,000).
 

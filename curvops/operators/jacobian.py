@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from curvops._finite import all_finite
+from curvops.operators._checks import warn_batch_statistics
 from curvops.operators._interface import TorchLinearOperator
 from curvops.operators._model import (
     ModelOperator,
@@ -31,8 +32,8 @@ class JacobianOperator(ModelOperator):
     selected parameters, each flattened row-major).
 
     ``J @ V`` uses forward-mode AD (one vmapped ``jvp`` per batch for a whole block);
-    ``J.T @ U`` (:class:`TransposedJacobianOperator`) reverse mode, one forward pass per
-    batch kept for the backward passes of all columns. No loss is involved; targets in
+    ``J.T @ U`` ([`TransposedJacobianOperator`][curvops.TransposedJacobianOperator]) reverse mode, one forward
+    pass per batch kept for the backward passes of all columns. No loss is involved; targets in
     ``data`` are ignored. ``J`` is exactly the adjoint of ``Jᵀ``: the forward-mode rules are
     made to agree with reverse mode where torch's differ (embedding padding rows, regions
     under ``torch.no_grad()``: constants in both). Products leave the model's buffers
@@ -42,11 +43,18 @@ class JacobianOperator(ModelOperator):
     Parameters
     ----------
     model : torch.nn.Module
-        The network (see :class:`~curvops.operators.base.CurvatureOperator`).
+        The network. Its forward takes a batch's ``inputs`` (a tensor, or a dict of
+        tensors passed as keyword arguments) and returns a tensor or an object with a
+        ``logits`` attribute (Hugging Face ``ModelOutput``), whose entries over all batches
+        are the rows. It is evaluated as it is, in its current train/eval mode. One
+        process only: a DDP or FSDP model is refused (``NotImplementedError``).
     data : iterable of (inputs, targets)
         Re-iterable batches in a fixed order (the rows depend on it); targets unused.
     params : None, str, list of str, or list of parameters, optional
-        Parameter selection, as for the curvature operators (default: all trainable).
+        Parameters the operator acts on (the columns). ``None`` (default): every
+        parameter that requires grad. Strings are glob patterns on parameter names, e.g.
+        ``"layers.*.attn.*"``; parameters are given in ``model.named_parameters()`` order
+        whatever the order of the selection.
     check_deterministic : bool, optional
         If True (default), check that ``data`` yields the same first batch twice and that
         two forward passes on it agree.
@@ -185,6 +193,7 @@ class JacobianOperator(ModelOperator):
                 "two forward passes on the first batch differ: the model is not "
                 f"deterministic (dropout left on?).{hint}"
             )
+        warn_batch_statistics(self.model, type(self).__name__, "the Jacobian of the training-mode model")
 
     def _rmatvec(self, x: Any) -> Any:
         return self.T.matvec(x)
@@ -205,7 +214,7 @@ class JacobianOperator(ModelOperator):
 
 
 class TransposedJacobianOperator(TorchLinearOperator):
-    """``Jᵀ`` of a :class:`JacobianOperator`, shape (D, M), by reverse-mode AD.
+    """``Jᵀ`` of a [`JacobianOperator`][curvops.JacobianOperator], shape (D, M), by reverse-mode AD.
 
     Shares the Jacobian's model, data and parameter selection (no second check).
     ``.T`` gives the Jacobian back.

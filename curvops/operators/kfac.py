@@ -5,10 +5,10 @@ KFAC (Martens & Grosse 2015; convolutions: Grosse & Martens 2016; weight sharing
 Dangel et al. 2025, arXiv:2507.05127) approximates the curvature by a block-diagonal
 matrix with one Kronecker-factored block per layer.
 
-:class:`KFACOperator` is two steps: a factor collection over the data at construction
-(:mod:`curvops.operators.kfac_factors`) and a Kronecker-structured operator that holds the
+[`KFACOperator`][curvops.KFACOperator] is two steps: a factor collection over the data at construction
+(``curvops.operators.kfac_factors``) and a Kronecker-structured operator that holds the
 factors and does every product and closed form without the data
-(:class:`~curvops.operators.kronecker.KroneckerOperator`).
+(``KroneckerOperator``).
 
 Layout and flattening
 ---------------------
@@ -32,8 +32,8 @@ columns permuted accordingly, so the weight-bias cross terms are kept.
 Factors and normalisation
 -------------------------
 For the whole-dataset objective ``L = c Σ_t ℓ_t`` (``c = 1/normaliser`` for mean
-losses, exactly as :class:`~curvops.operators.base.CurvatureOperator`); the factors are collected by
-:class:`~curvops.operators.kfac_factors.KFACComputer`:
+losses, exactly as [`CurvatureOperator`][curvops.CurvatureOperator]); the factors are collected by
+``KFACComputer``:
 
     A = (1/M) Σ_rows a aᵀ,        G = c Σ_rows Σ_k g_k g_kᵀ,
 
@@ -41,10 +41,10 @@ with ``M`` the total number of rows over all batches and ``g_k`` the gradient w.
 the layer output of ``Σ ⟨output, s_k⟩`` (one backward pass per ``s_k``):
 
 - ``fisher_type="type-2"``: ``s_k`` the columns of a symmetric factorisation of the
-  loss Hessian (:meth:`LossSpec.hessian_sqrt_columns`), so KFAC approximates the GGN;
+  loss Hessian (``LossSpec.hessian_sqrt_columns``), so KFAC approximates the GGN;
 - ``"mc"``: ``s_k`` output gradients with labels drawn from the model
-  (:meth:`LossSpec.sample_output_gradients`, divided by ``sqrt(mc_samples)``); the same
-  draws as :class:`~curvops.FisherOperator` with the same ``seed``;
+  (``LossSpec.sample_output_gradients``, divided by ``sqrt(mc_samples)``); the same
+  draws as [`FisherOperator`][curvops.FisherOperator] with the same ``seed``;
 - ``"empirical"``: the gradient of the batch loss w.r.t. the output (one ``s``).
 
 Rows: ``kfac_approx="expand"`` treats every weight-sharing position (sequence
@@ -105,9 +105,9 @@ class _KroneckerCurvature(CurvatureOperator):
     """What KFAC and EKFAC share: options, the factor collection, and a Kronecker-structured product.
 
     The model, data, parameter selection, objective normalisation, first-batch checks and
-    :meth:`loss_and_gradient` come from :class:`~curvops.operators.base.CurvatureOperator`;
-    the products do not pass over the data: they are those of the
-    :class:`~curvops.operators.kronecker.KroneckerOperator` built once at construction.
+    [`loss_and_gradient`][curvops.CurvatureOperator.loss_and_gradient] come from
+    [`CurvatureOperator`][curvops.CurvatureOperator]; the products do not pass over the data: they are those
+    of the ``KroneckerOperator`` built once at construction.
     """
 
     #: The factor-collection step (EKFAC uses its subclass).
@@ -182,7 +182,7 @@ class _KroneckerCurvature(CurvatureOperator):
         )
 
     def _block_forms(self, computer: KFACComputer) -> list[BlockForm]:
-        """The form of every block of :attr:`blocks` the product uses (after any further pass)."""
+        """The form of every block of ``blocks`` the product uses (after any further pass)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ products
@@ -195,7 +195,7 @@ class _KroneckerCurvature(CurvatureOperator):
         return self._apply_into(X, None)
 
     def _apply_into(self, X: Tensor, out: Tensor | None) -> Tensor:
-        """``K X`` from the factors, into ``out`` when given (see :meth:`KroneckerOperator._apply_into`).
+        """``K X`` from the factors, into ``out`` when given (see ``KroneckerOperator._apply_into``).
 
         Under DDP every rank holds the same factors and multiplies its own copy of the
         vector: no communication, except that all ranks raise if one overflows.
@@ -292,13 +292,13 @@ class KFACOperator(_KroneckerCurvature):
     the module docstring (``W.reshape(-1)`` row-major: ``G`` outer, ``A`` inner; the
     bias, by default, the last input column of ``A``). The Kronecker factors are
     computed in one pass over the data at construction
-    (:class:`~curvops.operators.kfac_factors.KFACComputer`); products, :meth:`trace`,
-    :meth:`logdet`, :meth:`frobenius_norm`, :meth:`diagonal`, :meth:`eigenvalues` and
-    :meth:`inverse` use only the factors
-    (:class:`~curvops.operators.kronecker.KroneckerOperator`) and never form the dense
-    matrix. numpy/torch dispatch, input checks and ``to_dense()`` are those of every
-    curvops operator; :meth:`loss_and_gradient`, ``flatten`` and ``unflatten`` those of
-    :class:`~curvops.operators.base.CurvatureOperator`.
+    (``KFACComputer``); products, [`trace`][curvops.KFACOperator.trace],
+    [`logdet`][curvops.KFACOperator.logdet], [`frobenius_norm`][curvops.KFACOperator.frobenius_norm],
+    [`diagonal`][curvops.KFACOperator.diagonal], [`eigenvalues`][curvops.KFACOperator.eigenvalues] and
+    [`inverse`][curvops.KFACOperator.inverse] use only the factors (``KroneckerOperator``) and never form the
+    dense matrix. numpy/torch dispatch, input checks and ``to_dense()`` are those of every
+    curvops operator; [`loss_and_gradient`][curvops.KFACOperator.loss_and_gradient], ``flatten`` and
+    ``unflatten`` those of [`CurvatureOperator`][curvops.CurvatureOperator].
 
     Parameters
     ----------
@@ -329,7 +329,7 @@ class KFACOperator(_KroneckerCurvature):
         supported layer (see ``unsupported``).
     fisher_type : {"type-2", "mc", "empirical"}, optional
         Which curvature ``G`` approximates (default ``"type-2"``: the GGN; ``"mc"``: the
-        Monte-Carlo Fisher with the label draws of :class:`~curvops.FisherOperator`;
+        Monte-Carlo Fisher with the label draws of [`FisherOperator`][curvops.FisherOperator];
         ``"empirical"``: the empirical Fisher).
     mc_samples : int, optional
         Label draws per loss term for ``"mc"`` (default 1).
@@ -345,7 +345,7 @@ class KFACOperator(_KroneckerCurvature):
     seed : int or None, optional
         Seed of the label draws for ``"mc"``, a non-negative integer (default 0). ``None``:
         a fresh seed from the operating system's entropy, drawn once and stored in
-        :attr:`seed`.
+        ``seed``.
     check_deterministic : bool, optional
         If True (default), check once on the first batch that two evaluations of the loss
         and gradient agree, that ``data`` yields the same first batch twice, and that every
@@ -386,7 +386,7 @@ class KFACOperator(_KroneckerCurvature):
         Returns
         -------
         list of KroneckerEigen
-            One per block, in the order of :attr:`blocks`.
+            One per block, in the order of ``blocks``.
         """
         eigen = []
         for block, form in zip(self.blocks, self._kronecker.forms):

@@ -1,9 +1,9 @@
 """The factor-collection step of KFAC and EKFAC: passes over the data that return Kronecker factors.
 
-:class:`KFACComputer` runs the model once over the data with hooks on the supported
+``KFACComputer`` runs the model once over the data with hooks on the supported
 layers (``nn.Linear``, ``nn.Conv2d`` with ``groups=1``) and returns one
-:class:`~curvops.operators.kronecker.KroneckerBlock` ``G ⊗ A`` per block, as defined in
-:mod:`curvops.operators.kfac` (Martens & Grosse 2015; convolutions: Grosse & Martens
+``KroneckerBlock`` ``G ⊗ A`` per block, as defined in
+``curvops.operators.kfac`` (Martens & Grosse 2015; convolutions: Grosse & Martens
 2016; "expand" and "reduce": Eschenhagen et al. 2023):
 
     A = (1/M) Σ_rows a aᵀ,        G = c Σ_rows Σ_k g_k g_kᵀ,
@@ -13,13 +13,13 @@ layers (``nn.Linear``, ``nn.Conv2d`` with ``groups=1``) and returns one
 ``M`` the number of rows and ``c`` the objective's scale. Under DDP the sums are added
 over the ranks once, at the end.
 
-:class:`EKFACComputer` refuses the outputs whose per-sample gradients do not factorise
-the curvature block (see :mod:`curvops.operators.ekfac`) already during that pass, and
+``EKFACComputer`` refuses the outputs whose per-sample gradients do not factorise
+the curvature block (see ``curvops.operators.ekfac``) already during that pass, and
 adds the second pass of George et al. (2018): the corrected eigenvalues
 ``S[i, j] = c Σ_n Σ_k (Q_Gᵀ Γ_{n,k} Q_A)[i, j]²`` of the per-sample gradients ``Γ``.
 
 Both read the model, the data and the objective from a
-:class:`~curvops.operators.base.CurvatureOperator` (its ``_batches``, ``forward``,
+[`CurvatureOperator`][curvops.CurvatureOperator] (its ``_batches``, ``forward``,
 ``loss``, ``scale``, parameter selection and ``_sum_over_ranks``); they never multiply
 vectors.
 """
@@ -41,7 +41,7 @@ from curvops.operators._loss import LossSpec
 from curvops.operators.base import CurvatureOperator, ParamSelection, _select_parameters
 from curvops.operators.kronecker import KroneckerBlock
 
-#: Curvatures a KFAC ``G`` can approximate (see :class:`KFACComputer`).
+#: Curvatures a KFAC ``G`` can approximate (see ``KFACComputer``).
 FISHER_TYPES = ("type-2", "mc", "empirical")
 #: Treatments of weight-sharing dimensions (Eschenhagen et al. 2023).
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -173,12 +173,12 @@ class KFACComputer:
     ----------
     source : CurvatureOperator
         Model, data, loss, objective scale and parameter selection (all of whose parameters
-        are weights/biases of supported layers, see :func:`select_supported_parameters`).
+        are weights/biases of supported layers, see ``select_supported_parameters``).
     fisher_type : {"type-2", "mc", "empirical"}
         Output-space vectors ``s_k`` backpropagated for ``G``: the columns of a symmetric
-        factorisation of the loss Hessian (:meth:`LossSpec.hessian_sqrt_columns`; the GGN),
+        factorisation of the loss Hessian (``LossSpec.hessian_sqrt_columns``; the GGN),
         output gradients with labels drawn from the model (divided by ``sqrt(mc_samples)``;
-        the same draws as :class:`~curvops.FisherOperator` with the same ``seed``), or the
+        the same draws as [`FisherOperator`][curvops.FisherOperator] with the same ``seed``), or the
         gradient of the batch loss (the empirical Fisher).
     mc_samples : int
         Label draws per loss term for ``"mc"``.
@@ -257,7 +257,7 @@ class KFACComputer:
         ValueError
             A layer called more than once per forward or not through its forward; a
             parameter whose gradient is not that of its layer; an output the chosen
-            ``fisher_type`` cannot factorise (see :meth:`check_output`).
+            ``fisher_type`` cannot factorise (see ``check_output``).
         FloatingPointError
             A non-finite model output or factor.
         """
@@ -362,7 +362,7 @@ class KFACComputer:
         """Refuse a batch (model output, layer outputs) before its statistics are summed.
 
         MSE and BCE factorise their Hessian with one column per index of the output's last
-        dimension (:meth:`LossSpec.hessian_sqrt_columns`): the last dimension is the feature
+        dimension (``LossSpec.hessian_sqrt_columns``): the last dimension is the feature
         dimension. A Conv2d's ``(N, C, H, W)`` map as the model output has a spatial last
         dimension, so every column would hold all channels of a location and ``G`` would get
         products between channels that the loss Hessian does not have (rank-deficient ``G``
@@ -537,16 +537,16 @@ class EKFACComputer(KFACComputer):
     (``N R² (out + in)`` numbers) and the projected per-sample gradients (``N out in``),
     in chunks of samples.
 
-    Parameters are those of :class:`KFACComputer`.
+    Parameters are those of ``KFACComputer``.
     """
 
     def check_output(self, output: Tensor, outputs: dict[str, Tensor], index: int) -> None:
         """Refuse the outputs whose per-sample gradients do not factorise the block of ``fisher_type``.
 
-        Besides KFAC's refusal (:meth:`KFACComputer.check_output`): a layer whose first
+        Besides KFAC's refusal (``KFACComputer.check_output``): a layer whose first
         dimension is not the output's sample dimension; ``"type-2"`` with several loss rows
         per sample; ``"empirical"`` cross-entropy over several positions per sample (see
-        :mod:`curvops.operators.ekfac`).
+        ``curvops.operators.ekfac``).
 
         Parameters
         ----------
@@ -607,7 +607,7 @@ class EKFACComputer(KFACComputer):
         Parameters
         ----------
         blocks : list of KroneckerBlock
-            The blocks of :meth:`blocks`.
+            The blocks of ``blocks``.
         G_eigenvectors, A_eigenvectors : list of Tensor
             Per block ``Q_G`` (out, out) and ``Q_A`` (q, q).
 
@@ -735,7 +735,7 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def grad_rows(module: nn.Module, g: Tensor) -> Tensor:
-    """Per-sample output-gradient rows ``(N, R, out)``, in the order of :func:`input_rows`.
+    """Per-sample output-gradient rows ``(N, R, out)``, in the order of ``input_rows``.
 
     Parameters
     ----------
@@ -800,7 +800,7 @@ def _output_samples(loss: LossSpec, output: Tensor) -> int:
 
 
 def _loss_rows(loss: LossSpec, output: Tensor) -> int:
-    """Number of loss rows of a model output (the blocks of :meth:`LossSpec.hessian_sqrt_columns`)."""
+    """Number of loss rows of a model output (the blocks of ``LossSpec.hessian_sqrt_columns``)."""
     if loss.flat is not None:
         return int(cast(Any, loss.fn).flat_output(output.detach()).shape[0])
     if loss.kind == "cross_entropy":
@@ -811,6 +811,6 @@ def _loss_rows(loss: LossSpec, output: Tensor) -> int:
 
 
 def _layer_samples(z: Tensor, module: nn.Module) -> int:
-    """Number of samples of a layer output, as :func:`grad_rows` splits it."""
+    """Number of samples of a layer output, as ``grad_rows`` splits it."""
     unbatched = z.dim() == 3 if isinstance(module, nn.Conv2d) else z.dim() <= 1
     return 1 if unbatched else int(z.shape[0])

@@ -1,20 +1,20 @@
 """Block-diagonal operators with Kronecker-structured blocks: KFAC's and EKFAC's products and inverses.
 
-A :class:`KroneckerOperator` is a symmetric ``(D, D)`` operator in a model's parameter
+A ``KroneckerOperator`` is a symmetric ``(D, D)`` operator in a model's parameter
 layout (``named_parameters()`` order, each parameter flattened row-major) that is block
 diagonal over groups of parameters: a layer's weight ``W`` (out, in), its bias ``b`` (out,),
 or both. Block ``i`` acts on the matrix ``M = [V_W | v_b]`` (out × q, ``q = in``, ``in + 1``
 or ``1``) of its parameters' entries in one of two forms:
 
-- :class:`KroneckerFactors` ``G ⊗ A``: ``M ↦ G M A`` (Martens & Grosse 2015, eq. 1 and the
+- ``KroneckerFactors`` ``G ⊗ A``: ``M ↦ G M A`` (Martens & Grosse 2015, eq. 1 and the
   identity ``(G ⊗ A) vec_row(M) = vec_row(G M Aᵀ)``, ``A`` symmetric);
-- :class:`KroneckerEigenForm` ``(Q_G ⊗ Q_A) diag(vec D) (Q_G ⊗ Q_A)ᵀ``:
+- ``KroneckerEigenForm`` ``(Q_G ⊗ Q_A) diag(vec D) (Q_G ⊗ Q_A)ᵀ``:
   ``M ↦ Q_G ((Q_Gᵀ M Q_A) ∘ D) Q_Aᵀ`` (George et al. 2018, EKFAC; also every exact
   damped inverse of a Kronecker product, through the factors' eigenbases).
 
 The closed forms (trace, Frobenius norm, diagonal, eigenvalues, log-determinant, damped
 inverse) are sums over the blocks and never form the dense matrix. The factors are
-collected from data by :mod:`curvops.operators.kfac_factors`.
+collected from data by ``curvops.operators.kfac_factors``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor
 from curvops._finite import all_finite
 from curvops.operators.base import TorchLinearOperator
 
-#: Damping schemes of :meth:`KroneckerOperator.inverse`; the factor-wise ones need factor blocks.
+#: Damping schemes of ``KroneckerOperator.inverse``; the factor-wise ones need factor blocks.
 INVERSE_METHODS = ("exact", "pi", "plain")
 
 
@@ -189,7 +189,7 @@ class KroneckerOperator(TorchLinearOperator):
     """A symmetric block-diagonal operator (D, D) with Kronecker-structured blocks.
 
     Multiplies numpy arrays (scipy semantics) and torch tensors on its device; the
-    dispatch and input checks come from :class:`~curvops.operators.base.TorchLinearOperator`.
+    dispatch and input checks come from ``TorchLinearOperator``.
     Parameter-shaped lists of tensors are accepted too (``op @ [t_1, t_2, ...]``).
 
     Parameters
@@ -477,8 +477,8 @@ class KroneckerInverseOperator(KroneckerOperator):
     Per block ``(Q_G ⊗ Q_A) diag(vec D) (Q_G ⊗ Q_A)ᵀ`` with ``D = 1 / (eigenvalues + δ)``
     (or the factor-wise damped ones).
 
-    Returned by ``inverse()`` of :class:`~curvops.operators.kfac.KFACOperator`,
-    :class:`~curvops.operators.ekfac.EKFACOperator` and :class:`KroneckerOperator`: a
+    Returned by ``inverse()`` of [`KFACOperator`][curvops.KFACOperator],
+    [`EKFACOperator`][curvops.EKFACOperator] and ``KroneckerOperator``: a
     symmetric positive definite scipy ``LinearOperator`` (D, D) in the parent's layout
     that multiplies numpy arrays and torch tensors.
 

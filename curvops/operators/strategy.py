@@ -1,4 +1,4 @@
-"""How the curvature operators organise their automatic differentiation: :class:`ProductStrategy`.
+"""How the curvature operators organise their automatic differentiation: ``ProductStrategy``.
 
 The choices change the cost of a product, never its value beyond rounding: every
 combination computes the same matrix exactly (up to floating-point summation order).
@@ -20,8 +20,8 @@ _BATCHED_COLUMNS = ("auto", True, False)
 
 @dataclass(frozen=True, repr=False)
 class ProductStrategy:
-    """How :class:`~curvops.HessianOperator`, :class:`~curvops.GGNOperator` and
-    :class:`~curvops.FisherOperator` compute their products.
+    """How [`HessianOperator`][curvops.HessianOperator], [`GGNOperator`][curvops.GGNOperator] and
+    [`FisherOperator`][curvops.FisherOperator] compute their products.
 
     Pass it as ``strategy=`` (or the string ``"auto"``, the default: every field
     ``"auto"``). Each operator reads the fields that concern it and ignores the others, so
@@ -32,7 +32,7 @@ class ProductStrategy:
     Parameters
     ----------
     hessian_vector : {"auto", "reverse_over_forward", "double_backward"}, optional
-        How :class:`~curvops.HessianOperator` (``method="autograd"``) multiplies a single
+        How [`HessianOperator`][curvops.HessianOperator] (``method="autograd"``) multiplies a single
         vector (a block of k > 1 columns always uses double backward: one differentiable
         gradient per batch serves every column).
 

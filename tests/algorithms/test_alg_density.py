@@ -145,6 +145,7 @@ def test_plot_draws_density_and_band(make_spectrum_matrix):
     plt.close("all")
 
 
+@pytest.mark.slow
 def test_import_does_not_import_matplotlib():
     code = "import sys, curvops.algorithms; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

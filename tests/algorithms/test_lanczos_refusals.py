@@ -163,6 +163,7 @@ def test_start_vectors_of_extreme_scale(scale):
     )
 
 
+@pytest.mark.slow
 def test_small_spaces_never_report_a_wrong_converged_pair():
     """Every block size 1..D, k = 1..min(D - 1, 4), every ``which``, torch and numpy, D = 2..12:
     a pair reported converged is right (residual and eigenvalue, against eigh), a run with an

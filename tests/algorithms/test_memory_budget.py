@@ -39,6 +39,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in kB is Linux's")
 def test_xtrace_peak_memory_within_planned_budget():
     dim, budget, itemsize = 1 << 19, 100, 4

@@ -29,10 +29,10 @@ RTOL = 1e-10
 # One shape per batch (one compiled graph); the LayerNorm transformer keeps its ignored
 # targets, so the batches still differ in their number of counted terms.
 CASES = [
-    "mlp_tanh-ce_mean",
+    pytest.param("mlp_tanh-ce_mean", marks=pytest.mark.slow),
     "transformer_ln-ce_seq_ignore_mean",
-    "tied_embed-ce_mean",
-    "dict_mlp-bce_sum-tiny_last",
+    pytest.param("tied_embed-ce_mean", marks=pytest.mark.slow),
+    pytest.param("dict_mlp-bce_sum-tiny_last", marks=pytest.mark.slow),
 ]
 TRACE_ONLY = {"backend": "aot_eager"}
 
@@ -151,6 +151,7 @@ def test_padding_rows_are_constants_as_in_reverse_mode(cls):
     torch.testing.assert_close(op @ v, reference @ v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_process_can_build_more_operators_than_dynamos_recompile_limit():
     """Each operator compiles its own copy of the product: the eleventh operator (a new shape,
     so no cached graph fits) compiles instead of failing with dynamo's recompile limit (8)."""

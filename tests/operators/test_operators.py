@@ -216,7 +216,7 @@ def test_hessian_equals_ggn_for_linear_models(case_id):
         "mlp_tanh-ce_mean",
         "mlp_gelu-bce_mean",
         "mlp_tanh-mse_mean_seq_output",
-        "attn_nonorm-ce_seq_ignore_mean",
+        pytest.param("attn_nonorm-ce_seq_ignore_mean", marks=pytest.mark.slow),
     ],
 )
 def test_mc_fisher_converges_to_ggn(case_id):

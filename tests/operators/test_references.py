@@ -262,6 +262,7 @@ def fd_tolerance(fd_eps: Tensor, fd_2eps: Tensor, grad_scale: float, eps: float)
 FD_EPS = 1e-4  # ≈ optimal step u^(1/3) ≈ 5e-6 times 20: truncation-dominated, see fd_tolerance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SMOOTH_CASES, ids=case_ids(SMOOTH_CASES))
 def test_hessian_columns_match_finite_differences(case):
     """Every column H e_i equals central differences of the whole-dataset gradient."""
