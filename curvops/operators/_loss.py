@@ -139,7 +139,7 @@ class LossSpec:
         return cls(kind=kind, reduction=reduction, fn=loss_fn)
 
     # -------------------------------------------------------------- batch values
-    def batch_sum(self, output: Tensor, target: Any) -> Tensor:
+    def batch_sum(self, output: Tensor, target: Any, fused: bool = True) -> Tensor:
         """Unnormalised sum of the loss terms of one batch.
 
         Parameters
@@ -148,6 +148,11 @@ class LossSpec:
             The model output of one batch (for cross-entropy the classes along dimension 1).
         target : Tensor or object
             The batch's targets, as the loss takes them.
+        fused : bool, optional
+            Large-vocabulary cross-entropy through the fused kernel's autograd Function
+            (default True; its double backward applies the loss Hessian in one kernel). False:
+            ``F.cross_entropy`` always, made of torch functions only, which ``torch.func``
+            transforms can trace (the Function has no forward-mode rule).
 
         Returns
         -------
@@ -157,12 +162,12 @@ class LossSpec:
         """
         f = self.fn
         if self.flat is not None:
-            return self.flat.batch_sum(f.flat_output(output), f.flat_target(target))
+            return self.flat.batch_sum(f.flat_output(output), f.flat_target(target), fused)
         if self.kind != "custom":
             self.check_shapes(output, target)
         if self.kind == "cross_entropy":
             num_classes = output.shape[1] if output.dim() > 1 else output.shape[0]
-            if num_classes < FUSED_CE_MIN_CLASSES:
+            if num_classes < FUSED_CE_MIN_CLASSES or not fused:
                 try:
                     return F.cross_entropy(
                         output,

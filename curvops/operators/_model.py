@@ -387,16 +387,7 @@ class ModelOperator(TorchLinearOperator):
                 # every parameter and buffer of the model) changes nothing.
                 tie = structure is None or not structure.tied_names.isdisjoint(replace)
                 output = torch.func.functional_call(self.model, replace, args, kwargs, tie_weights=tie)
-        if torch.is_tensor(output):
-            return output
-        logits = getattr(output, "logits", None)
-        if torch.is_tensor(logits):
-            return logits
-        if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-            return output[0]
-        raise TypeError(
-            f"model output must be a tensor or have a 'logits' tensor, got {type(output).__name__}"
-        )
+        return output_tensor(output)
 
     def _batches(self, only: set[int] | None = None) -> Iterator[tuple[int, Any, Any]]:
         """Yield (index, inputs, targets) with tensors moved to the model's device.
@@ -838,3 +829,22 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def output_tensor(output: Any) -> Tensor:
+    """The tensor a model returned: itself, its ``logits`` (a Hugging Face ``ModelOutput``), or
+    the first element of a tuple.
+
+    Raises
+    ------
+    TypeError
+        If the model returned no tensor.
+    """
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise TypeError(f"model output must be a tensor or have a 'logits' tensor, got {type(output).__name__}")

@@ -35,13 +35,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvops.operators._checks import refuse_values_hidden_from_reverse_mode
 from curvops.operators._forward_ad import ConstantRegions
 from curvops.operators._loss import LossSpec
-from curvops.operators._model import _attention_with_higher_derivatives
+from curvops.operators._model import _attention_with_higher_derivatives, output_tensor
 from curvops.operators.base import BatchProduct, ParamSelection, document_shared_parameters
 from curvops.operators.ggn import GGNOperator
 from curvops.operators.hessian import HessianOperator
@@ -62,43 +61,10 @@ ColumnProduct = Callable[
 ]
 
 
-def _plain_batch_sum(spec: LossSpec, output: Tensor, target: Any) -> Tensor:
-    """The batch's loss sum from differentiable torch functions only (what ``torch.func`` traces).
-
-    ``LossSpec.batch_sum`` computes large-vocabulary cross-entropy through a custom
-    autograd Function (its double backward uses a fused kernel), which has no forward-mode
-    rule; here cross-entropy is ``F.cross_entropy``, whose loss Hessian the compiled graph
-    fuses itself. Every other loss is ``LossSpec.batch_sum`` unchanged.
-    """
-    if spec.flat is not None:
-        flat_loss: Any = spec.fn
-        return _plain_batch_sum(spec.flat, flat_loss.flat_output(output), flat_loss.flat_target(target))
-    if spec.kind != "cross_entropy":
-        return spec.batch_sum(output, target)
-    spec.check_shapes(output, target)
-    ce: Any = spec.fn
-    return F.cross_entropy(
-        output,
-        target,
-        weight=ce.weight,
-        ignore_index=ce.ignore_index,
-        reduction="sum",
-        label_smoothing=ce.label_smoothing,
-    )
-
-
 def _model_output(model: nn.Module, values: dict[str, Tensor], inputs: Any) -> Tensor:
     """The model's output tensor at the parameter ``values`` (its ``logits``, or a tuple's first tensor)."""
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
-    output = torch.func.functional_call(model, values, args, kwargs)
-    if torch.is_tensor(output):
-        return output
-    logits = getattr(output, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    raise TypeError(f"model output must be a tensor or have a 'logits' tensor, got {type(output).__name__}")
+    return output_tensor(torch.func.functional_call(model, values, args, kwargs))
 
 
 def hessian_column_product(model: nn.Module, loss: LossSpec, scale: float) -> ColumnProduct:
@@ -109,7 +75,8 @@ def hessian_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Co
     model : nn.Module
         The (uncompiled) network, evaluated with ``torch.func.functional_call``.
     loss : LossSpec
-        The loss, summed over the batch (see ``_plain_batch_sum``).
+        The loss, summed over the batch (``LossSpec.batch_sum`` with ``fused=False``: torch
+        functions only, which the transforms trace).
     scale : float
         Factor of the batch sum in the whole-dataset objective (``1 / normaliser`` for a mean).
 
@@ -130,7 +97,8 @@ def hessian_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Co
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         def objective(values: dict[str, Tensor]) -> Tensor:
             return (
-                _plain_batch_sum(loss, _model_output(model, {**constants, **values}, inputs), target) * scale
+                loss.batch_sum(_model_output(model, {**constants, **values}, inputs), target, fused=False)
+                * scale
             )
 
         gradient_and_value = torch.func.jvp(torch.func.grad_and_value(objective), (primals,), (tangent,))
@@ -154,7 +122,8 @@ def ggn_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Column
     model : nn.Module
         The (uncompiled) network, evaluated with ``torch.func.functional_call``.
     loss : LossSpec
-        The loss, summed over the batch (see ``_plain_batch_sum``).
+        The loss, summed over the batch (``LossSpec.batch_sum`` with ``fused=False``: torch
+        functions only, which the transforms trace).
     scale : float
         Factor of the batch sum in the whole-dataset objective (``1 / normaliser`` for a mean).
 
@@ -176,7 +145,7 @@ def ggn_column_product(model: nn.Module, loss: LossSpec, scale: float) -> Column
             return _model_output(model, {**constants, **values}, inputs)
 
         def objective_of_output(output: Tensor) -> Tensor:
-            return _plain_batch_sum(loss, output, target) * scale
+            return loss.batch_sum(output, target, fused=False) * scale
 
         def transposed_jacobian(cotangent: Tensor) -> dict[str, Tensor]:
             return pullback(cotangent)[0]
